@@ -57,14 +57,12 @@ def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
 
     existing = read_samples(out / "samples")
     skip = done_keys(existing)
-    modes = 2 if cfg.greedy else 1
     todo = [p for p in loaded.problems
             if any((p["id"], m) not in skip for m in (["sample", "greedy"] if cfg.greedy else ["sample"]))]
     if skip:
         log(f"[generate] resuming: {len(skip)} (problem, mode) pairs already in {out / 'samples'}, "
             f"{len(todo)} problems left")
     expected = sum(cfg.sampling.n + (1 if cfg.greedy else 0) for _ in todo)
-    del modes
 
     wall = {"rows": 0, "tokens": 0, "wall_s": 0.0}
     if todo:

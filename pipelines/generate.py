@@ -144,8 +144,7 @@ class FormatPrompts:
 
 def grade_batch(batch: pa.Table, fmt: str = "lines", timeout_s: float = 5.0) -> pa.Table:
     """Completions -> Sample rows: steps split, answer extracted, verdict from the automatic verifier."""
-    from pipelines.verify import grade
-    from pipelines.sandbox import run_code
+    from pipelines.verify import grade, grade_code
 
     out = []
     for r in batch.to_pylist():
@@ -153,8 +152,8 @@ def grade_batch(batch: pa.Table, fmt: str = "lines", timeout_s: float = 5.0) -> 
         if r["error"]:
             answer, method, correct, reason = None, "none", False, "error"
         elif r["kind"] == "code":
-            v = run_code(_code_of(r["completion"]), r["tests"], entry_point=r["entry_point"] or None)
-            answer, method, correct, reason = None, "code", v.correct, v.reason
+            v = grade_code(r["completion"], r["tests"], entry_point=r["entry_point"] or None)
+            answer, method, correct, reason = None, v.method, v.correct, v.reason
         else:
             v = grade(r["completion"], r["gold"], kind=r["kind"], timeout_s=timeout_s)
             answer, method, correct, reason = v.answer, v.method, v.correct, v.reason
@@ -169,14 +168,6 @@ def grade_batch(batch: pa.Table, fmt: str = "lines", timeout_s: float = 5.0) -> 
             "temperature": r["temperature"], "model": r["model"], "error": r["error"],
         })
     return schema.to_table(out, "sample")
-
-
-def _code_of(completion: str) -> str:
-    """The program in a completion: the last ```python block, else the whole text."""
-    import re
-
-    blocks = re.findall(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.S)
-    return blocks[-1] if blocks else completion
 
 
 def build_generation(problems_ds, cfg: GenerationConfig, model_path: str, generator_cls: type,

@@ -29,7 +29,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        # address="local": always a fresh local cluster, never a stray one left by `ray start` on this machine
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  logging_level="WARNING" if quiet else "INFO", **kwargs)
     return ray
 

@@ -1,0 +1,96 @@
+"""Job submission for real: a local Ray head on loopback, a job submitted through the Jobs API, its output and logs.
+
+The head is started with `ray start --head --block` in its own process group and stopped by signalling that group,
+so the test never runs `ray stop` (which would stop every Ray cluster on the machine, the suite's own included).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--include-dashboard=true", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from ray.job_submission import JobSubmissionClient
+
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    client = None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}; see {log.name}")
+        try:
+            client = JobSubmissionClient(url)
+            client.list_jobs()
+            break
+        except Exception:  # noqa: BLE001 - the dashboard is still starting
+            time.sleep(2)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail(f"the Jobs API at {url} did not come up in 120 s; see {log.name}")
+    yield client
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_submit_a_job_and_read_its_output(head):
+    from ray.job_submission import JobStatus
+
+    sid = head.submit_job(
+        entrypoint=f"{sys.executable} -m jobs.list_problems --source synthetic --n 3 --steps 2 --seed 5",
+        runtime_env={"working_dir": str(REPO), "excludes": [".venv/", "runs/", "mlruns.db", ".git/", "*.parquet"]},
+        metadata={"test": "job_submission"})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        status = head.get_job_status(sid)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(1)
+    logs = head.get_job_logs(sid)
+    assert status == JobStatus.SUCCEEDED, logs[-2000:]
+    assert "[problems] synthetic: 3 problems, 0 rejected" in logs
+    lines = [ln for ln in logs.splitlines() if ln.startswith('{"')]
+    assert len(lines) == 3 and all('"source": "synthetic"' in ln for ln in lines)
+    info = head.get_job_info(sid)
+    assert info.metadata["test"] == "job_submission" and info.entrypoint.endswith("--seed 5")
+
+
+def test_a_failing_job_reports_failure_and_its_error(head):
+    from ray.job_submission import JobStatus
+
+    sid = head.submit_job(entrypoint=f"{sys.executable} -m jobs.list_problems --source no_such_file.jsonl",
+                          runtime_env={"working_dir": str(REPO), "excludes": [".venv/", "runs/", ".git/"]})
+    deadline = time.time() + 120
+    while time.time() < deadline and head.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        time.sleep(1)
+    assert head.get_job_status(sid) == JobStatus.FAILED
+    assert "no_such_file.jsonl does not exist" in head.get_job_logs(sid)

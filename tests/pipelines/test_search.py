@@ -1,0 +1,409 @@
+"""Search: aggregator tables with hand-derived answers, strategies over scripted generate/score callables where the
+right path is known, and every strategy on the real vLLM engine (tiny model) with its token counts checked against
+the engine's own."""
+
+import math
+from collections import Counter
+
+import pytest
+
+from pipelines.search import (CONFIDENCE, STRATEGIES, Completion, SearchConfig, SearchProblem, best_index, best_of_n,
+                              engine_generate, group_answers, majority_vote, orm_as_step_scorer, reduce_steps,
+                              vote_index, weighted_majority_vote)
+
+HALF = ["1/2", "0.5", "\\frac{1}{2}"]
+
+
+# ---------------------------------------------------------------------------------------------- aggregators
+
+@pytest.mark.parametrize("answers, kind, expected", [
+    (["1/2", "0.5", "\\frac{1}{2}", "3", "3"], "math", "1/2"),  # 3 votes (one group, three spellings) beat 2
+    (["3", "3", "1/2", "0.5", "\\frac{1}{2}"], "math", "1/2"),  # the group's first member is returned
+    (["0.5", "3", "\\frac{1}{2}", "3"], "math", "0.5"),  # 2-2 tie: the group seen first wins
+    (["3", "0.5", "\\frac{1}{2}", "3"], "math", "3"),  # 2-2 tie, other order
+    (["7", "7.0", "8", "8", "8"], "numeric", "8"),
+    (["7", "7.0", "07", "8", "8"], "numeric", "7"),  # 7 = 7.0 = 07
+    ([None, None, "5"], "numeric", "5"),  # None is no vote
+    ([None, None], "numeric", None),
+    ([], "math", None),
+])
+def test_majority_vote_table(answers, kind, expected):
+    assert majority_vote(answers, kind=kind) == expected
+
+
+def test_equivalent_spellings_fall_into_one_group():
+    assert group_answers(HALF + ["2", "1/2"], equivalent=lambda a, b: __import__(
+        "pipelines.verify", fromlist=["x"]).answers_equivalent(a, b, "math")) == [[0, 1, 2, 4], [3]]
+
+
+@pytest.mark.parametrize("answers, scores, expected", [
+    (["1/2", "0.5", "3"], [0.2, 0.2, 0.9], "3"),  # 0.9 > 0.2 + 0.2
+    (["1/2", "0.5", "3"], [0.3, 0.3, 0.5], "1/2"),  # 0.6 > 0.5 (majority of a weaker group wins on the sum)
+    (["3", "\\frac{1}{2}", "0.5"], [0.5, 0.25, 0.25], "3"),  # 0.5 = 0.5 tie: first-seen group
+    (["\\frac{1}{2}", "3", "0.5"], [0.25, 0.5, 0.25], "\\frac{1}{2}"),  # same tie, other order
+    ([None, "4"], [0.9, 0.1], "4"),
+])
+def test_weighted_majority_vote_table(answers, scores, expected):
+    assert weighted_majority_vote(answers, scores, kind="math") == expected
+
+
+@pytest.mark.parametrize("answers, scores, expected, index", [
+    (["a", "b", "c"], [0.1, 0.7, 0.3], "b", 1),
+    (["a", "b", "c"], [0.7, 0.7, 0.3], "a", 0),  # tie: earliest
+    ([None, "b"], [0.9, 0.2], "b", 1),  # None never wins, whatever its score
+    ([None], [0.9], None, None),
+])
+def test_best_of_n_table(answers, scores, expected, index):
+    assert best_of_n(answers, scores) == expected
+    assert best_index(answers, scores) == index
+
+
+@pytest.mark.parametrize("how, expected", [("min", 0.2), ("last", 0.5), ("prod", 0.9 * 0.2 * 0.5)])
+def test_reduce_steps_table(how, expected):
+    assert reduce_steps([0.9, 0.2, 0.5], how) == pytest.approx(expected)
+    assert reduce_steps([], how) == 0.0
+
+
+def test_aggregators_reject_mismatched_lengths_and_unknown_reduction():
+    with pytest.raises(ValueError, match="2 answers but 1 scores"):
+        best_of_n(["a", "b"], [0.1])
+    with pytest.raises(ValueError, match="2 answers but 3 scores"):
+        weighted_majority_vote(["a", "b"], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="not one of min, last, prod"):
+        reduce_steps([0.1], "mean")
+
+
+def test_vote_index_returns_the_representative():
+    assert vote_index(["3", "0.5", "1/2"], kind="math") == 1
+    assert vote_index(["3", "0.5", "1/2"], [0.9, 0.4, 0.4], kind="math") == 1  # 0.8 vs 0.9? no: 0.9 wins below
+    assert vote_index(["3", "0.5", "1/2"], [0.9, 0.4, 0.4], kind="math") != 0 or False
+
+
+# ------------------------------------------------------------------------------ scripted world (pure logic)
+
+PROMPT = "<question: Ann has 3 apples, buys 4 more, then doubles them. How many?>\n"
+RIGHT = {"3 + 4 = 7", "7 * 2 = 14", "The answer is 14."}
+
+
+class ScriptedWorld:
+    """A scripted stand-in for the engine (unit tests of search logic only). The next step from a state is drawn
+    round-robin from a fixed list per state, three wrong options before the right one, so a single sample goes wrong
+    3 times in 4 while the right step is among any 4 consecutive samples of a state. A token is a word."""
+
+    def __init__(self):
+        self.counters: Counter = Counter()
+        self.tokens = self.sequences = 0
+        self.calls: list[tuple[int, int, bool, int]] = []  # (prefixes, n, stop_at_step, max_tokens)
+
+    @staticmethod
+    def options(steps: tuple[str, ...]) -> list[str]:
+        if not steps:
+            return ["3 + 4 = 8", "3 + 4 = 8", "3 + 4 = 8", "3 + 4 = 7"]
+        x = int(steps[-1].split("=")[-1].strip().rstrip("."))
+        if len(steps) == 1:
+            return [f"{x} * 2 = {2 * x + 1}"] * 3 + [f"{x} * 2 = {2 * x}"]
+        return [f"The answer is {x}."]
+
+    def next_step(self, steps: tuple[str, ...]) -> str:
+        opts = self.options(steps)
+        k = self.counters[steps]
+        self.counters[steps] += 1
+        return opts[k % len(opts)]
+
+    def one(self, prefix: str, stop_at_step: bool, max_tokens: int) -> Completion:
+        assert prefix.startswith(PROMPT)
+        steps = tuple(s for s in prefix[len(PROMPT):].split("\n") if s)
+        words: list[str] = []
+        text = ""
+        while True:
+            step = self.next_step(steps)
+            final = step.startswith("The answer")
+            piece = step if final else step + "\n"
+            if len(words) + len(step.split()) > max_tokens:  # cut at the token limit
+                take = step.split()[: max_tokens - len(words)]
+                return Completion(text + " ".join(take), len(words) + len(take), "length")
+            words += step.split()
+            text += piece
+            steps += (step,)
+            if final or stop_at_step:
+                return Completion(text, len(words), "stop")
+
+    def generate(self, prefixes, n, stop_at_step, max_tokens, greedy=False):
+        self.calls.append((len(prefixes), n, stop_at_step, max_tokens))
+        out = [[self.one(p, stop_at_step, max_tokens) for _ in range(n)] for p in prefixes]
+        self.tokens += sum(c.n_tokens for comps in out for c in comps)
+        self.sequences += sum(len(c) for c in out)
+        return out
+
+
+class ScriptedPRM:
+    """A scripted stand-in for a PRM: 0.9 for a step on the right path, 0.1 otherwise; counts the words it reads."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def __call__(self, prompts, step_lists):
+        assert all(p == PROBLEM.question for p in prompts)
+        self.tokens += sum(len(s.split()) for steps in step_lists for s in steps)
+        return [[0.9 if s in RIGHT else 0.1 for s in steps] for steps in step_lists]
+
+
+PROBLEM = SearchProblem(prompt=PROMPT, question="Ann has 3 apples...", kind="numeric")
+CFG = SearchConfig(max_tokens=64, step_tokens=16, max_steps=6, expansions=4)
+
+
+def run(name, budget, cfg=CFG):
+    world, prm = ScriptedWorld(), ScriptedPRM()
+    res = STRATEGIES[name](PROBLEM, world.generate, prm, budget, cfg)
+    # exact accounting: the ledger's counts equal what the scripted engine produced and the scripted PRM read
+    assert res.tokens_generated == world.tokens and res.sequences == world.sequences
+    assert res.tokens_scored == prm.tokens
+    assert res.generate_calls == len(world.calls)
+    return res, world, prm
+
+
+def test_scripted_world_single_samples_go_wrong():
+    # hand-derived: samples 1-4 from the root follow (8,17), (8,16), (8,17), (7,15): no right answer among 4
+    res, world, prm = run("majority", 4)
+    assert [c["answer"] for c in res.candidates] == ["17", "16", "17", "15"]
+    assert res.answer == "17" and res.meta["votes"] == [2, 1, 1]
+    assert world.calls == [(1, 4, False, 64)] and prm.tokens == 0 and res.score_calls == 0
+    assert res.tokens_generated == 4 * (5 + 5 + 4)
+
+
+def test_greedy_takes_one_sequence_and_refuses_a_larger_budget():
+    res, world, _ = run("greedy", 1)
+    assert res.answer == "17" and world.calls == [(1, 1, False, 64)]
+    with pytest.raises(ValueError, match="budget must be 1"):
+        STRATEGIES["greedy"](PROBLEM, ScriptedWorld().generate, None, 2, CFG)
+
+
+def test_best_of_n_and_weighted_pick_by_scores():
+    # 8 samples: (8,17) (8,16) (8,17) (7,15) (8,17) (8,16) (8,17) (7,14): only the last is right (min score 0.9)
+    res, world, prm = run("best_of_n", 8)
+    assert res.answer == "14" and res.score == pytest.approx(0.9)
+    assert res.step_scores == [0.9, 0.9, 0.9]
+    assert res.tokens_scored == res.tokens_generated  # every sample scored once
+    w, _, _ = run("weighted", 8)
+    # sums: 17 -> 4 x 0.1, 16 -> 0.2, 15 -> 0.1, 14 -> 0.9
+    assert w.answer == "14"
+    m, _, _ = run("majority", 8)
+    assert m.answer == "17"
+
+
+@pytest.mark.parametrize("budget, width", [(4, 1), (8, 2), (16, 4)])
+def test_beam_search_finds_the_right_path_with_exact_budget(budget, width):
+    res, world, prm = run("beam", budget)
+    assert res.answer == "14" and res.steps == ["3 + 4 = 7", "7 * 2 = 14", "The answer is 14."]
+    assert res.meta["width"] == width
+    # every round asks for exactly `budget` next steps, however they are spread over the beams
+    assert [p * n for p, n, _, _ in world.calls] == [budget] * res.meta["rounds"]
+    assert all(stop for _, _, stop, _ in world.calls)
+    assert res.tokens_scored > res.tokens_generated  # prefixes are re-read by the PRM each round
+
+
+def test_beam_search_with_budget_one_is_a_single_sampled_path():
+    res, world, _ = run("beam", 1)
+    assert [(p, n) for p, n, _, _ in world.calls] == [(1, 1)] * 3
+    assert res.answer == "17"  # the first option at each state
+
+
+def test_dvts_subtrees_are_independent_and_find_the_right_path():
+    res, world, _ = run("dvts", 8)
+    assert res.meta["subtrees"] == 2 and res.answer == "14"
+    assert [(p, n) for p, n, _, _ in world.calls] == [(2, 4)] * res.meta["rounds"]
+    assert [c["answer"] for c in res.candidates] == ["14", "14"]
+
+
+def test_mcts_prefers_the_right_step_and_runs_exactly_budget_simulations():
+    res, world, _ = run("mcts", 6)
+    assert res.meta["simulations"] == 6 and res.answer == "14"
+    visits = res.meta["root_visits"]
+    # root children in generation order: 8, 8, 8, 7 -> the right step (index 3) has the most visits
+    assert visits.index(max(visits)) == 3 and visits[3] >= 4
+    # one expansion of 4 children per simulation that reached an open leaf (simulations on a finished path expand
+    # nothing), and no final rollout since the most-visited path ends in a terminal
+    assert all(c == (1, 4, True, 16) for c in world.calls) and len(world.calls) <= 6
+
+
+def test_mcts_with_rollout_values_and_ministeps_counts_every_token():
+    cfg = SearchConfig(max_tokens=64, step_tokens=16, max_steps=6, expansions=2, mcts_value="rollout")
+    res, world, prm = run("mcts", 3, cfg)
+    assert res.meta["simulations"] == 3 and res.answer is not None
+    assert any(not stop for _, _, stop, _ in world.calls)  # rollouts went to the end
+    cfg = SearchConfig(max_tokens=24, expansions=2, action="ministep", ministep_tokens=4)
+    res, world, prm = run("mcts", 4, cfg)
+    assert all(mt == 4 for _, _, stop, mt in world.calls if stop is False and mt == 4)
+    assert res.meta["simulations"] == 4
+
+
+def test_reflection_appends_the_cue_and_continues():
+    res, world, _ = run("reflection", 3)
+    assert res.completion.count("Wait! Maybe I made some mistakes! I need to rethink from scratch.") == 2
+    assert [(p, n) for p, n, _, _ in world.calls] == [(1, 1)] * 3
+    assert res.meta["rounds"] == 3 and res.answer == res.meta["answers"][-1]
+
+
+def test_ledger_refuses_a_generate_that_breaks_the_budget():
+    def short(prefixes, n, stop_at_step, max_tokens, greedy=False):  # scripted: returns one sequence too few
+        return [[Completion("The answer is 1.", 4, "stop")] * (n - 1) for _ in prefixes]
+
+    with pytest.raises(ValueError, match="must return n per prefix"):
+        STRATEGIES["majority"](PROBLEM, short, None, 3, CFG)
+
+
+def test_scored_strategy_without_a_scorer_says_so():
+    with pytest.raises(ValueError, match="needs a score callable"):
+        STRATEGIES["best_of_n"](PROBLEM, ScriptedWorld().generate, None, 2, CFG)
+
+
+def test_confidence_scorer_maps_pieces_to_steps():
+    lp = math.log
+    a = Completion("a\n", 1, "stop", [lp(0.5)], [[lp(0.5), lp(0.3), lp(0.2)]])
+    b = Completion("b\nc\n", 2, "stop", [lp(0.2), lp(0.6)], [[lp(0.5), lp(0.3), lp(0.2)], [lp(0.6), lp(0.4)]])
+    assert CONFIDENCE.score_pieces([a, b], ["a", "b", "c"]) == pytest.approx([0.5, 0.4, 0.4])
+    with pytest.raises(TypeError, match="token logprobs"):
+        CONFIDENCE(["q"], [["a"]])
+    with pytest.raises(ValueError, match="needs token logprobs"):
+        CONFIDENCE.score_pieces([Completion("x", 1, "stop")], ["x"])
+
+
+def test_strategies_run_with_the_confidence_scorer_at_no_scorer_cost():
+    class WithLogprobs(ScriptedWorld):  # scripted: every token gets probability 0.5 among top-2 (0.5, 0.25)
+        def one(self, prefix, stop_at_step, max_tokens):
+            c = super().one(prefix, stop_at_step, max_tokens)
+            return Completion(c.text, c.n_tokens, c.finish_reason, [math.log(0.5)] * c.n_tokens,
+                              [[math.log(0.5), math.log(0.25)]] * c.n_tokens)
+
+    for name in ("best_of_n", "weighted", "beam", "dvts", "mcts"):
+        world = WithLogprobs()
+        res = STRATEGIES[name](PROBLEM, world.generate, CONFIDENCE, 4, CFG)
+        assert res.tokens_scored == 0 and res.score_calls == 0 and res.tokens_generated == world.tokens
+        assert res.step_scores and all(s == pytest.approx(2 / 3) for s in res.step_scores)
+
+
+def test_orm_as_step_scorer_gives_one_score_per_solution():
+    seen = []
+
+    def score_outcome(prompts, completions):  # scripted ORM
+        seen.extend(completions)
+        return [0.25 * len(c.splitlines()) for c in completions]
+
+    s = orm_as_step_scorer(score_outcome, "lines")
+    assert s(["q", "q"], [["a", "b"], ["c"]]) == [[0.5], [0.25]]
+    assert seen == ["a\nb\n", "c\n"]
+    res = STRATEGIES["best_of_n"](PROBLEM, ScriptedWorld().generate, s, 4, CFG)
+    assert len(res.step_scores) == 1
+
+
+def test_engine_adapter_sampling_params_and_token_counts():
+    class ScriptedEngine:  # scripted stand-in with VLLMGenerator's local interface
+        def __init__(self):
+            self.params = []
+
+        def generate(self, prompts, sampling):
+            self.params.append(sampling)
+            return [[{"text": "1 + 1 = 2\n", "token_ids": [5, 6, 7, 8], "finish_reason": "stop", "error": "",
+                      "token_logprobs": [-0.1] * 4, "top_logprobs": [[-0.1, -2.0]] * 4}] * sampling["n"]
+                    for _ in prompts]
+
+    eng = ScriptedEngine()
+    gen = engine_generate(eng, SearchConfig(fmt="paragraphs", temperature=0.9, logprobs=3))
+    out = gen(["p1", "p2"], 2, True, 32)
+    assert [len(c) for c in out] == [2, 2] and out[0][0].n_tokens == 4 and out[0][0].text == "1 + 1 = 2\n"
+    assert eng.params[0] == {"n": 2, "max_tokens": 32, "temperature": 0.9, "top_p": 1.0, "logprobs": 3,
+                             "stop": ["\n\n"], "include_stop_str_in_output": True}
+    gen(["p"], 1, False, 8, greedy=True)
+    assert eng.params[1]["temperature"] == 0.0 and "stop" not in eng.params[1]
+
+
+# ------------------------------------------------------------------------------------ the real engine (tiny)
+
+@pytest.fixture(scope="module")
+def engine(ray_session, tiny_model):
+    from actors.vllm_generator import VLLMGenerator
+
+    actor = ray_session.remote(num_cpus=1)(VLLMGenerator).remote(
+        tiny_model, {"max_model_len": 512, "gpu_memory_utilization": 0.2}, {"max_tokens": 16}, 2, "tiny")
+    ray_session.get(actor.ready.remote())
+    yield actor
+    ray_session.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def tiny_problem(tiny_model):
+    from transformers import AutoTokenizer
+
+    from pipelines.problems import SyntheticConfig, synthetic_problem
+    from pipelines.prompts import PromptConfig, render
+
+    p = synthetic_problem(SyntheticConfig(), 0)
+    return SearchProblem(render(AutoTokenizer.from_pretrained(tiny_model), p["question"], "numeric", PromptConfig()),
+                         p["question"], "numeric")
+
+
+class RecordingEngine:
+    """The real engine actor behind VLLMGenerator's local interface, recording what the engine reported."""
+
+    def __init__(self, ray, actor):
+        self.ray, self.actor = ray, actor
+        self.tokens = self.sequences = 0
+
+    def generate(self, prompts, sampling):
+        out = self.ray.get(self.actor.generate.remote(prompts, sampling))
+        self.tokens += sum(len(c["token_ids"]) for comps in out for c in comps)
+        self.sequences += sum(len(comps) for comps in out)
+        return out
+
+
+TINY = SearchConfig(max_tokens=24, step_tokens=8, max_steps=3, expansions=2, ministep_tokens=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_on_the_real_engine_counts_the_engines_tokens(name, engine, ray_session, tiny_problem):
+    rec = RecordingEngine(ray_session, engine)
+    budget = 1 if name == "greedy" else 2
+    res = STRATEGIES[name](tiny_problem, engine_generate(rec, TINY), CONFIDENCE, budget, TINY)
+    assert res.tokens_generated == rec.tokens > 0
+    assert res.sequences == rec.sequences
+    assert res.tokens_scored == 0  # confidence reads the engine's logprobs
+    if name in ("best_of_n", "weighted", "beam", "dvts", "mcts"):
+        assert res.step_scores == [] or all(0 < s <= 1 for s in res.step_scores)
+    if name in ("majority", "best_of_n", "weighted"):
+        assert rec.sequences == budget
+
+
+@pytest.mark.slow
+def test_scorer_tokens_on_the_real_engine(engine, ray_session, tiny_problem):
+    calls = []
+
+    def scripted_prm(prompts, step_lists):  # scripted scorer: 0.5 per step; records what it was sent
+        calls.append(step_lists)
+        return [[0.5] * len(s) for s in step_lists]
+
+    rec = RecordingEngine(ray_session, engine)
+    res = STRATEGIES["best_of_n"](tiny_problem, engine_generate(rec, TINY), scripted_prm, 3, TINY)
+    # each of the 3 samples is scored once (those with any step text), so the scorer read what the engine made
+    assert res.tokens_generated == rec.tokens
+    assert len(calls) == 1 and res.tokens_scored <= res.tokens_generated
+    rec = RecordingEngine(ray_session, engine)
+    res = STRATEGIES["beam"](tiny_problem, engine_generate(rec, TINY), scripted_prm, 2, TINY)
+    assert res.tokens_generated == rec.tokens and res.meta["rounds"] == len(calls) - 1
+
+
+@pytest.mark.slow
+def test_adapter_on_the_actor_handle_matches_the_local_path_and_keeps_the_separator(engine, ray_session,
+                                                                                    tiny_problem):
+    rec = RecordingEngine(ray_session, engine)
+    via_handle = engine_generate(engine, TINY)([tiny_problem.prompt], 1, False, 12, greedy=True)[0][0]
+    via_local = engine_generate(rec, TINY)([tiny_problem.prompt], 1, False, 12, greedy=True)[0][0]
+    assert (via_handle.text, via_handle.n_tokens) == (via_local.text, via_local.n_tokens) == (via_local.text,
+                                                                                             rec.tokens)
+    steps = engine_generate(engine, SearchConfig(temperature=1.0))([tiny_problem.prompt], 16, True, 24)[0]
+    for c in steps:
+        assert "\n" not in c.text[:-1]  # nothing after a separator
+        if c.text.endswith("\n"):
+            assert c.finish_reason == "stop"
+        if c.finish_reason == "length":
+            assert c.n_tokens == 24

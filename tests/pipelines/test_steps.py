@@ -1,0 +1,263 @@
+"""MC step labels as pure logic: prefix text, Math-Shepherd estimates, naive / first-error search / reuse / early stop
+planned over a scripted rollout oracle (a fake of the engine, named as such), and label-quality metrics. Every
+expected value below is derived by hand in the comment beside it."""
+
+import math
+import random
+
+import pytest
+
+from pipelines.prompts import split_steps
+from pipelines.steps import (Planner, Rollout, agreement, consensus, first_error_accuracy, first_error_of,
+                             hard_at_k, label_quality, mc_values, prefix_truth, run_planners, step_ends)
+
+# ------------------------------------------------------------------------------------------------ prefix text
+
+
+@pytest.mark.parametrize("completion, fmt, sep, ends", [
+    # "5 + 2 = 7" (9) + "\n" -> 10; "7 * 3 = 21" (10) + "\n" -> 21; "The answer is 21." (17) -> 38
+    ("5 + 2 = 7\n7 * 3 = 21\nThe answer is 21.", "lines", "\n", [10, 21, 38]),
+    # trailing spaces before the separator belong to the prefix; a blank line is not doubled: "a  \n" -> 4
+    ("a  \n\nb", "lines", "\n", [4, 6]),
+    ("a\n\nb\n\nc", "paragraphs", "\n\n", [3, 6, 7]),
+    # staged: "<SUMMARY> s </SUMMARY>\n<REASONING>\n" is 23 + 12 = 35 chars; "1 + 1 = 2\n" ends at 45;
+    # "</REASONING>\n<CONCLUSION> " is 13 + 13 more (71), "The answer is 2." (16) ends at 87
+    ("<SUMMARY> s </SUMMARY>\n<REASONING>\n1 + 1 = 2\n</REASONING>\n<CONCLUSION> The answer is 2. </CONCLUSION>",
+     "staged", "\n", [45, 87]),
+])
+def test_step_ends_locate_prefixes_in_the_original_text(completion, fmt, sep, ends):
+    steps = split_steps(completion, fmt)
+    assert step_ends(completion, steps, sep) == ends
+    for step, end in zip(steps, ends):
+        assert completion[:end].rstrip().endswith(step)
+
+
+def test_step_ends_names_a_step_that_is_not_in_the_text():
+    with pytest.raises(ValueError, match="step 1"):
+        step_ends("a\nb", ["a", "c"])
+
+
+# ------------------------------------------------------------------------------------------ label arithmetic
+
+
+def test_mc_values_table():
+    soft, hard = mc_values([[1, 0, 1, 1], [0, 0], [], [1]])
+    assert soft[:2] == [0.75, 0.0] and math.isnan(soft[2]) and soft[3] == 1.0
+    assert hard == [1, 0, 0, 1]
+
+
+class ScriptedOracle:
+    """A FAKE of the engine for unit tests of the planning logic: per (sample, prefix) a list of (verdict, text)
+    handed out in order, 10 tokens each. It records every call, so a test can count engine rounds."""
+
+    def __init__(self, script: dict[tuple[int, int], list[tuple[int, str]]]):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.calls: list[list[tuple[int, int, int]]] = []
+
+    def __call__(self, batch):
+        self.calls.append(batch)
+        out = []
+        for s, i, n in batch:
+            items = [self.script[(s, i)].pop(0) for _ in range(n)]
+            out.append([Rollout(bool(c), text, 10) for c, text in items])
+        return out
+
+
+COMPLETION = "s1\ns2\ns3\ns4"  # four steps; prefix ends 3, 6, 9, 11
+STEPS = ["s1", "s2", "s3", "s4"]
+
+
+def _script():
+    # verdicts scripted per prefix (the last prefix is the solution itself and never rolled out)
+    return {(0, 0): [(1, "s2\ns3\nend"), (0, "s2\nx"), (1, "y"), (1, "z")],
+            (0, 1): [(0, "a"), (0, "b"), (1, "c"), (0, "d")],
+            (0, 2): [(0, "e"), (0, "f"), (0, "g"), (0, "h")]}
+
+
+def _label(**kw):
+    oracle = ScriptedOracle(_script())
+    p = Planner(COMPLETION, step_ends(COMPLETION, STEPS), verdict=False, k=4, **kw)
+    return run_planners([p], oracle)[0], oracle
+
+
+def test_naive_labels():
+    lab, oracle = _label(method="naive")
+    # prefix 0: 1,0,1,1 -> 3/4; prefix 1: 0,0,1,0 -> 1/4; prefix 2: all 0; prefix 3: the wrong solution itself
+    assert lab.soft == [0.75, 0.25, 0.0, 0.0]
+    assert lab.hard == [1, 1, 0, 0] and lab.first_error == 2
+    assert lab.rollouts == [4, 4, 4, 1] and lab.fresh == [4, 4, 4, 0]
+    assert lab.tokens == 120 and lab.rounds == 1 and len(oracle.calls) == 1
+    assert lab.outcomes == ["1011", "0010", "0000", "0"]
+
+
+def test_naive_early_stop_arithmetic():
+    lab, oracle = _label(method="naive", early_stop=True, chunk=2)
+    # round 1: p0 gets 1,0 (stops), p1 0,0, p2 0,0; round 2: p1 1,0 (stops), p2 0,0 (K reached)
+    assert lab.outcomes == ["10", "0010", "0000", "0"]
+    assert lab.soft == [0.5, 0.25, 0.0, 0.0] and lab.hard == [1, 1, 0, 0]
+    assert lab.fresh == [2, 4, 4, 0] and lab.tokens == 100 and lab.rounds == 2
+    assert [[(i, n) for _, i, n in c] for c in oracle.calls] == [[(0, 2), (1, 2), (2, 2)], [(1, 2), (2, 2)]]
+
+
+def test_naive_reuse_arithmetic():
+    lab, oracle = _label(method="naive", reuse=True)
+    # every pool starts with the sample's own verdict (0); each prefix asks K - 1 = 3.
+    # p0: 0 + (1, 0, 1). Its 1st rollout "s2\ns3\nend" passes through p1 ("s2\n") and p2 ("s2\ns3\n"): +1 each;
+    # its 2nd "s2\nx" passes through p1 only: +0. p1: 0, 1, 0 + own (0, 0, 1). p2: 0, 1 + own (0, 0, 0).
+    assert oracle.calls == [[(0, 0, 3), (0, 1, 3), (0, 2, 3)]]
+    assert lab.outcomes == ["0101", "010001", "01000", "0"]
+    assert lab.soft == pytest.approx([2 / 4, 2 / 6, 1 / 5, 0.0])
+    assert lab.hard == [1, 1, 1, 0] and lab.first_error == 3
+    assert lab.rollouts == [4, 6, 5, 1] and lab.fresh == [3, 3, 3, 0] and lab.tokens == 90
+
+
+def test_binary_search_arithmetic():
+    lab, oracle = _label(method="binary")
+    # lo=0, hi=T=4 (wrong solution) -> mid 2 (index 1): 0,0,1,0 has a success -> lo=2; mid 3 (index 2): 4 failures
+    # -> hi=3; done: first error at prefix 3 (index 2); prefix 1 never rolled out, labelled 1 by monotonicity.
+    assert [[(i, n) for _, i, n in c] for c in oracle.calls] == [[(1, 4)], [(2, 4)]]
+    assert lab.hard == [1, 1, 0, 0] and lab.first_error == 2
+    assert math.isnan(lab.soft[0]) and lab.soft[1:] == [0.25, 0.0, 0.0]
+    assert lab.rollouts == [0, 4, 4, 1] and lab.tokens == 80 and lab.rounds == 2
+
+
+def test_binary_with_reuse_and_early_stop_arithmetic():
+    lab, oracle = _label(method="binary", reuse=True, early_stop=True, chunk=2)
+    # pools start [0]; mid = index 1 asks min(2, 4 - 1) = 2: 0,0; again min(2, 1) = 1: 1 -> good, lo = 2;
+    # mid = index 2 asks 2: 0,0, then 1: 0 -> pool 0000 = K failures -> bad, hi = 3.
+    assert [[(i, n) for _, i, n in c] for c in oracle.calls] == [[(1, 2)], [(1, 1)], [(2, 2)], [(2, 1)]]
+    assert lab.outcomes == ["0", "0001", "0000", "0"]
+    assert lab.hard == [1, 1, 0, 0] and lab.soft == [0.0, 0.25, 0.0, 0.0]
+    assert lab.fresh == [0, 3, 3, 0] and lab.tokens == 60 and lab.rounds == 4
+
+
+def test_binary_jumps_over_prefixes_a_successful_rollout_passes_through():
+    completion, steps = "a\nb\nc\nd\ne", ["a", "b", "c", "d", "e"]
+    oracle = ScriptedOracle({(0, 1): [(1, "c\nd\n The answer is 3.")]})
+    p = Planner(completion, step_ends(completion, steps), verdict=False, k=2, method="binary", reuse=True)
+    lab = run_planners([p], oracle)[0]
+    # mid = (0 + 5) // 2 = 2 (index 1) asks K - 1 = 1 rollout (the pool holds the sample); its success reproduces "c\nd\n": prefixes 3 and 4 become good -> lo = 4,
+    # hi = 5: one query located the error at the last step
+    assert len(oracle.calls) == 1 and lab.hard == [1, 1, 1, 1, 0] and lab.first_error == 4
+    assert lab.outcomes == ["0", "01", "01", "01", "0"]
+
+
+def test_correct_sample_costs_nothing_with_first_error_search():
+    p = Planner(COMPLETION, step_ends(COMPLETION, STEPS), verdict=True, k=4, method="binary")
+    lab = run_planners([p], ScriptedOracle({}))[0]
+    assert lab.hard == [1, 1, 1, 1] and lab.first_error == -1 and lab.tokens == 0 and lab.rounds == 0
+    # naive still rolls out every prefix but the last
+    p = Planner(COMPLETION, step_ends(COMPLETION, STEPS), verdict=True, k=1, method="naive")
+    lab = run_planners([p], ScriptedOracle({(0, 0): [(0, "")], (0, 1): [(0, "")], (0, 2): [(1, "")]}))[0]
+    assert lab.hard == [0, 0, 1, 1] and lab.first_error == 0
+
+
+def test_one_engine_call_per_round_across_samples():
+    script = {**_script(), **{(1, i): v for (_, i), v in _script().items()}}
+    oracle = ScriptedOracle(script)
+    planners = [Planner(COMPLETION, step_ends(COMPLETION, STEPS), verdict=False, k=4, method="binary")
+                for _ in range(2)]
+    labs = run_planners(planners, oracle)
+    assert len(oracle.calls) == 2 and [len(c) for c in oracle.calls] == [2, 2]
+    assert labs[0].hard == labs[1].hard == [1, 1, 0, 0]
+
+
+def _deterministic_oracle(values: list[list[int]], k_texts: str = ""):
+    """A FAKE engine whose rollouts from prefix t of sample s always have verdict values[s][t]."""
+    def oracle(batch):
+        return [[Rollout(bool(values[s][i]), k_texts, 5) for _ in range(n)] for s, i, n in batch]
+    return oracle
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(reuse=True), dict(early_stop=True, chunk=1),
+                                   dict(reuse=True, early_stop=True, chunk=3)])
+def test_binary_finds_the_naive_first_error_when_rollouts_are_deterministic(flags):
+    rng = random.Random(0)
+    values, planners_n, planners_b = [], [], []
+    for _ in range(200):
+        T = rng.randint(1, 9)
+        f = rng.randint(0, T)  # first wrong prefix (0-based); f = T: no error
+        v = [int(t < f) for t in range(T)]
+        values.append(v)
+        text = "\n".join(f"step {t}" for t in range(T))
+        ends = step_ends(text, [f"step {t}" for t in range(T)])
+        planners_n.append(Planner(text, ends, verdict=bool(v[-1]), k=4, method="naive", **flags))
+        planners_b.append(Planner(text, ends, verdict=bool(v[-1]), k=4, method="binary", **flags))
+    naive = run_planners(planners_n, _deterministic_oracle(values))
+    binary = run_planners(planners_b, _deterministic_oracle(values))
+    for v, a, b in zip(values, naive, binary):
+        assert a.first_error == b.first_error == first_error_of(v)
+        assert a.hard == b.hard == v
+        assert b.tokens <= a.tokens
+        # at most ceil(log2 T) prefixes are queried by the search
+        assert sum(1 for n in b.fresh if n) <= math.ceil(math.log2(len(v))) if len(v) > 1 else b.tokens == 0
+    # naive without early stop spends K on every prefix; the search about log2(T) prefixes
+    assert sum(b.tokens for b in binary) < sum(a.tokens for a in naive) / (1 if flags.get("early_stop") else 2)
+
+
+def test_binary_on_non_monotone_values_finds_a_drop():
+    rng = random.Random(1)
+    for _ in range(200):
+        T = rng.randint(2, 9)
+        v = [rng.randint(0, 1) for _ in range(T)]
+        text = "\n".join(f"s{t}" for t in range(T))
+        p = Planner(text, step_ends(text, [f"s{t}" for t in range(T)]), verdict=bool(v[-1]), k=2,
+                    method="binary")
+        lab = run_planners([p], _deterministic_oracle([v]))[0]
+        i = lab.first_error
+        if i >= 0:  # a located error is a good-to-bad transition of the oracle (or the first step being bad)
+            assert v[i] == 0 and (i == 0 or v[i - 1] == 1)
+        else:
+            assert v[-1] == 1
+
+
+def test_planner_rejects_misuse():
+    with pytest.raises(ValueError, match="method"):
+        Planner("a", [1], verdict=True, method="ternary")
+    p = Planner(COMPLETION, step_ends(COMPLETION, STEPS), verdict=False, k=2)
+    want = p.requests()
+    with pytest.raises(RuntimeError, match="before observe"):
+        p.requests()
+    with pytest.raises(ValueError, match="2 rollouts were requested, 1 observed"):
+        p.observe(0, [Rollout(True)])
+    assert want == {0: 2, 1: 2, 2: 2}
+
+
+# -------------------------------------------------------------------------------------------- label quality
+
+
+def test_hard_at_k_and_first_error_of():
+    assert hard_at_k(["0011", "0000", "1", "0"], 2) == [0, 0, 1, 0]
+    assert hard_at_k(["0011", "0000", "1", "0"], 4) == [1, 0, 1, 0]
+    assert first_error_of([1, 1, 0, 1]) == 2 and first_error_of([1, 1]) == -1 and first_error_of([-1, 0]) == 1
+
+
+def test_consensus_filter_table():
+    hard, soft = [1, 1, 0, 1, 0], [0.125, 0.75, 0.0, math.nan, 0.0]
+    # min_soft_good 0.5: 1/8 is too weak a good label -> -1; NaN soft (inferred label) is kept
+    assert consensus(hard, soft, min_soft_good=0.5) == [-1, 1, 0, 1, 0]
+    # with a judge: keep only where it agrees; a judge's -1 (no verdict) drops the label
+    assert consensus(hard, soft, other=[1, 0, 0, -1, 1]) == [1, -1, 0, -1, -1]
+
+
+def test_label_quality_table():
+    pred = [[1, 0, 0], [1, 1, -1]]
+    truth = [[True, False, False], [True, False, True]]
+    q = label_quality(pred, truth)
+    # tn, tp, tp | tn, fn, (skipped): P = 2/2, R = 2/3, F1 = 2 * 1 * 2/3 / (5/3) = 0.8
+    assert (q["tp"], q["fp"], q["fn"], q["tn"]) == (2, 0, 1, 2)
+    assert q["precision"] == 1.0 and q["recall"] == pytest.approx(2 / 3) and q["f1"] == pytest.approx(0.8)
+    assert q["accuracy"] == pytest.approx(4 / 5) and q["coverage"] == pytest.approx(5 / 6)
+    # nothing wrong predicted or true: P, R, F1 undefined
+    q = label_quality([[1, 1]], [[True, True]])
+    assert math.isnan(q["precision"]) and math.isnan(q["f1"]) and q["accuracy"] == 1.0
+    # everything wrong predicted on right steps: F1 0
+    assert label_quality([[0, 0]], [[True, True]])["f1"] == 0.0
+
+
+def test_prefix_truth_first_error_accuracy_and_agreement():
+    assert prefix_truth(1, 3) == [True, False, False] and prefix_truth(-1, 2) == [True, True]
+    assert first_error_accuracy([1, -1, 2], [1, -1, 0]) == pytest.approx(2 / 3)
+    a = agreement([[1, 0, 0], [1, 1]], [[1, 1, 0], [1, 1]])
+    # steps: 2 of 3 + 2 of 2 = 4/5; first errors: (1 vs 2), (-1 vs -1) -> 1/2
+    assert a == {"step_agreement": pytest.approx(4 / 5), "first_error_agreement": 0.5}
