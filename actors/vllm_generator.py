@@ -75,22 +75,7 @@ class VLLMGenerator:
         """For each prompt, its completions: dicts with text, token_ids, finish_reason, n_prompt_tokens,
         cum_logprob, token_logprobs, top_logprobs, error. A prompt that fails (too long, engine error on that
         prompt alone) gets n completions with `error` set and no text, so the caller loses no row."""
-        per_prompt = sampling if isinstance(sampling, list) else [sampling or {}] * len(prompts)
-        if len(per_prompt) != len(prompts):
-            raise ValueError(f"generate: {len(prompts)} prompts but {len(per_prompt)} sampling dicts")
-        params, token_ids, results = [], [], [None] * len(prompts)
-        for i, (p, s) in enumerate(zip(prompts, per_prompt)):
-            merged = {**self.default_sampling, **{k: v for k, v in s.items() if v is not None}}
-            self._check_sampling(merged, f"prompt {i}")
-            ids = list(p) if not isinstance(p, str) else self.tokenizer.encode(p, add_special_tokens=False)
-            params.append(merged)
-            token_ids.append(ids)
-            budget = self.max_model_len - len(ids)
-            if budget < 1:
-                results[i] = self._errors(merged, len(ids), f"prompt_too_long: {len(ids)} tokens, the engine's "
-                                          f"max_model_len is {self.max_model_len}")
-            elif merged.get("max_tokens", 16) > budget:
-                merged["max_tokens"] = budget  # finish_reason "length" tells the caller it was cut
+        token_ids, params, results = self._prepare(prompts, sampling)
         todo = [i for i in range(len(prompts)) if results[i] is None]
         if todo:
             try:
@@ -109,6 +94,28 @@ class VLLMGenerator:
                         results[i] = self._errors(params[i], len(token_ids[i]), f"engine_error: {e1!r}"[:500])
         return results  # type: ignore[return-value]
 
+    def _prepare(self, prompts: list, sampling: dict | list[dict] | None) -> tuple[list, list, list]:
+        """Token ids, merged and checked sampling params, and pre-filled error results (prompts too long).
+
+        max_tokens is cut to what the context leaves; finish_reason "length" then tells the caller."""
+        per_prompt = sampling if isinstance(sampling, list) else [sampling or {}] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(per_prompt)} sampling dicts")
+        params, token_ids, results = [], [], [None] * len(prompts)
+        for i, (p, s) in enumerate(zip(prompts, per_prompt)):
+            merged = {**self.default_sampling, **{k: v for k, v in s.items() if v is not None}}
+            self._check_sampling(merged, f"prompt {i}")
+            ids = list(p) if not isinstance(p, str) else self.tokenizer.encode(p, add_special_tokens=False)
+            params.append(merged)
+            token_ids.append(ids)
+            budget = self.max_model_len - len(ids)
+            if budget < 1:
+                results[i] = self._errors(merged, len(ids), f"prompt_too_long: {len(ids)} tokens, the engine's "
+                                          f"max_model_len is {self.max_model_len}")
+            elif merged.get("max_tokens", 16) > budget:
+                merged["max_tokens"] = budget
+        return token_ids, params, results
+
     @staticmethod
     def _engine_dead(e: Exception) -> bool:
         return type(e).__name__ in ("EngineDeadError", "EngineGenerateError") or "EngineDead" in repr(e)
@@ -124,28 +131,7 @@ class VLLMGenerator:
         sps = [vllm.SamplingParams(**p) for p in params]
         prompts = [vllm.TokensPrompt(prompt_token_ids=ids) for ids in token_ids]
         outs = self.llm.generate(prompts, sps, use_tqdm=False)
-        results = []
-        for ids, p, out in zip(token_ids, params, outs):
-            k = p.get("logprobs")
-            comps = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                chosen, tops = [], []
-                if k is not None and c.logprobs is not None:
-                    for tok, pos in zip(c.token_ids, c.logprobs):
-                        lp = pos.get(tok)
-                        chosen.append(float(lp.logprob) if lp is not None else float("nan"))
-                        # top-k alternatives by rank (the chosen token is also present when it ranks outside k)
-                        ranked = sorted((v for v in pos.values() if v.rank is not None and v.rank <= k),
-                                        key=lambda v: v.rank)
-                        tops.append([float(v.logprob) for v in ranked[:k]])
-                cum = c.cumulative_logprob
-                comps.append({"text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason or "",
-                              "n_prompt_tokens": len(ids),
-                              "cum_logprob": float(cum) if cum is not None else (
-                                  float(sum(chosen)) if chosen else float("nan")),
-                              "token_logprobs": chosen, "top_logprobs": tops, "error": ""})
-            results.append(comps)
-        return results
+        return [completion_dicts(out, len(ids), p.get("logprobs")) for ids, p, out in zip(token_ids, params, outs)]
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         """Ray Data entry point (batch_format="pyarrow"): one output row per completion, input columns repeated."""
@@ -186,3 +172,23 @@ class VLLMGenerator:
         for name, arr in new.items():
             table = table.append_column(name, arr)
         return table
+
+
+def completion_dicts(out, n_prompt: int, k: int | None) -> list[dict]:
+    """One vLLM RequestOutput -> our completion dicts (shared by the batch actor and the Serve deployment)."""
+    comps = []
+    for c in sorted(out.outputs, key=lambda c: c.index):
+        chosen, tops = [], []
+        if k is not None and c.logprobs is not None:
+            for tok, pos in zip(c.token_ids, c.logprobs):
+                lp = pos.get(tok)
+                chosen.append(float(lp.logprob) if lp is not None else float("nan"))
+                # top-k alternatives by rank (the chosen token is also present when it ranks outside k)
+                ranked = sorted((v for v in pos.values() if v.rank is not None and v.rank <= k), key=lambda v: v.rank)
+                tops.append([float(v.logprob) for v in ranked[:k]])
+        cum = c.cumulative_logprob
+        comps.append({"text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason or "",
+                      "n_prompt_tokens": n_prompt,
+                      "cum_logprob": float(cum) if cum is not None else (float(sum(chosen)) if chosen else float("nan")),
+                      "token_logprobs": chosen, "top_logprobs": tops, "error": ""})
+    return comps

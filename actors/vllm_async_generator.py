@@ -1,0 +1,92 @@
+"""AsyncVLLMGenerator: vLLM's async engine (AsyncLLM) behind the same contract as VLLMGenerator, for Ray Serve.
+
+Same inputs and outputs as `VLLMGenerator.generate` (prompts or token ids, sampling dicts, n completions per prompt
+with text, token ids, finish reason and logprobs), but each prompt is its own engine request, so concurrent callers
+share the engine's continuous batching; plus `stream()` for token streaming. A cancelled call (client gone, request
+timeout) aborts its engine requests, so no work is left running for nobody.
+
+Deployed by pipelines/serve.py as the generator deployment, with its own autoscaling and resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from actors.vllm_generator import VLLMGenerator, completion_dicts
+
+
+class AsyncVLLMGenerator(VLLMGenerator):
+    def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
+                 sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = ""):
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        import vllm
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = {"enforce_eager": True, "seed": 0}
+        kwargs.update(engine_kwargs or {})
+        t0 = time.time()
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **kwargs))
+        self.load_s = time.time() - t0
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        self.max_model_len = self.engine.model_config.max_model_len
+        self.default_sampling = dict(sampling or {})
+        self._check_sampling(self.default_sampling, "sampling")
+        self.model_name = model_name or str(model)
+        self._vllm = vllm
+
+    async def _one(self, ids: list[int], params: dict) -> list[dict]:
+        request_id = uuid.uuid4().hex
+        final = None
+        try:
+            async for out in self.engine.generate(self._vllm.TokensPrompt(prompt_token_ids=ids),
+                                                  self._vllm.SamplingParams(**params), request_id):
+                final = out
+        except asyncio.CancelledError:
+            await self.engine.abort(request_id)
+            raise
+        return completion_dicts(final, len(ids), params.get("logprobs"))
+
+    async def generate(self, prompts, sampling=None) -> list[list[dict]]:  # type: ignore[override]
+        token_ids, params, results = self._prepare(prompts, sampling)
+        todo = [i for i in range(len(prompts)) if results[i] is None]
+        outs = await asyncio.gather(*(self._one(token_ids[i], params[i]) for i in todo), return_exceptions=True)
+        for i, out in zip(todo, outs):
+            if isinstance(out, BaseException):
+                if isinstance(out, asyncio.CancelledError) or self._engine_dead(out):  # type: ignore[arg-type]
+                    raise out
+                out = self._errors(params[i], len(token_ids[i]), f"engine_error: {out!r}"[:500])
+            results[i] = out
+        return results
+
+    async def stream(self, prompt: str, sampling: dict | None = None) -> AsyncIterator[dict]:
+        """Yield {"delta": text, "n_tokens": tokens so far, "finish_reason": ...} as tokens arrive (n must be 1)."""
+        token_ids, params, results = self._prepare([prompt], sampling)
+        if results[0] is not None:
+            yield {"delta": "", "n_tokens": 0, "finish_reason": "error", "error": results[0][0]["error"],
+                   "n_prompt_tokens": len(token_ids[0])}
+            return
+        if params[0].get("n", 1) != 1:
+            raise ValueError("stream: n must be 1")
+        request_id = uuid.uuid4().hex
+        sent = 0
+        try:
+            async for out in self.engine.generate(self._vllm.TokensPrompt(prompt_token_ids=token_ids[0]),
+                                                  self._vllm.SamplingParams(**params[0]), request_id):
+                c = out.outputs[0]
+                yield {"delta": c.text[sent:], "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason or "",
+                       "n_prompt_tokens": len(token_ids[0])}
+                sent = len(c.text)
+        except asyncio.CancelledError:
+            await self.engine.abort(request_id)
+            raise
+
+    def __call__(self, batch):  # the Ray Data entry point belongs to the batch actor
+        raise TypeError("AsyncVLLMGenerator serves requests; use VLLMGenerator for Ray Data batches")
