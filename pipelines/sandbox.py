@@ -14,16 +14,18 @@ tests' own `assert` statements execute, and then reported that through its priva
     timeout         wall clock over timeout_s (+0.5 s set-up allowance), or the CPU-time limit
     memory          MemoryError: the address-space limit (memory_mb) was hit
     process_limit   fork/thread creation refused by the process limit (a fork bomb)
-    early_exit      the process ended before the tests finished: sys.exit / SystemExit / os._exit / exit()
+    early_exit      the process ended before the tests finished: sys.exit / SystemExit / os._exit
     no_tests_ran    empty tests, no check() for an entry_point, or no assert statement executed
     killed          ended by a signal other than the limits above (detail: the signal)
     sandbox_error   the jail itself could not be set up (an infrastructure problem, not the program's fault)
 
 How it is built (Linux). The parent writes the job to a 0600 file in a fresh 0700 temporary directory and starts
-`python -I -S -c <_sandbox_main's source>` with `start_new_session=True` (own session and process group), an empty
-stdin, a scrubbed environment (PATH, LANG, HOME, TMPDIR only) and no inherited descriptors. `-I` ignores PYTHON*
-variables, the user site and the current directory; `-S` means no site-packages: candidates get the standard
-library only. The harness is trusted code that jails itself before it reads any candidate code:
+the base interpreter as `python -I -S` on the harness (`_sandbox_main`, its source sent on stdin) with
+`start_new_session=True` (own session and process group), a scrubbed environment (PATH, LANG, HOME, TMPDIR only)
+and no inherited descriptors. `-I` ignores PYTHON* variables, the user site and the current directory; `-S` means
+no site-packages: candidates get the standard library only (and no `exit()`/`quit()` helpers). The harness is
+trusted code; it deletes the job file, sets PR_SET_PDEATHSIG (if the caller dies, the run dies) and jails itself
+before any candidate code runs:
 
 1. unshare(2) new mount, network, PID, IPC and UTS namespaces (plus a user namespace when not running as root):
    no network at all (only a down loopback), no view of other processes, no shared IPC.
@@ -31,9 +33,11 @@ library only. The harness is trusted code that jails itself before it reads any 
    /lib*, /bin, /sbin and the Python installation are bind-mounted read-only, /dev/null, /dev/zero and
    /dev/urandom are bound in; chroot(2) into it, cwd /work (fresh, empty, owned by the sandbox user). Nothing else
    of the host file system is visible: no /etc, /proc, /home, /root, /tmp of the host, no project files.
-3. The first fork becomes PID 1 of the new PID namespace and runs the candidate; when it exits or is killed,
-   the kernel kills every process left in the namespace (fork bombs, `setsid` escapes, daemons). It carries
-   PR_SET_PDEATHSIG=SIGKILL, so killing the harness (the parent's wall-clock `killpg`) takes it down too.
+3. The first fork becomes PID 1 of the new PID namespace: a trusted reaper that forks the candidate's runner,
+   waits for it and reports how it ended (exit status or signal, CPU seconds). When the reaper exits, the kernel
+   kills every process left in the namespace (fork bombs, `setsid` escapes, daemons); it carries
+   PR_SET_PDEATHSIG=SIGKILL, so the parent's wall-clock `killpg` of the harness takes everything down. (The
+   candidate is not PID 1 itself, which would ignore every signal it has no handler for.)
 4. rlimits: RLIMIT_AS = memory_mb, RLIMIT_CPU = ceil(timeout_s) (+1 s hard), RLIMIT_FSIZE = disk_mb,
    RLIMIT_NOFILE = 256, RLIMIT_CORE = 0, RLIMIT_NPROC = max_processes.
 5. As root it drops to a fresh random uid/gid (see `_random_uid`) with no supplementary groups, which makes
@@ -44,8 +48,8 @@ library only. The harness is trusted code that jails itself before it reads any 
    through a duplicate of its stdout pipe, one JSON line tagged with a per-run random nonce that the parent
    checks; a process that ends without that line (os._exit, a signal) fails.
 Where a step is not allowed (no root and no user namespaces, a container without CAP_SYS_ADMIN) the harness skips
-it and says so; `sandbox_mechanisms()` lists what this machine applies. Stragglers outside a PID namespace are
-killed by process group.
+it and says so; `sandbox_mechanisms()` lists what this machine applies. Without a PID namespace, stragglers are
+killed by process group and (as root) by a kill(-1) issued as the sandbox uid.
 
 Against the program it tests, the harness also: runs the tests after the program, so a program's own
 `check`/helpers are replaced by the tests' definitions; restores the `builtins` module and `__builtins__` after
@@ -82,6 +86,8 @@ from pipelines.verify import Verdict
 
 # Wall-clock allowance for starting the interpreter and building the jail (measured ~0.1 s on 2 busy cores).
 SETUP_ALLOWANCE_S = 0.5
+# Statuses the harness reports besides "passed" and "error" (which carries the exception type).
+_REPORTED = ("failed_test", "memory", "process_limit", "early_exit", "no_tests_ran")
 # Cap on what the parent reads back from the child's pipes; the report itself is a few hundred bytes.
 MAX_OUTPUT_BYTES = 1 << 20
 
@@ -101,60 +107,50 @@ def run_code(
         raise TypeError(f"program and tests must be str, got {type(program).__name__} and {type(tests).__name__}")
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout_s and memory_mb must be positive, got {timeout_s} and {memory_mb}")
-    nonce = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="stepray-sbx-") as tmp:
-        root = os.path.join(tmp, "root")  # the jail's mount point (an empty host directory)
-        os.mkdir(root, 0o700)
-        payload = {
-            "nonce": nonce,
-            "program": program,
-            "tests": tests,
-            "entry_point": entry_point,
-            "root": root,
-            "uid": _random_uid(),
-            "cpu_s": max(1, math.ceil(timeout_s)),
-            "memory_bytes": int(memory_mb) << 20,
-            "disk_bytes": int(disk_mb) << 20,
-            "max_processes": int(max_processes),
-            "binds": _python_binds(),
-        }
-        payload_path = os.path.join(tmp, "job.json")
-        fd = os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-        cmd = [_interpreter(), "-I", "-S", "-c", _harness_command(), payload_path]
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/work", "TMPDIR": "/tmp"}
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=tmp, env=env, start_new_session=True, close_fds=True,
-        )
-        out, err, timed_out = _collect(proc, started + timeout_s + SETUP_ALLOWANCE_S)
-        wall = time.monotonic() - started
-    return _verdict(out, err, nonce, timed_out, wall, timeout_s, payload["cpu_s"])
+    cpu_s = max(1, math.ceil(timeout_s))
+    start = time.monotonic()
+    msgs, err, timed_out = _execute(program, tests, entry_point, timeout_s, cpu_s, memory_mb, max_processes, disk_mb)
+    return _verdict(msgs, err, timed_out, time.monotonic() - start, timeout_s, cpu_s)
 
 
 @lru_cache(maxsize=1)
 def sandbox_mechanisms() -> tuple[str, ...]:
     """What the sandbox applies on this machine (namespaces, chroot, uid drop, rlimits), from a trivial run."""
+    msgs, _, _ = _execute("", "assert True", None, 30.0, 5, 512, 16, 16)
+    return next((tuple(m.get("mechanisms", ())) for m in msgs if m.get("kind") == "setup"), ())
+
+
+def _execute(program: str, tests: str, entry_point: str | None, timeout_s: float, cpu_s: int, memory_mb: int,
+             max_processes: int, disk_mb: int) -> tuple[list[dict], bytes, bool]:
+    """Start the harness on a job and collect its messages (those carrying this run's nonce)."""
     nonce = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="stepray-sbx-") as tmp:
-        root = os.path.join(tmp, "root")
+    with tempfile.TemporaryDirectory(prefix="stepray-sbx-", ignore_cleanup_errors=True) as tmp:
+        root = os.path.join(tmp, "root")  # the jail's mount point (an empty host directory)
         os.mkdir(root, 0o700)
-        payload = {"nonce": nonce, "program": "", "tests": "assert True", "entry_point": None, "root": root,
-                   "uid": _random_uid(), "cpu_s": 5, "memory_bytes": 512 << 20, "disk_bytes": 16 << 20,
-                   "max_processes": 16, "binds": _python_binds()}
-        path = os.path.join(tmp, "job.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-        proc = subprocess.Popen([_interpreter(), "-I", "-S", "-c", _harness_command(), path],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=tmp, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
-        out, _, _ = _collect(proc, time.monotonic() + 30)
-    for msg in _messages(out, nonce):
-        if msg.get("kind") == "setup":
-            return tuple(msg.get("mechanisms", ()))
-    return ()
+        job = {
+            "nonce": nonce, "program": program, "tests": tests, "entry_point": entry_point, "root": root,
+            "uid": _random_uid(), "cpu_s": cpu_s, "memory_bytes": int(memory_mb) << 20,
+            "disk_bytes": int(disk_mb) << 20, "max_processes": int(max_processes), "binds": _python_binds(),
+            "parent_pid": os.getpid(),
+        }
+        job_path = os.path.join(tmp, "job.json")
+        fd = os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(job, f)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/work", "TMPDIR": "/tmp"}
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [_interpreter(), "-I", "-S", "-c", _BOOTSTRAP, job_path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=tmp, env=env, start_new_session=True, close_fds=True,
+        )
+        try:  # ~12 kB: fits the pipe buffer, so this cannot block
+            proc.stdin.write(_harness_source())
+        except BrokenPipeError:
+            pass
+        proc.stdin.close()
+        out, err, timed_out = _collect(proc, started + timeout_s + SETUP_ALLOWANCE_S)
+    return _messages(out, nonce), err, timed_out
 
 
 def _random_uid() -> int:
@@ -177,10 +173,14 @@ def _python_binds() -> list[str]:
     return sorted(p for p in paths if p != "/" and not any(p == s or p.startswith(s + "/") for s in system))
 
 
+# The child reads the harness's source on stdin and runs only that (no project imports: it starts in ~10 ms with
+# -I -S, and `ps` shows this short line rather than the whole harness).
+_BOOTSTRAP = "import sys; exec(compile(sys.stdin.read(), '<stepray-sandbox>', 'exec')); _sandbox_main(sys.argv[1])"
+
+
 @lru_cache(maxsize=1)
-def _harness_command() -> str:
-    # The child runs only this function's source (no project imports), so it starts in ~10 ms with -I -S.
-    return inspect.getsource(_sandbox_main) + "\n_sandbox_main(__import__('sys').argv[1])\n"
+def _harness_source() -> bytes:
+    return inspect.getsource(_sandbox_main).encode()
 
 
 def _collect(proc: subprocess.Popen, deadline: float) -> tuple[bytes, bytes, bool]:
@@ -234,9 +234,7 @@ def _messages(out: bytes, nonce: str) -> list[dict]:
     return msgs
 
 
-def _verdict(out: bytes, err: bytes, nonce: str, timed_out: bool, wall: float, timeout_s: float,
-             cpu_s: int) -> Verdict:
-    msgs = _messages(out, nonce)
+def _verdict(msgs: list[dict], err: bytes, timed_out: bool, wall: float, timeout_s: float, cpu_s: int) -> Verdict:
     report = next((m for m in msgs if m.get("kind") == "report"), None)
     exit_ = next((m for m in reversed(msgs) if m.get("kind") == "exit"), None)
     setup_error = next((m for m in msgs if m.get("kind") == "setup_error"), None)
@@ -246,8 +244,11 @@ def _verdict(out: bytes, err: bytes, nonce: str, timed_out: bool, wall: float, t
         if status == "passed":
             return Verdict(True, "passed", detail=detail)
         if status == "error":
-            return Verdict(False, f"error:{report.get('type', 'Exception')}", detail=detail)
-        return Verdict(False, status, detail=detail)
+            name = "".join(c for c in str(report.get("type", "")) if c.isalnum() or c == "_")[:60] or "Exception"
+            return Verdict(False, f"error:{name}", detail=detail)
+        if status in _REPORTED:
+            return Verdict(False, status, detail=detail)
+        return Verdict(False, "sandbox_error", detail=f"unknown report status {status[:60]!r}")
     if timed_out:
         return Verdict(False, "timeout", detail=f"wall clock over {timeout_s:g}s (+{SETUP_ALLOWANCE_S}s set-up)")
     if setup_error is not None:
@@ -257,7 +258,7 @@ def _verdict(out: bytes, err: bytes, nonce: str, timed_out: bool, wall: float, t
         return Verdict(False, "killed", detail=f"harness ended without a status after {wall:.2f}s {tail}".strip())
     sig = exit_.get("signal")
     if sig:
-        if sig in (signal.SIGKILL, signal.SIGXCPU) and float(exit_.get("cpu_s", 0)) >= cpu_s - 0.05:
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and float(exit_.get("cpu_s", 0)) >= cpu_s - 0.05):
             return Verdict(False, "timeout", detail=f"CPU time limit {cpu_s}s")
         try:
             name = signal.Signals(sig).name
@@ -270,8 +271,9 @@ def _verdict(out: bytes, err: bytes, nonce: str, timed_out: bool, wall: float, t
 def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the sandboxed child
     """The harness. Shipped to the child as source: it may use only the standard library and its own locals.
 
-    Runs as root (or the invoking user), jails itself, forks the candidate runner as PID 1 of a new PID
-    namespace, then reports the runner's end (exit code or signal, CPU seconds) on its own stdout.
+    Runs as root (or the invoking user): builds the jail, forks the reaper (PID 1 of the new PID namespace),
+    which forks the runner; the runner enters the jail, drops privileges and runs the candidate and the tests.
+    Every message goes to the parent as a JSON line on the original stdout, tagged with the nonce.
     """
     import ast
     import builtins
@@ -284,6 +286,7 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
 
     with open(payload_path, encoding="utf-8") as f:
         job = json.load(f)
+    os.unlink(payload_path)  # the nonce and the tests live only in this process from here on
     nonce = job["nonce"]
 
     def emit(fd, kind, **fields):
@@ -297,6 +300,10 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
     pid_ns = False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # if the caller dies, so does the whole run
+        if os.getppid() != job["parent_pid"]:
+            os._exit(4)  # it died before the line above
 
         def check(rc, what):
             if rc != 0:
@@ -371,17 +378,32 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
     applied += ["rlimit_as", "rlimit_cpu", "rlimit_fsize", "rlimit_nofile", "no_new_privs", "pdeathsig"]
     emit(1, "setup", mechanisms=applied)
 
-    pid = os.fork()
-    if pid:  # the harness: wait for the runner, report how it ended
-        _, status, usage = os.wait4(pid, 0)
+    if os.fork():  # the harness: its job is done once the reaper runs; the parent reads the reaper's report
+        _, status = os.waitpid(-1, 0)
+        os._exit(0)
+
+    # ---- the reaper: PID 1 of the new PID namespace (when namespaces are on); trusted, runs no candidate code.
+    # The candidate must not be PID 1 itself: PID 1 ignores every signal it has no handler for, so
+    # os.kill(os.getpid(), SIGTERM), SIGXCPU from RLIMIT_CPU or a default SIGALRM would silently not apply.
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the parent's killpg of the harness reaches us
+    runner = os.fork()
+    if runner:
+        _, status, usage = os.wait4(runner, 0)
         cpu = usage.ru_utime + usage.ru_stime
         if os.WIFSIGNALED(status):
             emit(1, "exit", signal=os.WTERMSIG(status), cpu_s=cpu)
         else:
             emit(1, "exit", exit_code=os.WEXITSTATUS(status), cpu_s=cpu)
-        os._exit(0)
+        if is_root and not pid_ns and os.fork() == 0:
+            # No PID namespace to tear down: kill whatever the candidate left, as the sandbox uid, whose
+            # kill(-1) reaches only processes of that (fresh) uid.
+            os.setgid(uid)
+            os.setuid(uid)
+            os.kill(-1, signal.SIGKILL)
+            os._exit(0)
+        os._exit(0)  # as PID 1, this kills every process left in the namespace
 
-    # ---- the runner: PID 1 of the new PID namespace when namespaces are on ----
+    # ---- the runner: jails itself, then runs the candidate
     try:
         if jail:
             os.chroot(root)
@@ -399,9 +421,7 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-        PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
         libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid: a credential change clears it
         resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
     except OSError as e:
         emit(1, "setup_error", detail=f"runner: {e}")

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def test_mechanisms_are_reported():
         ("def f(x):\n    return x", "# only a comment\n", None, "no_tests_ran"),
         ("def f(x):\n    return x", "x = f(1)", None, "no_tests_ran"),  # no assert ran
         # HumanEval style: check(candidate) called on the entry point
-        ("def add(a, b):\n    return a + b", "def check(candidate):\n    assert candidate(2, 3) == 5\n", "add", "passed"),
+        ("def add(a, b):\n    return a + b", "def check(candidate):\n    assert candidate(2, 3) == 5\n", "add",
+         "passed"),
         ("def add(a, b):\n    return a - b", "def check(candidate):\n    assert candidate(2, 3) == 5\n", "add",
          "failed_test"),
         # the tests define check but nobody calls it: no entry_point given, nothing ran
@@ -227,3 +229,22 @@ def test_parent_signal_state_is_untouched():
         assert os.waitpid(-1, os.WNOHANG) == (0, 0)
     except ChildProcessError:
         pass
+
+
+@needs_jail
+def test_a_dying_caller_takes_its_run_down(tmp_path):
+    # PR_SET_PDEATHSIG chain: caller -> harness -> reaper (PID 1) -> namespace. Kill the caller mid-run.
+    code = ("from pipelines.sandbox import run_code\n"
+            "run_code('import time\\ntime.sleep(1000)', 'assert True', timeout_s=300)\n")
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the killed caller cannot remove its temporary directory
+    caller = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env)
+    deadline = time.monotonic() + 20
+    while not _sandbox_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_pids(), "the sandboxed program never started"
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 5
+    while _sandbox_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_pids() == []

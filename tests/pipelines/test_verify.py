@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,7 @@ def _data(relative: str) -> Path:
         ("The final answer is 3.5.", "3.5", "answer_is"),  # the sentence's period goes, the decimal stays
         ("The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}", "answer_is"),
         ("Therefore, the answer is: 3.5.", "3.5", "answer_is"),
+        ("The final answer is $\\$36$. Yes", "\\$36", "answer_is"),  # an escaped dollar does not close $...$
         ("Answer: 7", "7", "answer_line"),
         ("**Final Answer:** 12 apples", "12 apples", "answer_line"),
         ("I think the answer is 4 but\nAnswer: 5", "5", "answer_line"),  # whichever marker comes last
@@ -118,7 +121,8 @@ def test_numeric_equal(pred, gold, equal):
 
 # --------------------------------------------------------------------------------------------------- grade
 
-GSM8K_GOLD = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18"
+GSM8K_GOLD = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
+              "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18")
 
 
 @pytest.mark.parametrize(
@@ -155,6 +159,8 @@ def test_grade_numeric(completion, gold, reason, answer, method):
         ("The answer is $5\\text{ cm}$.", "5", "correct"),  # units and text wrappers
         ("\\boxed{\\text{Evelyn}}", "Evelyn", "correct"),
         ("\\boxed{28\\%}", "28", "correct"),  # percent
+        ("\\boxed{\\$36}", "36", "correct"),  # currency
+        ("The answer is $\\$18.90$.", "\\boxed{\\$18.90}", "correct"),
         ("\\boxed{x^2+2x+1}", "(x+1)^2", "correct"),  # symbolic
         ("\\boxed{x=3}", "3", "correct"),
         ("\\boxed{10^{10}}", "10000000000", "correct"),
@@ -194,6 +200,32 @@ def test_answers_equivalent(a, b, kind, equivalent):
     assert answers_equivalent(a, b, kind) is equivalent
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\boxed{" * 20000 + "x",  # thousands of unclosed boxes
+        "the answer is " * 20000,
+        "1" * 200_000,  # a number longer than int() converts by default
+        "1 + " * 30_000 + "1 = 30001",  # a sum too deep for Python's parser
+        "(" * 500 + "1" + ")" * 500 + " = 1 + 0",
+    ],
+)
+def test_adversarial_text_is_handled_quickly(text):
+    start = time.monotonic()
+    extract_answer(text)
+    check_steps([text], [1])
+    assert grade(text, "1").reason in {"wrong", "no_answer"}
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    "pred, gold, equal",
+    [("1e5000", "1e5000", True), ("1e5000", "2e5000", False), ("1e5000", "7", False), ("1e-5000", "0", False)],
+)
+def test_numeric_equal_beyond_float_range(pred, gold, equal):
+    assert numeric_equal(pred, gold) is equal
+
+
 # ------------------------------------------------------------------------------------- math-verify's cases
 
 # Rows of math_verify_test_cases.jsonl (by source line) where our math_equal differs from the expected value,
@@ -216,11 +248,11 @@ def _math_verify_options(options: dict) -> dict:
 def test_agreement_with_math_verify_cases():
     rows = [json.loads(line) for line in _data("math_verify/math_verify_test_cases.jsonl").read_text().splitlines()]
     assert len(rows) == 270
-    disagreements = {}
-    for row in rows:
-        got = math_equal(row["pred"], row["gold"], timeout_s=10, **_math_verify_options(row["options"]))
-        if got is not row["expected_equal"]:
-            disagreements[(row["source_file"], row["line"])] = f"got {got}, expected {row['expected_equal']}"
+    with ThreadPoolExecutor(2) as pool:  # two worker processes, one per core
+        got = list(pool.map(lambda r: math_equal(r["pred"], r["gold"], timeout_s=10,
+                                                 **_math_verify_options(r["options"])), rows))
+    disagreements = {(row["source_file"], row["line"]): f"got {g}, expected {row['expected_equal']}"
+                     for row, g in zip(rows, got) if g is not row["expected_equal"]}
     agreement = 1 - len(disagreements) / len(rows)
     assert agreement >= 0.97, disagreements
     assert set(disagreements) == set(KNOWN_DISAGREEMENTS), disagreements
@@ -348,17 +380,59 @@ def test_check_steps_rejects_a_single_string():
         check_steps("3 + 4 = 7", [3, 4])
 
 
+@pytest.mark.parametrize(
+    "step, claims",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.", [("48 / 2 = 24", True)]),
+        ("So 2 * (3 + 4) = 2 * 7 = 15", [("2 * ( 3 + 4 ) = 2 * 7 = 15", False)]),
+        ("1 glass is 60/100 * 5 = $3.", [("60 / 100 * 5 = 3", True)]),  # "1 glass" is a subject
+        ("He goes 3 times because 42 / 14 = 3", [("42 / 14 = 3", True)]),  # "3 times" is prose here
+        ("the 40-yard line, so 40 x 2 = 80", [("40 * 2 = 80", True)]),  # "40-yard" is a word
+        ("Solve 3x + 4 = 28.", []),  # algebra is not arithmetic
+        ("Randy has 20 - 12 = 8 years until he is 20.", [("20 - 12 = 8", True)]),
+    ],
+)
+def test_find_claims(step, claims):
+    assert verify.find_claims(step) == claims
+
+
 @pytest.mark.data
-def test_gsm8k_reference_solutions_check_as_correct():
-    # The reference solutions' arithmetic is right: no claim in the first 50 test solutions may be false.
-    # (Operands are not checked here: GSM8K's quantities are in prose, so constants are unknown.)
-    rows = [json.loads(line) for line in _data("gsm8k/test.jsonl").read_text().splitlines()[:50]]
+def test_gsm8k_reference_arithmetic_holds_and_perturbations_are_caught():
+    # GSM8K's 1319 reference solutions: their arithmetic is (nearly) all right, so few claims may read as false
+    # (measured: 7 of 3976, mostly real slips such as "$32 - $20 = $300" in train and unit changes); and
+    # changing the number after a calculator annotation (<<a=b>>b -> b+1) must make a claim false.
+    rows = [json.loads(line) for line in _data("gsm8k/test.jsonl").read_text().splitlines()]
+    claims = false = perturbed = caught = 0
     for row in rows:
-        steps = row["answer"].split("\n")[:-1]
-        for step in steps:
-            for chain in verify._claims(step):
-                values = [verify._evaluate(e)[0] for e in chain]
-                assert len({round(float(v), 2) for v in values}) == 1, (step, values)
+        for step in row["answer"].split("\n")[:-1]:
+            found = verify.find_claims(step)
+            claims += len(found)
+            false += sum(not holds for _, holds in found)
+            m = re.search(r">>(\d+)(?![\d.,])", step)
+            if m and any(holds for _, holds in found):
+                bad = step[: m.start(1)] + str(int(m.group(1)) + 1) + step[m.end(1):]
+                perturbed += 1
+                caught += any(not holds for _, holds in verify.find_claims(bad))
+    assert claims > 3500
+    assert false / claims <= 0.005, (false, claims)
+    assert caught / perturbed >= 0.99, (caught, perturbed)
+
+
+def test_synthetic_reference_steps_are_correct_and_wrong_results_are_located():
+    # The ground-truth use: pipelines.problems' synthetic solutions ("8 - 6 = 2", ...) check as all correct, and
+    # a result changed by +-1 or +-2 in step k is found as the first error at k.
+    import random
+
+    from pipelines.problems import SyntheticConfig, synthetic_problems
+
+    rng = random.Random(0)
+    for p in synthetic_problems(SyntheticConfig(n=300, min_steps=1, max_steps=5)):
+        assert first_error(p["ref_steps"], p["quantities"], p["answer"]) == -1, p["ref_steps"]
+        k = rng.randrange(len(p["ref_steps"]))
+        steps = list(p["ref_steps"])
+        claim, result = steps[k].split(" = ")
+        steps[k] = f"{claim} = {int(result) + rng.choice([-2, -1, 1, 2])}"
+        assert first_error(steps, p["quantities"]) == k, steps
 
 
 # ------------------------------------------------------------------------------------------------- batches
@@ -386,20 +460,14 @@ def test_verify_batch_grades_every_row_and_keeps_columns():
     assert out["correct"].dtype == bool
 
 
-def test_verify_batch_on_ray_data():
-    ray = pytest.importorskip("ray")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        rows = [{"id": i, "completion": f"The answer is {i}.", "gold": "3", "kind": "numeric"} for i in range(6)]
-        ds = ray.data.from_items(rows).map_batches(verify_batch, batch_format="numpy", batch_size=4)
-        out = sorted(ds.take_all(), key=lambda r: r["id"])
-    finally:
-        if started_here:
-            ray.shutdown()
+def test_verify_batch_on_ray_data(ray_session):
+    # The real plumbing: the session's local Ray (tests/conftest.py), Ray Data numpy batches, per-row verdicts.
+    rows = [{"id": i, "completion": f"The answer is {i}.", "gold": "3", "kind": "numeric"} for i in range(6)]
+    ds = ray_session.data.from_items(rows).map_batches(verify_batch, batch_format="numpy", batch_size=4)
+    out = sorted(ds.take_all(), key=lambda r: r["id"])
     assert [r["correct"] for r in out] == [False, False, False, True, False, False]
     assert {r["reason"] for r in out} == {"correct", "wrong"}
+    assert [r["answer"] for r in out] == ["0", "1", "2", "3", "4", "5"]
 
 
 def test_importing_pipelines_stays_light():
@@ -418,3 +486,34 @@ def test_verdict_reasons_are_documented():
     assert Counter(verify.EXTRACTION_METHODS) == Counter(
         ["boxed", "answer_is", "gsm8k", "answer_line", "last_number", "none"])
     assert Verdict(True, "correct").detail == ""
+
+
+def test_verify_samples_cli(tmp_path):
+    # The `stepray verify` job end to end (jobs/verify_samples.py), run as its module; lives here with its
+    # pipeline until tests/jobs has a home for it.
+    rows = [
+        '{"id": 1, "pred": "So 9 * 2 = 18.\\n#### 18", "gold": "18"}',
+        '{"id": 2, "pred": "The answer is \\\\boxed{\\\\frac{1}{2}}", "gold": "0.5", "kind": "math"}',
+        "not json",
+        '{"id": 4, "pred": "```python\\ndef f(x):\\n    return x + 1\\n```", "tests": "assert f(1) == 2", '
+        '"kind": "code"}',
+        '{"id": 5, "program": "import os\\nos._exit(0)", "tests": "assert f(1) == 2", "kind": "code"}',
+        '{"id": 6, "pred": "no idea", "gold": 3}',
+    ]
+    src, out = tmp_path / "samples.jsonl", tmp_path / "graded.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "jobs.verify_samples", str(src), "--kind", "numeric",
+                           "--out", str(out), "--workers", "2"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    graded = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g.get("id") for g in graded] == [1, 2, None, 4, 5, 6]
+    assert [g["reason"] for g in graded] == ["correct", "correct", "unreadable", "passed", "early_exit", "no_answer"]
+    assert [g["correct"] for g in graded] == [True, True, False, True, False, False]
+    assert graded[2]["line"] == 3 and graded[0]["gold"] == "18" and graded[5]["gold"] == 3
+    assert "samples.jsonl:3: unreadable row" in proc.stderr
+    assert "6 rows, 3 correct" in proc.stderr
+    missing = subprocess.run([sys.executable, "-m", "jobs.verify_samples", str(tmp_path / "nope.jsonl"),
+                              "--kind", "math"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[2], timeout=60)
+    assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
