@@ -136,8 +136,9 @@ def test_binary_jumps_over_prefixes_a_successful_rollout_passes_through():
     oracle = ScriptedOracle({(0, 1): [(1, "c\nd\n The answer is 3.")]})
     p = Planner(completion, step_ends(completion, steps), verdict=False, k=2, method="binary", reuse=True)
     lab = run_planners([p], oracle)[0]
-    # mid = (0 + 5) // 2 = 2 (index 1) asks K - 1 = 1 rollout (the pool holds the sample); its success reproduces "c\nd\n": prefixes 3 and 4 become good -> lo = 4,
-    # hi = 5: one query located the error at the last step
+    # mid = (0 + 5) // 2 = 2 (index 1) asks K - 1 = 1 rollout (the pool holds the sample); its success
+    # reproduces "c\nd\n": prefixes 3 and 4 become good -> lo = 4, hi = 5: one query located the error at the
+    # last step
     assert len(oracle.calls) == 1 and lab.hard == [1, 1, 1, 1, 0] and lab.first_error == 4
     assert lab.outcomes == ["0", "01", "01", "01", "0"]
 

@@ -1,0 +1,262 @@
+"""Side by side: what Monte-Carlo step labels cost with each labelling plan, and how far their labels move.
+
+    python -m benchmarks.annotation_methods [--model smollm2] [--problems 16] [--samples-per-problem 4]
+        [--rollouts 8] [--variants naive,binary,...] [--long-problems 8] [--long-rollouts 4]
+        [--out runs/bench_annotation]
+
+Part 1: SmolLM2-135M-Instruct samples (T=0.7) of 2- and 3-step synthetic problems, each labelled by every variant
+(naive, naive+early_stop, binary, binary+reuse, binary+reuse+early_stop, and naive again as the noise floor:
+two naive runs differ only by sampling) with K rollouts at the samples' temperature, on ONE engine shared by all
+variants, samples fed in batches of --batch (rollouts of a round batched across a batch, as in the pipeline).
+Per variant: generated tokens and rollouts per labelled step, engine calls, wall time, tokens/s, agreement of the
+hard labels with the first naive run (share of steps, share of first errors), and quality against the
+ground-truth step checks (pipelines.verify.first_error with the problems' quantities; F1 of "step is wrong" against
+the prefix truth, first-error accuracy). The goal of issue 5: >= 4x fewer tokens per labelled step than naive at
+>= 90% step agreement, with wall time falling with it.
+
+Part 2: prefix caching on long prefixes: samples of 4-5 step problems (solutions with >= --long-min-steps steps),
+labelled naive with --long-rollouts on an engine with prefix caching and on a fresh one without (each warmed up
+with one small request first); wall time and tokens/s of each.
+
+Prints a table and writes <out>/annotation_methods.json. Real engine, real Ray; nothing is faked. The sizes are
+small by default; the rollout cost grows as samples x prefixes x K x rollout length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+VARIANTS = {
+    "naive": {"method": "naive"},
+    "naive+early_stop": {"method": "naive", "early_stop": True},
+    "binary": {"method": "binary"},
+    "binary+reuse": {"method": "binary", "reuse": True},
+    "binary+reuse+early_stop": {"method": "binary", "reuse": True, "early_stop": True},
+}
+
+
+class RemoteEngine:
+    """A VLLMGenerator actor behind the `generate` method StepAnnotator calls, so every variant shares one engine."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.calls = 0  # engine calls: one per round per batch of samples
+
+    def generate(self, prompts, sampling):
+        import ray
+
+        self.calls += 1
+        return ray.get(self.handle.generate.remote(prompts, sampling))
+
+
+def start_engine(model_path: str, name: str, caching: bool, args) -> object:
+    import ray
+
+    from actors.vllm_generator import VLLMGenerator
+
+    kwargs = {"max_model_len": args.max_model_len, "enable_prefix_caching": caching,
+              "gpu_memory_utilization": args.gpu_memory_utilization, "seed": args.seed}
+    handle = ray.remote(num_cpus=1, num_gpus=args.num_gpus or None)(VLLMGenerator).remote(
+        model_path, kwargs, {"max_tokens": args.max_tokens}, args.threads, name)
+    ray.get(handle.ready.remote())
+    return handle
+
+
+def make_samples(handle, model_path: str, min_steps: int, max_steps: int, n_problems: int, seed: int, args,
+                 least_steps: int) -> tuple[pa.Table, dict]:
+    """Synthetic problems -> SmolLM2 samples at T=0.7 -> graded Sample rows with >= least_steps steps."""
+    import ray
+
+    from pipelines.generate import FormatPrompts, SamplingConfig, grade_batch
+    from pipelines.problems import SyntheticConfig, synthetic_problems
+    from pipelines.prompts import PromptConfig
+
+    problems = synthetic_problems(SyntheticConfig(n=n_problems, seed=seed, min_steps=min_steps, max_steps=max_steps))
+    fmt = FormatPrompts(model_path, PromptConfig(), SamplingConfig(n=args.samples_per_problem,
+                                                                   temperature=args.temperature,
+                                                                   max_tokens=args.sample_max_tokens, logprobs=0),
+                        greedy=False)
+    prompts = fmt(pa.Table.from_pylist(problems))
+    completions = ray.get(handle.__call__.remote(prompts.append_column(
+        "max_tokens", pa.array([args.sample_max_tokens] * prompts.num_rows, pa.int64()))))
+    samples = grade_batch(completions, "lines")
+    keep = [i for i, r in enumerate(samples.to_pylist()) if not r["error"] and len(r["steps"]) >= least_steps]
+    samples = samples.take(pa.array(keep, pa.int64()))
+    questions = {p["id"]: p["question"] for p in problems}
+    samples = samples.append_column("question", pa.array(
+        [questions[p] for p in samples.column("problem_id").to_pylist()], pa.string()))
+    return samples, {p["id"]: p for p in problems}
+
+
+def label(samples: pa.Table, cfg, handle, batch: int) -> tuple[list[dict], float, int]:
+    """Labels of every sample by one variant on the shared engine: rows, wall seconds, engine calls."""
+    from pipelines.annotate import StepAnnotator, annotate_table
+
+    engine = RemoteEngine(handle)
+    table, wall = annotate_table(samples, StepAnnotator(cfg, "", generator=engine), batch)
+    return table.to_pylist(), wall, engine.calls
+
+
+def measure(name: str, rows: list[dict], wall: float, calls: int, reference: list[dict] | None,
+            problems: dict) -> dict:
+    from pipelines.steps import agreement, first_error_accuracy, first_error_of, label_quality, prefix_truth
+    from pipelines.verify import first_error
+
+    ok = [r for r in rows if not r["error"]]
+    labelled = sum(len(r["hard_labels"]) for r in ok)
+    tokens = sum(r["tokens_generated"] for r in ok)
+    fresh = sum(sum(r["fresh"]) for r in ok)
+    out = {"variant": name, "samples": len(ok), "set_aside": len(rows) - len(ok), "labelled_steps": labelled,
+           "tokens": tokens, "rollouts": fresh, "tokens_per_step": tokens / labelled if labelled else math.nan,
+           "rollouts_per_step": fresh / labelled if labelled else math.nan,
+           "engine_calls": calls, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0}
+    if reference is not None:
+        ref = {r["sample_id"]: r for r in reference if not r["error"]}
+        both = [r for r in ok if r["sample_id"] in ref]
+        out.update(agreement([r["mc_hard"] for r in both], [ref[r["sample_id"]]["mc_hard"] for r in both]))
+    truths = [first_error(r["steps"], problems[r["problem_id"]]["quantities"], problems[r["problem_id"]]["answer"])
+              for r in ok]
+    q = label_quality([r["mc_hard"] for r in ok], [prefix_truth(f, len(r["steps"])) for f, r in zip(truths, ok)])
+    out.update({"f1_wrong_step": q["f1"], "precision_wrong_step": q["precision"], "recall_wrong_step": q["recall"],
+                "first_error_accuracy": first_error_accuracy([first_error_of(r["mc_hard"]) for r in ok], truths)})
+    return out
+
+
+def fmt_table(results: list[dict], naive: dict | None) -> str:
+    head = (f"{'variant':<26}{'tok/step':>9}{'x naive':>8}{'roll/step':>10}{'calls':>7}{'wall s':>8}"
+            f"{'tok/s':>7}{'agree':>7}{'1st-err':>8}{'F1 wrong':>9}{'1st-acc':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        ratio = naive["tokens_per_step"] / r["tokens_per_step"] if naive and r["tokens_per_step"] else math.nan
+        lines.append(f"{r['variant']:<26}{r['tokens_per_step']:>9.1f}{ratio:>8.2f}{r['rollouts_per_step']:>10.2f}"
+                     f"{r['engine_calls']:>7}{r['wall_s']:>8.1f}{r['tokens_per_s']:>7.0f}"
+                     f"{r.get('step_agreement', math.nan):>7.3f}{r.get('first_error_agreement', math.nan):>8.3f}"
+                     f"{r['f1_wrong_step']:>9.3f}{r['first_error_accuracy']:>8.3f}")
+    return "\n".join(lines)
+
+
+def _finite(x):
+    """NaN (an undefined metric) as null, so the JSON is standard."""
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2 | tiny | a path")
+    ap.add_argument("--problems", type=int, default=16, help="2-3 step synthetic problems for part 1")
+    ap.add_argument("--samples-per-problem", type=int, default=4)
+    ap.add_argument("--min-steps", type=int, default=2, help="part 1 keeps samples with at least this many steps")
+    ap.add_argument("--rollouts", type=int, default=8, help="K for part 1")
+    ap.add_argument("--chunk", type=int, default=2, help="early stop: rollouts per prefix per round")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated, from {list(VARIANTS)}")
+    ap.add_argument("--no-repeat-naive", action="store_true", help="skip the second naive run (noise floor)")
+    ap.add_argument("--long-problems", type=int, default=8, help="4-5 step problems for part 2 (0 = skip part 2)")
+    ap.add_argument("--long-min-steps", type=int, default=4)
+    ap.add_argument("--long-rollouts", type=int, default=4, help="K for part 2")
+    ap.add_argument("--temperature", type=float, default=0.7, help="samples and rollouts")
+    ap.add_argument("--max-tokens", type=int, default=96, help="most tokens per rollout")
+    ap.add_argument("--sample-max-tokens", type=int, default=128, help="most tokens per sample")
+    ap.add_argument("--batch", type=int, default=32, help="samples per annotator call")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="CPU: share of RAM for the KV cache")
+    ap.add_argument("--num-gpus", type=float, default=0.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="problems use seed (part 1) and seed + 1 (part 2)")
+    ap.add_argument("--out", default="runs/bench_annotation")
+    args = ap.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or "naive" not in names:
+        ap.error(f"--variants: unknown {bad}" if bad else "--variants must include naive (the reference)")
+
+    import ray
+
+    from pipelines.annotate import AnnotateConfig
+    from pipelines.generate import EngineConfig
+    from pipelines.models import resolve_model
+    from pipelines.runtime import init_ray
+
+    init_ray()
+    model_path = str(resolve_model(args.model, prepare=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = AnnotateConfig(engine=EngineConfig(model=args.model), rollouts=args.rollouts, chunk=args.chunk,
+                          temperature=args.temperature, max_tokens=args.max_tokens)
+    report: dict = {"args": vars(args), "model_path": model_path}
+
+    t0 = time.time()
+    engine = start_engine(model_path, args.model, True, args)
+    print(f"[bench] engine up in {time.time() - t0:.0f}s")
+    samples, problems = make_samples(engine, model_path, 2, 3, args.problems, args.seed, args, args.min_steps)
+    steps = samples.column("steps").to_pylist()
+    report["part1_samples"] = {"samples": samples.num_rows, "steps": sum(map(len, steps)),
+                               "accuracy": sum(samples.column("correct").to_pylist()) / max(samples.num_rows, 1)}
+    print(f"[bench] part 1: {samples.num_rows} samples with >= {args.min_steps} steps "
+          f"({report['part1_samples']['steps']} steps, accuracy {report['part1_samples']['accuracy']:.2f})")
+    results, reference = [], None
+    if samples.num_rows:
+        runs = [(n, VARIANTS[n]) for n in names] + ([] if args.no_repeat_naive else [("naive (repeat)",
+                                                                                       VARIANTS["naive"])])
+        for name, overrides in runs:
+            cfg = dataclasses.replace(base, **overrides)
+            rows, wall, calls = label(samples, cfg, engine, args.batch)
+            reference = reference if reference is not None else rows
+            results.append(measure(name, rows, wall, calls, reference, problems))
+            r = results[-1]
+            print(f"[bench] {name}: {r['tokens']} tokens, {r['labelled_steps']} steps, {wall:.1f}s, "
+                  f"agreement {r.get('step_agreement', math.nan):.3f}")
+        naive = results[0]
+        print("\n" + fmt_table(results, naive))
+        for r in results[1:]:
+            r["token_reduction_vs_naive"] = naive["tokens_per_step"] / r["tokens_per_step"] \
+                if r["tokens_per_step"] else math.inf
+            r["meets_goal"] = bool(naive["tokens"] > 0 and r["token_reduction_vs_naive"] >= 4
+                                   and r.get("step_agreement", 0) >= 0.9)
+        print("goal (>= 4x fewer tokens per labelled step than naive at >= 0.90 step agreement): " + ", ".join(
+            f"{r['variant']} {'yes' if r['meets_goal'] else 'no'}" for r in results[1:]))
+    report["part1"] = results
+
+    if args.long_problems:
+        long_samples, long_problems = make_samples(engine, model_path, 4, 5, args.long_problems, args.seed + 1, args,
+                                                   args.long_min_steps)
+        print(f"\n[bench] part 2: {long_samples.num_rows} samples with >= {args.long_min_steps} steps")
+        cfg = dataclasses.replace(base, method="naive", rollouts=args.long_rollouts)
+        part2 = []
+        if long_samples.num_rows:
+            prompt_tokens = ray.get(engine.tokenize.remote(
+                [p + c for p, c in zip(long_samples.column("prompt").to_pylist(),
+                                       long_samples.column("completion").to_pylist())]))
+            rows, wall, calls = label(long_samples, cfg, engine, args.batch)
+            part2.append({**measure("naive, prefix caching on", rows, wall, calls, None, long_problems),
+                          "mean_solution_tokens_with_prompt": sum(map(len, prompt_tokens)) / len(prompt_tokens)})
+            ray.kill(engine)
+            engine = start_engine(model_path, args.model, False, args)
+            RemoteEngine(engine).generate(["warm-up"], {"n": 1, "max_tokens": 4})
+            rows, wall, calls = label(long_samples, cfg, engine, args.batch)
+            part2.append(measure("naive, prefix caching off", rows, wall, calls, None, long_problems))
+            for r in part2:
+                print(f"  {r['variant']:<28}{r['wall_s']:>8.1f} s  {r['tokens']:>7} tokens  "
+                      f"{r['tokens_per_s']:>6.0f} tokens/s")
+        report["part2"] = part2
+    ray.kill(engine)
+
+    path = out / "annotation_methods.json"
+    path.write_text(json.dumps(_finite(report), indent=1, default=str))
+    print(f"\n[bench] wrote {path} ({time.time() - t0:.0f}s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
