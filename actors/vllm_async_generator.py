@@ -43,11 +43,14 @@ class AsyncVLLMGenerator(VLLMGenerator):
         self._vllm = vllm
 
     async def _one(self, ids: list[int], params: dict) -> list[dict]:
+        from vllm.sampling_params import RequestOutputKind
+
         request_id = uuid.uuid4().hex
         final = None
+        # FINAL_ONLY: one output holding all n completions (streamed outputs of n>1 arrive child by child)
+        sp = self._vllm.SamplingParams(**params, output_kind=RequestOutputKind.FINAL_ONLY)
         try:
-            async for out in self.engine.generate(self._vllm.TokensPrompt(prompt_token_ids=ids),
-                                                  self._vllm.SamplingParams(**params), request_id):
+            async for out in self.engine.generate(self._vllm.TokensPrompt(prompt_token_ids=ids), sp, request_id):
                 final = out
         except asyncio.CancelledError:
             await self.engine.abort(request_id)

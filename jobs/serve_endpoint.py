@@ -1,0 +1,51 @@
+"""Serve the search-augmented model: an OpenAI-compatible endpoint on Ray Serve (see pipelines/serve.py for the API).
+
+    stepray serve --config configs/serve/cpu.yaml          # local: starts Ray and Serve, blocks until Ctrl-C
+    serve run configs/serve/cpu.yaml                       # the same config through Ray's own CLI
+    serve deploy configs/serve/gpu.yaml --address http://<head>:8265   # onto a running cluster
+
+The config is a Ray Serve config file: `applications[].args` are ServeConfig fields, `deployments:` sets each
+deployment's autoscaling_config and resources. Models named `smollm2`/`tiny` are prepared first if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stepray serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="Ray Serve config YAML (import_path pipelines.serve:build_app)")
+    args = ap.parse_args(argv)
+    path = Path(args.config)
+    if not path.exists():
+        print(f"stepray serve: config {path} does not exist", file=sys.stderr)
+        return 2
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines import config as C
+    from pipelines.models import resolve_model
+    from pipelines.serve import ServeConfig
+
+    try:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        for app in schema.applications:
+            cfg = C.load_config(ServeConfig, base=dict(app.args))
+            resolve_model(cfg.model, prepare=cfg.model in ("smollm2", "tiny"))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"stepray serve: {path}: {e}", file=sys.stderr)
+        return 2
+    serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # `serve run` is what honours the config's per-deployment options; hand over to it.
+    os.execv(serve_cli, [serve_cli, "run", str(path)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Ray Serve: an OpenAI-compatible endpoint whose requests choose the search strategy and its budget.
+
+    serve run configs/serve/cpu.yaml            (the Serve config: import_path pipelines.serve:build_app)
+    stepray serve --config configs/serve/cpu.yaml
+
+Three deployments, each with its own autoscaling_config and resources in the config file's `deployments:`:
+- Generator:     actors/vllm_async_generator.AsyncVLLMGenerator (vLLM's async engine; continuous batching across
+                 concurrent requests);
+- PRM:           actors/prm_scorer.PRMScorer (a trained reward model folder), only when `prm` is set;
+- SearchIngress: FastAPI; validates requests, runs `pipelines.search.STRATEGIES[strategy]` over the two through
+                 deployment handles, and answers in OpenAI's shapes.
+
+API (works with the official `openai` client):
+- POST /v1/chat/completions, POST /v1/completions: OpenAI bodies plus an optional `search` object
+  {"strategy": greedy|majority|best_of_n|weighted|beam|dvts|mcts|reflection, "n": budget, "beam_width": k,
+   "max_steps": s, "prm": "default"|"confidence"}. The response carries the chosen solution as the message, and
+  `search`: {strategy, budget, answer, steps, step_scores, score, tokens_generated, tokens_scored, candidates}.
+  usage.completion_tokens counts every token the search generated (the compute the request spent); the chosen
+  solution's own length is search.chosen_tokens.
+- `stream: true` streams server-sent events for the plain greedy strategy.
+- GET /v1/models, GET /health.
+Errors are OpenAI-style JSON {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON, unknown or
+out-of-range fields and over-long prompts (the message names the field), 401 without the API key when one is set
+(config `api_key` or $STEPRAY_API_KEY), 404 for an unknown model, 504 when the request outlives
+`request_timeout_s` (its engine requests are cancelled). No request can make a replica die: the search runs behind
+these checks and its own exceptions become 500s with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from pipelines import config as C
+from pipelines.config import help_field
+from pipelines.prompts import PromptConfig, render
+from pipelines.search import CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = help_field("smollm2", "generator checkpoint: smollm2 | tiny | a path | a hub id")
+    model_name: str = help_field("stepray", "the model id clients name (GET /v1/models)")
+    prm: str = help_field("", "reward model folder for scored strategies; empty = Marco-o1 confidence only")
+    max_model_len: int = help_field(1024, "engine context length")
+    dtype: str = help_field("bfloat16", "engine dtype")
+    gpu_memory_utilization: float = help_field(0.3, "GPU memory share (CPU: share of RAM for the KV cache)")
+    threads: int = help_field(2, "CPU threads of the engine (0 = leave to Ray)")
+    device: str = help_field("cpu", "PRM device: cpu | cuda")
+    prompt: PromptConfig = help_field(PromptConfig(), "step format of solutions (splitting, the step separator)")
+    search: SearchConfig = help_field(SearchConfig(max_tokens=256), "search defaults; requests override some")
+    max_n: int = help_field(16, "cap on search.n (the budget)")
+    max_tokens: int = help_field(512, "cap on max_tokens per solution")
+    max_total_tokens: int = help_field(8192, "cap on search.n x max_tokens (the most a request may generate)")
+    max_prompt_tokens: int = help_field(768, "longest prompt accepted")
+    request_timeout_s: float = help_field(120.0, "a request still running after this is cancelled (504)")
+    api_key: str = help_field("", "bearer token required on every request; empty = $STEPRAY_API_KEY, else none")
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens >= self.max_model_len:
+            raise ValueError("max_prompt_tokens must be below max_model_len")
+        if min(self.max_n, self.max_tokens, self.max_total_tokens) < 1 or self.request_timeout_s <= 0:
+            raise ValueError("max_n, max_tokens, max_total_tokens and request_timeout_s must be positive")
+
+
+# ---------------------------------------------------------------------------------------------- request bodies
+
+class SearchParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["greedy", "majority", "best_of_n", "weighted", "beam", "dvts", "mcts", "reflection"] = "greedy"
+    n: int = Field(1, ge=1, description="the budget: samples, beam width x expansions, simulations")
+    beam_width: int | None = Field(None, ge=1, description="beams kept per step (beam, dvts)")
+    max_steps: int | None = Field(None, ge=1, le=64)
+    prm: Literal["default", "confidence"] = "default"
+    timeout_s: float | None = Field(None, gt=0, description="cancel the request after this (capped by the server's)")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use (user, seed, ...)
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="one choice per request; ask for more compute with search.n")
+    stream: bool = False
+    search: SearchParams | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Common):
+    prompt: str = Field(min_length=1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": status}})
+
+
+api = FastAPI(title="stepray", description=__doc__)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    e = exc.errors()[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return _error(400, f"malformed JSON body: {e.get('msg')}", None)
+    param = ".".join(loc) or None
+    return _error(400, f"{param or 'body'}: {e.get('msg')}" + (f" (got {e['input']!r})" if "input" in e and
+                                                               not isinstance(e["input"], dict) else ""), param)
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.param, exc.kind)
+
+
+# ------------------------------------------------------------------------------------- handles as callables
+
+class _Calls:
+    """Sync callables over deployment handles for the search thread, cancellable from the event loop.
+
+    Strategies are synchronous functions of `generate`/`score` (pipelines/search.py); they run in a worker thread
+    and block on `.result()`. On timeout the event loop calls `cancel()`: in-flight responses are cancelled (Serve
+    cancels the replica's coroutine, and the generator aborts its engine requests) and later calls raise.
+    """
+
+    def __init__(self, generator, prm, timeout_s: float):
+        self.generator, self.prm, self.timeout_s = generator, prm, timeout_s
+        self.pending: set = set()
+        self.lock = threading.Lock()
+        self.cancelled = False
+
+    def _call(self, method, *args):
+        with self.lock:
+            if self.cancelled:
+                raise TimeoutError("request cancelled")
+            resp = method.remote(*args)
+            self.pending.add(resp)
+        try:
+            return resp.result(timeout_s=self.timeout_s)
+        finally:
+            with self.lock:
+                self.pending.discard(resp)
+
+    def generate(self, prompts, sampling):  # the VLLMGenerator contract, for search.engine_generate
+        return self._call(self.generator.generate, prompts, sampling)
+
+    def score(self, prompts, step_lists):
+        return self._call(self.prm.score, prompts, step_lists)
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            for r in self.pending:
+                r.cancel()
+
+
+@serve.deployment(name="SearchIngress", max_ongoing_requests=32)
+@serve.ingress(api)
+class SearchIngress:
+    def __init__(self, cfg: dict, generator, prm=None):
+        from transformers import AutoTokenizer
+
+        from pipelines.models import resolve_model
+
+        self.cfg: ServeConfig = C.load_config(ServeConfig, base=cfg)
+        self.generator, self.prm = generator, prm
+        self.tok = AutoTokenizer.from_pretrained(str(resolve_model(self.cfg.model)))
+        self.api_key = self.cfg.api_key or os.environ.get("STEPRAY_API_KEY", "")
+        self.prm_prompt: PromptConfig | None = None if prm is not None else self.cfg.prompt
+
+    async def _scorer_prompt_cfg(self) -> PromptConfig:
+        """How the PRM saw questions in training (its reward_model.json), asked once from the PRM deployment."""
+        if self.prm_prompt is None:
+            meta = await self.prm.meta.remote()
+            self.prm_prompt = PromptConfig(**meta["prompt"]) if meta.get("prompt") else self.cfg.prompt
+        return self.prm_prompt
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def _auth(self, request: Request) -> None:
+        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                           "authentication_error")
+
+    def _check(self, body: _Common, n_prompt: int, param: str) -> tuple[SearchParams, int]:
+        cfg = self.cfg
+        if body.model not in (None, "", cfg.model_name):
+            raise APIError(404, f"model {body.model!r} is not served here; GET /v1/models lists "
+                                f"{cfg.model_name!r}", "model", "not_found_error")
+        search = body.search or SearchParams()
+        max_tokens = body.max_completion_tokens or body.max_tokens or cfg.search.max_tokens
+        if max_tokens > cfg.max_tokens:
+            raise APIError(400, f"max_tokens: {max_tokens} is above this server's cap of {cfg.max_tokens}",
+                           "max_tokens")
+        if search.n > cfg.max_n:
+            raise APIError(400, f"search.n: {search.n} is above this server's cap of {cfg.max_n}", "search.n")
+        if search.n * max_tokens > cfg.max_total_tokens:
+            raise APIError(400, f"search.n x max_tokens = {search.n * max_tokens} is above this server's budget of "
+                                f"{cfg.max_total_tokens} tokens per request", "search.n")
+        if search.strategy == "greedy" and search.n != 1:
+            raise APIError(400, "search.n: the greedy strategy has a budget of 1", "search.n")
+        if search.beam_width is not None and search.beam_width > search.n:
+            raise APIError(400, f"search.beam_width: {search.beam_width} is above search.n={search.n}",
+                           "search.beam_width")
+        if search.strategy in SCORED and search.prm == "default" and self.prm is None:
+            raise APIError(400, f"search.prm: strategy {search.strategy!r} needs a PRM and none is deployed; "
+                                "use search.prm='confidence' (Marco-o1 confidence) or deploy one", "search.prm")
+        if n_prompt > cfg.max_prompt_tokens:
+            raise APIError(400, f"{param}: the prompt has {n_prompt} tokens, above the limit of "
+                                f"{cfg.max_prompt_tokens}", param)
+        if body.stream and search.strategy != "greedy":
+            raise APIError(400, "stream: streaming is available for the greedy strategy only", "stream")
+        return search, max_tokens
+
+    def _search_cfg(self, body: _Common, search: SearchParams, max_tokens: int) -> SearchConfig:
+        s = replace(self.cfg.search, fmt=self.cfg.prompt.format, max_tokens=max_tokens)
+        if body.temperature is not None:
+            s = replace(s, temperature=body.temperature)
+        if body.top_p is not None:
+            s = replace(s, top_p=body.top_p)
+        if search.max_steps is not None:
+            s = replace(s, max_steps=search.max_steps)
+        if search.beam_width is not None:
+            s = replace(s, expansions=max(1, search.n // search.beam_width))
+        if search.strategy in SCORED and search.prm == "confidence" and not s.logprobs:
+            s = replace(s, logprobs=5)
+        return s
+
+    # ---------------------------------------------------------------------------------------------- running
+    async def _run(self, prompt: str, question: str, body: _Common, param: str) -> dict:
+        from pipelines.search import engine_generate
+
+        n_prompt = len(self.tok.encode(prompt, add_special_tokens=False))
+        search, max_tokens = self._check(body, n_prompt, param)
+        scfg = self._search_cfg(body, search, max_tokens)
+        timeout = min(search.timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
+        calls = _Calls(self.generator, self.prm, timeout)
+        generate = engine_generate(calls, scfg)
+        score = None
+        if search.strategy in SCORED:
+            score = CONFIDENCE if search.prm == "confidence" else calls.score
+        scorer_prompt = prompt
+        if self.prm is not None and search.strategy in SCORED and search.prm == "default":
+            scorer_prompt = render(self.tok, question, "numeric", await self._scorer_prompt_cfg())
+        problem = SearchProblem(prompt=prompt, question=scorer_prompt)
+        fn = STRATEGIES[search.strategy]
+        t0 = time.time()
+        try:
+            result = await asyncio.wait_for(asyncio.to_thread(fn, problem, generate, score, search.n, scfg),
+                                            timeout=timeout)
+        except asyncio.TimeoutError:
+            calls.cancel()
+            raise APIError(504, f"the request ran past {timeout:g}s and was cancelled "
+                                "(its engine requests too); ask for a smaller search.n or max_tokens", None,
+                           "timeout_error") from None
+        except ValueError as e:  # a strategy refusing its inputs is the request's fault
+            raise APIError(400, f"search: {e}", "search") from None
+        chosen_tokens = len(self.tok.encode(result.completion, add_special_tokens=False))
+        return {
+            "completion": result.completion,
+            "finish_reason": "length" if chosen_tokens >= max_tokens else "stop",
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": result.tokens_generated,
+                      "total_tokens": n_prompt + result.tokens_generated},
+            "search": {"strategy": search.strategy, "budget": search.n, "answer": result.answer,
+                       "steps": result.steps, "step_scores": [_num(v) for v in result.step_scores],
+                       "score": _num(result.score), "scorer": "none" if score is None else
+                       ("confidence" if score is CONFIDENCE else "prm"),
+                       "tokens_generated": result.tokens_generated, "tokens_scored": result.tokens_scored,
+                       "chosen_tokens": chosen_tokens, "sequences": result.sequences,
+                       "candidates": [{k: _num(v) if isinstance(v, float) else v for k, v in c.items()}
+                                      for c in result.candidates],
+                       "wall_s": round(time.time() - t0, 3)},
+        }
+
+    async def _stream(self, prompt: str, body: _Common, param: str, chat: bool):
+        n_prompt = len(self.tok.encode(prompt, add_special_tokens=False))
+        search, max_tokens = self._check(body, n_prompt, param)
+        sampling = {"n": 1, "temperature": 0.0, "max_tokens": max_tokens}
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        gen = self.generator.options(stream=True).stream.remote(prompt, sampling)
+
+        async def events():
+            if chat:
+                yield _sse({"id": rid, "object": obj, "created": created, "model": self.cfg.model_name,
+                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]})
+            try:
+                async for piece in gen:
+                    if piece.get("error"):
+                        yield _sse({"error": {"message": piece["error"], "type": "server_error"}})
+                        break
+                    fin = piece["finish_reason"] or None
+                    choice = ({"index": 0, "delta": {"content": piece["delta"]}, "finish_reason": fin} if chat
+                              else {"index": 0, "text": piece["delta"], "finish_reason": fin})
+                    yield _sse({"id": rid, "object": obj, "created": created, "model": self.cfg.model_name,
+                                "choices": [choice]})
+                yield "data: [DONE]\n\n"
+            except asyncio.CancelledError:  # the client went away: stop the engine request
+                gen.cancel()
+                raise
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ---------------------------------------------------------------------------------------------- routes
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest, request: Request):
+        self._auth(request)
+        msgs = [m.model_dump(include={"role", "content"}) for m in body.messages]
+        prompt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        users = [m.content for m in body.messages if m.role == "user"]
+        if body.stream:
+            return await self._stream(prompt, body, "messages", chat=True)
+        out = await self._run(prompt, users[-1] if users else msgs[-1]["content"], body, "messages")
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.cfg.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out["completion"]},
+                             "finish_reason": out["finish_reason"], "logprobs": None}],
+                "usage": out["usage"], "search": out["search"]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._auth(request)
+        if body.stream:
+            return await self._stream(body.prompt, body, "prompt", chat=False)
+        out = await self._run(body.prompt, body.prompt, body, "prompt")
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": self.cfg.model_name,
+                "choices": [{"index": 0, "text": out["completion"], "finish_reason": out["finish_reason"],
+                             "logprobs": None}],
+                "usage": out["usage"], "search": out["search"]}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "stepray"}]}
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok", "model": self.cfg.model_name, "prm": bool(self.prm)}
+
+
+class PRMDeployment:
+    """PRMScorer plus `meta()` (how its prompts were rendered in training), as the PRM deployment's body."""
+
+    def __init__(self, model_path: str, device: str = "cpu", threads: int = 1):
+        from actors.prm_scorer import PRMScorer
+
+        self.scorer = PRMScorer(model_path, device=device, threads=threads)
+
+    def meta(self) -> dict:
+        return dict(self.scorer.meta)
+
+    def score(self, prompts: list[str], steps: list[list[str]]) -> list[list[float]]:
+        return self.scorer.score(prompts, steps)
+
+
+def build_app(args: dict[str, Any]):
+    """The Serve application (the config file's import_path is `pipelines.serve:build_app`, `args` its args)."""
+    from actors.vllm_async_generator import AsyncVLLMGenerator
+    from pipelines.models import resolve_model
+
+    cfg = C.load_config(ServeConfig, base=dict(args))
+    model_path = str(resolve_model(cfg.model, prepare=cfg.model in ("smollm2", "tiny")))
+    engine_kwargs = {"max_model_len": cfg.max_model_len, "dtype": cfg.dtype,
+                     "gpu_memory_utilization": cfg.gpu_memory_utilization}
+    generator = serve.deployment(AsyncVLLMGenerator, name="Generator", max_ongoing_requests=64,
+                                 ray_actor_options={"num_cpus": 1}).bind(
+        model_path, engine_kwargs, {}, cfg.threads, cfg.model_name)
+    prm = None
+    if cfg.prm:
+        prm = serve.deployment(PRMDeployment, name="PRM", max_ongoing_requests=16,
+                               ray_actor_options={"num_cpus": 0.5}).bind(cfg.prm, cfg.device, 1)
+    return SearchIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(C.to_dict(cfg), generator, prm)

