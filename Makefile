@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m jobs.benchmark
+	$(PY) -m jobs.benchmark $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

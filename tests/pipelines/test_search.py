@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from pipelines.search import (CONFIDENCE, STRATEGIES, Completion, SearchConfig, SearchProblem, best_index, best_of_n,
-                              engine_generate, group_answers, majority_vote, orm_as_step_scorer, reduce_steps,
-                              vote_index, weighted_majority_vote)
+from pipelines.search import (CONFIDENCE, REFLECTION_CUE, STRATEGIES, Completion, SearchConfig, SearchProblem,
+                              best_index, best_of_n, engine_generate, group_answers, majority_vote,
+                              orm_as_step_scorer, reduce_steps, vote_index, weighted_majority_vote)
 
 HALF = ["1/2", "0.5", "\\frac{1}{2}"]
 
@@ -32,8 +32,9 @@ def test_majority_vote_table(answers, kind, expected):
 
 
 def test_equivalent_spellings_fall_into_one_group():
-    assert group_answers(HALF + ["2", "1/2"], equivalent=lambda a, b: __import__(
-        "pipelines.verify", fromlist=["x"]).answers_equivalent(a, b, "math")) == [[0, 1, 2, 4], [3]]
+    from pipelines.verify import answers_equivalent
+
+    assert group_answers(HALF + ["2", "1/2"], lambda a, b: answers_equivalent(a, b, "math")) == [[0, 1, 2, 4], [3]]
 
 
 @pytest.mark.parametrize("answers, scores, expected", [
@@ -62,6 +63,8 @@ def test_best_of_n_table(answers, scores, expected, index):
 def test_reduce_steps_table(how, expected):
     assert reduce_steps([0.9, 0.2, 0.5], how) == pytest.approx(expected)
     assert reduce_steps([], how) == 0.0
+    assert reduce_steps([0.9, math.nan, 0.2, 0.5], how) == pytest.approx(expected)  # unread steps left out
+    assert reduce_steps([math.nan], how) == 0.0
 
 
 def test_aggregators_reject_mismatched_lengths_and_unknown_reduction():
@@ -74,9 +77,9 @@ def test_aggregators_reject_mismatched_lengths_and_unknown_reduction():
 
 
 def test_vote_index_returns_the_representative():
-    assert vote_index(["3", "0.5", "1/2"], kind="math") == 1
-    assert vote_index(["3", "0.5", "1/2"], [0.9, 0.4, 0.4], kind="math") == 1  # 0.8 vs 0.9? no: 0.9 wins below
-    assert vote_index(["3", "0.5", "1/2"], [0.9, 0.4, 0.4], kind="math") != 0 or False
+    assert vote_index(["3", "0.5", "1/2"], kind="math") == 1  # 2 votes for one half
+    assert vote_index(["3", "0.5", "1/2"], [0.9, 0.4, 0.4], kind="math") == 0  # 0.9 > 0.8
+    assert vote_index(["3", "0.5", "1/2"], [0.7, 0.4, 0.4], kind="math") == 1  # 0.8 > 0.7
 
 
 # ------------------------------------------------------------------------------ scripted world (pure logic)
@@ -112,7 +115,8 @@ class ScriptedWorld:
 
     def one(self, prefix: str, stop_at_step: bool, max_tokens: int) -> Completion:
         assert prefix.startswith(PROMPT)
-        steps = tuple(s for s in prefix[len(PROMPT):].split("\n") if s)
+        # the reflection cue means "rethink from scratch": the state restarts after it
+        steps = tuple(s for s in prefix[len(PROMPT):].split(REFLECTION_CUE)[-1].split("\n") if s)
         words: list[str] = []
         text = ""
         while True:
@@ -137,7 +141,7 @@ class ScriptedWorld:
 
 
 class ScriptedPRM:
-    """A scripted stand-in for a PRM: 0.9 for a step on the right path, 0.1 otherwise; counts the words it reads."""
+    """A scripted stand-in for a PRM: 0.95 for a step on the right path, 0.1 otherwise; counts the words it reads."""
 
     def __init__(self):
         self.tokens = 0
@@ -145,7 +149,7 @@ class ScriptedPRM:
     def __call__(self, prompts, step_lists):
         assert all(p == PROBLEM.question for p in prompts)
         self.tokens += sum(len(s.split()) for steps in step_lists for s in steps)
-        return [[0.9 if s in RIGHT else 0.1 for s in steps] for steps in step_lists]
+        return [[0.95 if s in RIGHT else 0.1 for s in steps] for steps in step_lists]
 
 
 PROBLEM = SearchProblem(prompt=PROMPT, question="Ann has 3 apples...", kind="numeric")
@@ -163,10 +167,10 @@ def run(name, budget, cfg=CFG):
 
 
 def test_scripted_world_single_samples_go_wrong():
-    # hand-derived: samples 1-4 from the root follow (8,17), (8,16), (8,17), (7,15): no right answer among 4
+    # hand-derived: samples 1-4 from the root follow (8,17), (8,17), (8,17), (7,15): no right answer among 4
     res, world, prm = run("majority", 4)
-    assert [c["answer"] for c in res.candidates] == ["17", "16", "17", "15"]
-    assert res.answer == "17" and res.meta["votes"] == [2, 1, 1]
+    assert [c["answer"] for c in res.candidates] == ["17", "17", "17", "15"]
+    assert res.answer == "17" and res.meta["votes"] == [3, 1]
     assert world.calls == [(1, 4, False, 64)] and prm.tokens == 0 and res.score_calls == 0
     assert res.tokens_generated == 4 * (5 + 5 + 4)
 
@@ -179,16 +183,17 @@ def test_greedy_takes_one_sequence_and_refuses_a_larger_budget():
 
 
 def test_best_of_n_and_weighted_pick_by_scores():
-    # 8 samples: (8,17) (8,16) (8,17) (7,15) (8,17) (8,16) (8,17) (7,14): only the last is right (min score 0.9)
-    res, world, prm = run("best_of_n", 8)
-    assert res.answer == "14" and res.score == pytest.approx(0.9)
-    assert res.step_scores == [0.9, 0.9, 0.9]
+    # hand-derived, 16 samples: every 4th sample takes 3 + 4 = 7 and then 7 * 2 = 15, 15, 15, 14; the others take
+    # 3 + 4 = 8 and then 17, 17, 17, 16 in turn. Answers: 17 x9, 16 x3, 15 x3, 14 x1 (the last sample).
+    res, world, prm = run("best_of_n", 16)
+    assert [c["answer"] for c in res.candidates].count("17") == 9 and res.candidates[-1]["answer"] == "14"
+    assert res.answer == "14" and res.score == pytest.approx(0.95)  # the only sample with min score 0.95
+    assert res.step_scores == [0.95, 0.95, 0.95]
     assert res.tokens_scored == res.tokens_generated  # every sample scored once
-    w, _, _ = run("weighted", 8)
-    # sums: 17 -> 4 x 0.1, 16 -> 0.2, 15 -> 0.1, 14 -> 0.9
-    assert w.answer == "14"
-    m, _, _ = run("majority", 8)
-    assert m.answer == "17"
+    w, _, _ = run("weighted", 16)
+    assert w.answer == "14"  # summed min scores: 14 -> 0.95 beats 17 -> 9 x 0.1 = 0.9
+    assert run("majority", 16)[0].answer == "17"
+    assert run("weighted", 8)[0].answer == "17"  # 8 samples hold no 14: 17 -> 0.6, 15 -> 0.2, 16 -> 0.1
 
 
 @pytest.mark.parametrize("budget, width", [(4, 1), (8, 2), (16, 4)])
@@ -230,11 +235,16 @@ def test_mcts_with_rollout_values_and_ministeps_counts_every_token():
     cfg = SearchConfig(max_tokens=64, step_tokens=16, max_steps=6, expansions=2, mcts_value="rollout")
     res, world, prm = run("mcts", 3, cfg)
     assert res.meta["simulations"] == 3 and res.answer is not None
-    assert any(not stop for _, _, stop, _ in world.calls)  # rollouts went to the end
-    cfg = SearchConfig(max_tokens=24, expansions=2, action="ministep", ministep_tokens=4)
+    expansions = [c for c in world.calls if c[2]]
+    rollouts = [c for c in world.calls if not c[2]]
+    assert expansions and all(c[:2] == (1, 2) for c in expansions)
+    assert rollouts and all(c[1] == 1 for c in rollouts)  # one rollout per open child, to the end
+    # mini-steps of 5 tokens (a scripted step is 5 words, so a mini-step here ends on a line)
+    cfg = SearchConfig(max_tokens=24, expansions=2, action="ministep", ministep_tokens=5)
     res, world, prm = run("mcts", 4, cfg)
-    assert all(mt == 4 for _, _, stop, mt in world.calls if stop is False and mt == 4)
     assert res.meta["simulations"] == 4
+    assert all(c == (1, 2, False, 5) for c in world.calls[:-1])
+    assert world.calls[-1] == (1, 2, False, 5) or world.calls[-1][1] == 1  # or the final rollout
 
 
 def test_reflection_appends_the_cue_and_continues():
@@ -393,17 +403,41 @@ def test_scorer_tokens_on_the_real_engine(engine, ray_session, tiny_problem):
 
 
 @pytest.mark.slow
-def test_adapter_on_the_actor_handle_matches_the_local_path_and_keeps_the_separator(engine, ray_session,
-                                                                                    tiny_problem):
+def test_adapter_on_the_actor_handle_matches_the_local_path(engine, ray_session, tiny_problem):
     rec = RecordingEngine(ray_session, engine)
     via_handle = engine_generate(engine, TINY)([tiny_problem.prompt], 1, False, 12, greedy=True)[0][0]
     via_local = engine_generate(rec, TINY)([tiny_problem.prompt], 1, False, 12, greedy=True)[0][0]
-    assert (via_handle.text, via_handle.n_tokens) == (via_local.text, via_local.n_tokens) == (via_local.text,
-                                                                                             rec.tokens)
-    steps = engine_generate(engine, SearchConfig(temperature=1.0))([tiny_problem.prompt], 16, True, 24)[0]
-    for c in steps:
-        assert "\n" not in c.text[:-1]  # nothing after a separator
-        if c.text.endswith("\n"):
-            assert c.finish_reason == "stop"
-        if c.finish_reason == "length":
-            assert c.n_tokens == 24
+    assert (via_handle.text, via_handle.n_tokens) == (via_local.text, rec.tokens)
+
+
+@pytest.mark.slow
+def test_step_boundaries_and_beam_search_on_smollm2(engine, ray_session, smollm2):
+    """The random tiny model never writes a newline, so real step boundaries need a real model: SmolLM2 writes one
+    calculation per line and ends with "The answer is N." (the tiny engine is released first: 2 CPUs here)."""
+    from transformers import AutoTokenizer
+
+    from actors.vllm_generator import VLLMGenerator
+    from pipelines.problems import SyntheticConfig, synthetic_problem
+    from pipelines.prompts import PromptConfig, render
+
+    ray_session.kill(engine)  # the module is done with it; the fixture's kill at teardown is then a no-op
+    actor = ray_session.remote(num_cpus=1)(VLLMGenerator).remote(
+        smollm2, {"max_model_len": 1024, "gpu_memory_utilization": 0.1}, {}, 2, "smollm2")
+    try:
+        p = synthetic_problem(SyntheticConfig(), 1)
+        prob = SearchProblem(render(AutoTokenizer.from_pretrained(smollm2), p["question"], "numeric",
+                                    PromptConfig()), p["question"], "numeric")
+        cfg = SearchConfig(step_tokens=40, max_steps=4, max_tokens=120, expansions=2)
+        steps = engine_generate(actor, cfg)([prob.prompt], 6, True, 40)[0]
+        ended = [c for c in steps if c.text.endswith("\n")]
+        assert ended, [c.text for c in steps]  # SmolLM2 ends its first line within 40 tokens
+        for c in steps:
+            assert "\n" not in c.text[:-1]  # the engine stopped at the first separator and kept it
+            assert c.finish_reason == ("stop" if c in ended or c.n_tokens < 40 else "length")
+        rec = RecordingEngine(ray_session, actor)
+        res = STRATEGIES["beam"](prob, engine_generate(rec, cfg), CONFIDENCE, 2, cfg)
+        assert res.tokens_generated == rec.tokens and rec.sequences == 2 * res.meta["rounds"]
+        assert 1 <= len(res.steps) <= 4 and len(res.step_scores) == len(res.steps)
+        assert res.answer is not None
+    finally:
+        ray_session.kill(actor)

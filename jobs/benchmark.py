@@ -1,0 +1,141 @@
+"""Run the project's benchmarks in one go and write their ratios as JSON and a markdown table.
+
+    stepray bench [--only generation,annotation,training,serving,verify] [--quick] [--out runs/benchmarks]
+    python -m jobs.benchmark ...            (make bench)
+
+Each benchmark is its own module under benchmarks/ (run alone with `python -m benchmarks.<name> --help`) and
+measures its comparison side by side in one run: generation (pipeline vs raw vLLM), annotation (naive vs binary
+vs binary+reuse vs early stop), training (Ray Train vs a plain PyTorch loop), serving (endpoint vs direct best-of-4,
+plus a load test) and verification throughput. They run one after another (2 cores: never two at once). Writes
+<out>/latest.json, <out>/latest.md and each benchmark's log; the README's table is latest.md.
+`--quick` runs each at a smoke-test size (numbers not meaningful; checks that everything runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (module, full-size args, quick args); every module accepts --json PATH except verify (parsed from stdout)
+BENCHMARKS = {
+    "generation": ("benchmarks.generation_vs_raw", ["--problems", "48", "--n", "4", "--max-tokens", "96"],
+                   ["--problems", "6", "--n", "2", "--max-tokens", "16", "--model", "tiny"]),
+    "annotation": ("benchmarks.annotation_methods", ["--model", "smollm2"],
+                   ["--model", "tiny", "--problems", "2", "--samples-per-problem", "1", "--rollouts", "2",
+                    "--long-problems", "0", "--no-repeat-naive"]),
+    "training": ("benchmarks.train_throughput", [], ["--quick"]),
+    "serving": ("benchmarks.serve_latency", ["--requests", "8", "--max-tokens", "96"],
+                ["--model", "tiny", "--requests", "2", "--max-tokens", "16", "--load-requests", "2",
+                 "--load-time-s", "30"]),
+    "verify": ("benchmarks.verify_throughput", [], []),
+}
+
+
+def _machine() -> str:
+    mem = ""
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f", {kb / 2**20:.0f} GiB"
+    except (OSError, AttributeError):
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} CPUs{mem}, {platform.system()}, no GPU" \
+        if not os.environ.get("CUDA_VISIBLE_DEVICES") else f"{os.cpu_count()} CPUs, GPU"
+
+
+def _summary(name: str, res: dict) -> tuple[str, str, str]:
+    """(measured, goal, detail) for the markdown table."""
+    if name == "generation":
+        return (f"{res['ratio']:.2f}x raw", ">= 0.90x",
+                f"pipeline {res['pipeline_tokens_per_s']:.0f} vs raw {res['raw_tokens_per_s']:.0f} tokens/s")
+    if name == "serving":
+        worst = max((c["p99_s"] for c in res.get("load", [])), default=float("nan"))
+        errs = sum(c.get("5xx", 0) for c in res.get("load", []))
+        return (f"{res['ratio']:.2f}x direct", "<= 1.15x",
+                f"best-of-4 median {res['endpoint_median_s']:.2f}s vs {res['direct_median_s']:.2f}s; load test worst "
+                f"p99 {worst:.2f}s, 5xx {errs}")
+    if name == "training":
+        r = res.get("ratio", float("nan"))
+        return (f"{r:.2f}x plain", ">= 0.90x", ", ".join(f"{k} {v:.0f}" for k, v in res.items()
+                                                         if k.endswith("tokens_per_s")))
+    if name == "annotation":
+        rows = res.get("variants") or res.get("part1") or []
+        best = ""
+        if isinstance(rows, list) and rows:
+            cand = [r for r in rows if r.get("variant", r.get("name")) not in ("naive",)]
+            if cand:
+                b = max(cand, key=lambda r: r.get("token_reduction", r.get("x_fewer", 0)))
+                best = (f"{b.get('variant', b.get('name'))}: {b.get('token_reduction', b.get('x_fewer', 0)):.2f}x "
+                        f"fewer tokens/step, agreement {b.get('agreement', float('nan')):.3f}")
+        return (best.split(":")[1].split(",")[0].strip() if best else "see log", ">= 4x at >= 0.90 agreement", best)
+    if name == "verify":
+        return ("; ".join(f"{k} {v:.0f} rows/s" for k, v in res.items() if isinstance(v, float)), "-", "")
+    return ("", "", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stepray bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma separated, from {list(BENCHMARKS)}")
+    ap.add_argument("--quick", action="store_true", help="smoke-test sizes (numbers not meaningful)")
+    ap.add_argument("--out", default="runs/benchmarks")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    bad = [n for n in names if n not in BENCHMARKS]
+    if bad:
+        print(f"stepray bench: unknown benchmark(s) {bad}; choose from {list(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for name in names:
+        module, full, quick = BENCHMARKS[name]
+        cmd = [sys.executable, "-m", module, *(quick if args.quick else full)]
+        if name != "verify":
+            cmd += ["--json", str(out / f"{name}.json")]
+        print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
+        t0 = time.time()
+        with open(out / f"{name}.log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
+        wall = time.time() - t0
+        text = (out / f"{name}.log").read_text()
+        if rc != 0:
+            results[name] = {"error": f"exit {rc}; see {out / (name + '.log')}", "wall_s": wall}
+            print(f"[bench] {name} FAILED (exit {rc}), log: {out / (name + '.log')}", flush=True)
+            continue
+        if name == "verify":
+            res = {m.group(1): float(m.group(2)) for m in
+                   re.finditer(r"^(numeric|math|code)\s+\d+ rows in\s+[\d.]+s =\s+([\d.]+) rows/s", text, re.M)}
+        else:
+            res = json.loads((out / f"{name}.json").read_text())
+        res["wall_s"] = wall
+        results[name] = res
+        print(f"[bench] {name} done in {wall:.0f}s", flush=True)
+
+    machine = _machine()
+    doc = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "results": results}
+    (out / "latest.json").write_text(json.dumps(doc, indent=1, default=str))
+    lines = [f"Benchmarks ({'quick smoke sizes, not meaningful' if args.quick else 'full size'}), {doc['date']}, "
+             f"{machine}. Reproduce: `make bench` (or `python -m jobs.benchmark`).", "",
+             "| benchmark | measured | goal | detail | wall |", "|---|---|---|---|---|"]
+    for name, res in results.items():
+        if "error" in res:
+            lines.append(f"| {name} | failed | | {res['error']} | {res['wall_s']:.0f}s |")
+            continue
+        try:
+            measured, goal, detail = _summary(name, res)
+        except (KeyError, TypeError, ValueError) as e:
+            measured, goal, detail = "see json", "", f"({e!r})"
+        lines.append(f"| {name} | {measured} | {goal} | {detail} | {res['wall_s']:.0f}s |")
+    (out / "latest.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Evaluate test-time search: accuracy against generated tokens for every strategy at every budget.
+
+    stepray evaluate --problems synthetic --model smollm2 [--prm PATH] [--orm PATH] \\
+        --strategies greedy,majority,best_of_n,weighted,beam,mcts --budgets 1,2,4,8,16 --out runs/evaluate \\
+        [--limit N] [--config cfg.yaml] [key=value ...]
+    python -m jobs.evaluate_search ...           (the Ray job entrypoint: ray job submit -- python -m jobs...)
+
+A strategy may name its scorer: best_of_n:orm, beam:prm, weighted:confidence. Scored strategies default to the
+PRM (--prm), else the ORM (--orm), else Marco-o1 confidence from token logprobs (said so in the log).
+
+Writes under --out: records.parquet (schema.EVAL_RECORD, one row per problem x strategy x budget), traces.jsonl
+(the same with the chosen solution, its steps and step scores, candidates), failed_tasks.jsonl, table.md and
+table.csv (accuracy, generated and scored tokens per problem), accuracy_vs_tokens.png (log x), config.json,
+summary.json; logs all of it to MLflow (pipelines.runtime.mlflow_uri()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pipelines import config as C
+from pipelines.evaluate import EvalConfig, accuracy_table, evaluate, format_table, write_outputs
+from pipelines.models import resolve_model
+from pipelines.problems import load_problems, write_rejects
+from pipelines.prompts import PromptConfig, render
+from pipelines.runtime import init_ray, mlflow_ui_command, mlflow_uri
+from pipelines.search import orm_as_step_scorer
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EvalConfig]:
+    ap = argparse.ArgumentParser(prog="stepray evaluate", description=__doc__.split("\n\n")[0],
+                                 epilog="config keys (key=value overrides):\n" + C.describe(EvalConfig),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML file with EvalConfig fields")
+    ap.add_argument("--problems", help="source name or file (sets problems=)")
+    ap.add_argument("--model", help="generator: model name or path (sets engine.model=)")
+    ap.add_argument("--prm", help="PRM checkpoint path (sets prm=)")
+    ap.add_argument("--orm", help="ORM checkpoint path (sets orm=)")
+    ap.add_argument("--strategies", help="comma-separated strategy[:scorer] list (sets strategies=)")
+    ap.add_argument("--budgets", help="comma-separated budgets (sets budgets=)")
+    ap.add_argument("--limit", type=int, help="first N problems only (sets limit=)")
+    ap.add_argument("--out", help="output folder (sets out=)")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.temperature=0.8 synthetic.n=50")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    for flag, key in (("problems", "problems"), ("model", "engine.model"), ("prm", "prm"), ("orm", "orm"),
+                      ("limit", "limit"), ("out", "out")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    for flag in ("strategies", "budgets"):  # a YAML list, so that a single item (--budgets 16) is a list too
+        if getattr(args, flag) is not None:
+            overrides.append(f"{flag}=[{getattr(args, flag)}]")
+    return args, C.load_config(EvalConfig, args.config, overrides)
+
+
+def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1, default=str))
+
+    # problems: code problems are graded by tests, not answers, so search evaluation sets them aside
+    loaded = load_problems(cfg.problems, synthetic=cfg.synthetic, limit=cfg.limit or None)
+    problems = [p for p in loaded.problems if p["kind"] in ("numeric", "math")]
+    rejects = loaded.rejects + [{"source": p["source"], "line": None, "reason": "code_problem: search evaluation "
+                                 "grades answers (numeric, math)", "row": {"id": p["id"]}}
+                                for p in loaded.problems if p["kind"] not in ("numeric", "math")]
+    write_rejects(rejects, out / "rejects.jsonl")
+    if not problems:
+        raise RuntimeError(f"{cfg.problems}: no numeric or math problems to evaluate ({loaded.summary()})")
+    log(f"[evaluate] {cfg.problems}: {len(problems)} problems, {len(rejects)} set aside (rejects.jsonl)")
+
+    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = {p["id"]: render(tok, p["question"], p["kind"], cfg.prompt) for p in problems}
+
+    ray = init_ray()
+    from actors.vllm_generator import VLLMGenerator
+
+    eng = cfg.engine
+    engine_opts = {"num_cpus": eng.num_cpus, **({"num_gpus": eng.num_gpus} if eng.num_gpus else {})}
+    engines = [ray.remote(**engine_opts)(VLLMGenerator).remote(model_path, eng.engine_kwargs(), {}, eng.threads,
+                                                               eng.model) for _ in range(eng.max_engines)]
+    actors = list(engines)
+    try:
+        scorers, scorer_prompts, names = {}, {}, {"confidence": "confidence"}
+        if cfg.prm or cfg.orm:
+            try:
+                from actors.prm_scorer import PRMScorer
+            except ImportError as e:
+                raise RuntimeError(f"--prm/--orm need actors/prm_scorer.py (PRMScorer), which did not import: {e}")
+            # the device is chosen here, from the Ray resources the scorer asks for
+            opts = {"num_cpus": cfg.scorer_num_cpus, **({"num_gpus": cfg.scorer_num_gpus}
+                                                        if cfg.scorer_num_gpus else {})}
+            device = "cuda" if cfg.scorer_num_gpus else "cpu"
+            for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
+                if not path:
+                    continue
+                h = ray.remote(**opts)(PRMScorer).remote(path, device=device)
+                actors.append(h)
+                meta = ray.get(h.ready.remote())
+                if meta["kind"] != kind:
+                    raise RuntimeError(f"--{kind} {path} holds a {meta['kind'].upper()}, not a {kind.upper()}")
+                # the scorer reads the question as it was rendered in its training (reward_model.json "prompt")
+                pcfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else cfg.prompt
+                ptok = AutoTokenizer.from_pretrained(path)
+                scorer_prompts[kind] = {p["id"]: p["question"] if cfg.scorer_input == "question" else
+                                        render(ptok, p["question"], p["kind"], pcfg) for p in problems}
+                if kind == "prm":
+                    scorers["prm"] = lambda ps, ss, h=h: ray.get(h.score.remote(ps, ss))
+                else:
+                    scorers["orm"] = orm_as_step_scorer(lambda ps, cs, h=h: ray.get(h.score_outcome.remote(ps, cs)),
+                                                        cfg.prompt.format)
+                names[kind] = f"{kind}:{path}"
+        else:
+            log("[evaluate] no --prm or --orm given: best_of_n, weighted, beam, dvts and mcts score solutions with "
+                "Marco-o1 confidence from token logprobs, not with a trained verifier")
+        ready = ray.get([e.ready.remote() for e in engines])
+        log(f"[evaluate] {len(engines)} engine(s) up ({ready[0]['load_s']:.0f}s load); scorers: "
+            f"{', '.join(sorted(names))}")
+
+        engine_fns = [lambda ps, ss, h=h: ray.get(h.generate.remote(ps, ss)) for h in engines]
+        records, failed, facts = evaluate(problems, prompts, cfg, engine_fns, scorers, scorer_prompts, names,
+                                          eng.model, log=log)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+    rows = accuracy_table(records, cfg.strategies)
+    title = (f"{eng.model} on {cfg.problems} ({len(problems)} problems); scorer: "
+             f"{names.get('prm') or names.get('orm') or 'confidence'}")
+    paths = write_outputs(out, records, failed, rows, title)
+    summary = {"problems": len(problems), "rejected_problems": len(rejects), **facts,
+               "scorer_fallback": not (cfg.prm or cfg.orm), "table": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log("\n" + format_table(rows))
+    log(f"[evaluate] engine generated {facts['engine_tokens']} tokens; records count {facts['record_tokens']} "
+        f"(samples shared across strategies and budgets: {cfg.share_samples}); {facts['failed']} failed searches; "
+        f"outputs in {out}")
+    if use_mlflow:
+        _log_mlflow(cfg, summary, rows, paths, log)
+    return summary
+
+
+def _log_mlflow(cfg: EvalConfig, summary: dict, rows: list[dict], paths: dict, log) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri())
+    mlflow.set_experiment("stepray")
+    with mlflow.start_run(run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"):
+        mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
+        for r in rows:  # one curve per strategy, the budget as the step
+            key = r["strategy"].replace(":", "-")
+            mlflow.log_metric(f"accuracy.{key}", r["accuracy"], step=r["budget"])
+            mlflow.log_metric(f"tokens_generated.{key}", r["tokens_generated"], step=r["budget"])
+            mlflow.log_metric(f"tokens_scored.{key}", r["tokens_scored"], step=r["budget"])
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        for p in paths.values():
+            mlflow.log_artifact(str(p))
+    log(f"[evaluate] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, cfg = parse_args(argv)
+    except C.ConfigError as e:
+        print(f"stepray evaluate: {e}", file=sys.stderr)
+        return 2
+    run(cfg, use_mlflow=not args.no_mlflow)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""The accuracy-against-compute evaluation of test-time search: every (problem, strategy, budget) searched against
+the real engine, graded by the automatic verifier, summarised as a table and a plot of accuracy against generated
+tokens per problem (o1's test-time scaling curve).
+
+    tasks (problem x strategy[:scorer] x budget) ──driver threads, tasks_in_flight per engine──> strategies
+        ──CallBatcher──> one VLLMGenerator.generate call per engine with every pending request  [Ray actor]
+                     └─> one PRMScorer.score / score_outcome call with every pending solution    [Ray actor]
+    results ──verify.grade──> EvalRecord rows (schema.EVAL_RECORD) + traces (steps, step scores, candidates)
+
+Why threads in the driver and a batcher, not Ray Data or max_concurrency on the engine: a search makes many small
+dependent engine calls (a beam round, an MCTS expansion), so throughput comes from keeping many searches in flight
+and merging their calls into one batch for vLLM. `vllm.LLM.generate` takes no lock (two concurrent calls would step
+the same engine and could take each other's outputs), so concurrent calls into one actor (max_concurrency > 1) are
+unsafe, and with the default of 1 they run one small batch after another. Ray Data map_batches over problems would
+run each batch's searches to completion before the next, leaving the engine with shrinking batches at every batch's
+tail. Here one batcher per engine flushes as soon as every search thread of that engine is waiting (or `max_wait_s`
+after the oldest request), so each call carries up to `tasks_in_flight` searches' requests; more engines
+(engine.max_engines, one GPU each) split the problems between them. The search logic is light Python in the driver.
+
+Shared samples (share_samples=true): strategies that draw full solutions from the problem's prompt (majority,
+best-of-N, weighted, reflection's first thought) draw from one pool per problem, i.e. the first N i.i.d. samples
+serve budget N of every such strategy (common random numbers: differences between strategies are not sampling
+noise). Each record still counts the tokens of the samples it used, as if it had run alone; summary.json reports
+the tokens the engine really generated. Scores of identical solutions are likewise computed once per problem.
+
+Grading: the chosen solution goes through `verify.grade` against the problem's answer; a task that fails (engine
+error) is set aside in failed_tasks.jsonl with its reason and left out of the table, never counted as wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.config import help_field
+from pipelines.generate import EngineConfig
+from pipelines.problems import SyntheticConfig
+from pipelines.prompts import PromptConfig
+from pipelines.search import CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem, engine_generate
+
+SCORERS = ("prm", "orm", "confidence")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    problems: str = help_field("synthetic", "source name (synthetic, gsm8k, math500) or a problem file")
+    limit: int = help_field(0, "use only the first N problems (0 = all)")
+    synthetic: SyntheticConfig = help_field(SyntheticConfig(n=100, seed=1, min_steps=1, max_steps=2),
+                                            "synthetic problems; seed 1 keeps them apart from the seed-0 problems "
+                                            "the generator and the PRM are trained on")
+    prompt: PromptConfig = help_field(PromptConfig(), "prompt format (search.fmt must match prompt.format)")
+    engine: EngineConfig = help_field(EngineConfig(), "the vLLM engines (max_engines of them, fixed)")
+    search: SearchConfig = help_field(SearchConfig(), "search settings shared by every strategy")
+    strategies: tuple[str, ...] = help_field(
+        ("greedy", "majority", "best_of_n", "weighted", "beam", "mcts"),
+        "strategies (search.STRATEGIES), each optionally :prm, :orm or :confidence to pick its scorer; scored "
+        "strategies default to the PRM, else the ORM, else confidence")
+    budgets: tuple[int, ...] = help_field((1, 2, 4, 8, 16), "budgets to run every strategy at (greedy runs at 1)")
+    prm: str = help_field("", "PRM checkpoint (actors.prm_scorer.PRMScorer); empty = no PRM")
+    orm: str = help_field("", "ORM checkpoint (PRMScorer.score_outcome); empty = no ORM")
+    scorer_input: str = help_field("prompt", "what a PRM/ORM gets before the steps: prompt (the question rendered "
+                                             "as in its training, reward_model.json) | question (the raw text)")
+    scorer_num_cpus: float = help_field(1.0, "CPUs Ray reserves per scorer actor")
+    scorer_num_gpus: float = help_field(0.0, "GPUs per scorer actor (0 = CPU)")
+    tasks_in_flight: int = help_field(16, "searches running at once per engine (their calls are batched)")
+    max_wait_s: float = help_field(0.05, "longest a request waits for other searches' requests before a call")
+    share_samples: bool = help_field(True, "draw full samples of a problem from one pool for every strategy/budget")
+    verify_timeout_s: float = help_field(5.0, "time limit per answer check")
+    out: str = help_field("runs/evaluate", "output folder")
+
+    def __post_init__(self) -> None:
+        if self.search.fmt != self.prompt.format:
+            raise ValueError(f"search.fmt={self.search.fmt!r} but prompt.format={self.prompt.format!r}: the search "
+                             f"splits steps with the prompt's separator, set both to the same format")
+        if not self.strategies:
+            raise ValueError("strategies is empty; give e.g. greedy,majority,best_of_n")
+        for spec in self.strategies:
+            parse_strategy(spec, self.prm, self.orm)
+        if not self.budgets or any(b < 1 for b in self.budgets):
+            raise ValueError(f"budgets must be integers >= 1, got {list(self.budgets)}")
+        if self.scorer_input not in ("question", "prompt"):
+            raise ValueError(f"scorer_input {self.scorer_input!r} is not one of question, prompt")
+        if self.tasks_in_flight < 1 or self.max_wait_s < 0:
+            raise ValueError("tasks_in_flight must be >= 1 and max_wait_s >= 0")
+
+
+def parse_strategy(spec: str, prm: str = "", orm: str = "") -> tuple[str, str]:
+    """"beam:orm" -> ("beam", "orm"); "beam" -> ("beam", the default scorer); "majority" -> ("majority", "")."""
+    name, _, scorer = spec.partition(":")
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy {name!r} is not one of {sorted(STRATEGIES)}")
+    if name not in SCORED:
+        if scorer:
+            raise ValueError(f"strategy {name!r} uses no scorer, so {spec!r} cannot name one")
+        return name, ""
+    scorer = scorer or ("prm" if prm else "orm" if orm else "confidence")
+    if scorer not in SCORERS:
+        raise ValueError(f"{spec!r}: scorer {scorer!r} is not one of {list(SCORERS)}")
+    if (scorer == "prm" and not prm) or (scorer == "orm" and not orm):
+        raise ValueError(f"{spec!r} needs a {scorer.upper()} checkpoint: give --{scorer} PATH")
+    return name, scorer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Merging the calls of concurrent searches
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    kind: str
+    items: list
+    t0: float
+    result: list | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class CallBatcher:
+    """Merges the calls of concurrent search threads into one call per kind ("generate", "prm", ...).
+
+    A thread registers with `member()` for the length of its search and calls `call(kind, items)`, which blocks.
+    A flush happens when every registered thread is blocked here (nothing more can arrive) or `max_wait_s` after
+    the oldest pending request; the thread that sees it runs one call per kind (kinds in parallel) with every
+    pending item and hands each caller its slice. An exception in a call is raised in each of its callers.
+    """
+
+    def __init__(self, fns: dict[str, Callable[[list], list]], max_wait_s: float = 0.05):
+        self.fns, self.max_wait_s = fns, max_wait_s
+        self._cv = threading.Condition()
+        self._pending: list[_Request] = []
+        self._active = self._blocked = 0
+        self._flushing = False
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(fns)), thread_name_prefix="batcher")
+        self.calls: dict[str, int] = {k: 0 for k in fns}
+        self.items: dict[str, int] = {k: 0 for k in fns}
+
+    @contextmanager
+    def member(self):
+        with self._cv:
+            self._active += 1
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._active -= 1
+                self._cv.notify_all()  # the others may now all be waiting
+
+    @contextmanager
+    def waiting(self):
+        """Count this member as blocked while it waits for another member's call (e.g. on a shared pool)."""
+        with self._cv:
+            self._blocked += 1
+            self._cv.notify_all()
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._blocked -= 1
+
+    def call(self, kind: str, items: list) -> list:
+        if kind not in self.fns:
+            raise KeyError(f"no {kind!r} function in this batcher (has {sorted(self.fns)})")
+        req = _Request(kind, list(items), time.monotonic())
+        with self._cv:
+            self._pending.append(req)
+            self._blocked += 1
+            self._cv.notify_all()
+            try:
+                while not req.done:
+                    due = self._pending and (self._blocked >= self._active or
+                                             time.monotonic() - self._pending[0].t0 >= self.max_wait_s)
+                    if due and not self._flushing:
+                        batch, self._pending, self._flushing = self._pending, [], True
+                        self._cv.release()
+                        try:
+                            self._run(batch)
+                        finally:
+                            self._cv.acquire()
+                            self._flushing = False
+                            self._cv.notify_all()
+                    else:
+                        self._cv.wait(timeout=self.max_wait_s or None)
+            finally:
+                self._blocked -= 1
+        if req.error is not None:
+            raise req.error
+        return req.result  # type: ignore[return-value]
+
+    def _run(self, batch: list[_Request]) -> None:
+        by_kind: dict[str, list[_Request]] = {}
+        for r in batch:
+            by_kind.setdefault(r.kind, []).append(r)
+
+        def run_kind(kind: str, reqs: list[_Request]) -> None:
+            flat = [x for r in reqs for x in r.items]
+            try:
+                out = self.fns[kind](flat)
+                if len(out) != len(flat):
+                    raise RuntimeError(f"{kind}: {len(out)} results for {len(flat)} items")
+                i = 0
+                for r in reqs:
+                    r.result, i = list(out[i: i + len(r.items)]), i + len(r.items)
+            except BaseException as e:  # noqa: BLE001 - handed to every caller of this call
+                for r in reqs:
+                    r.error = e
+            self.calls[kind] += 1
+            self.items[kind] += len(flat)
+
+        futures = [self._pool.submit(run_kind, k, rs) for k, rs in by_kind.items()]
+        for f in futures:
+            f.result()
+        with self._cv:
+            for r in batch:
+                r.done = True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class _BatchedEngine:
+    """VLLMGenerator's local interface (`generate(prompts, sampling)`) on top of a CallBatcher."""
+
+    def __init__(self, batcher: CallBatcher):
+        self.batcher = batcher
+
+    def generate(self, prompts: list[str], sampling: dict | list[dict]) -> list[list[dict]]:
+        per = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        return self.batcher.call("generate", list(zip(prompts, per)))
+
+
+class SharedSamples:
+    """One pool of full-solution samples of a problem's prompt, shared by every strategy and budget (see module
+    docstring). The first search that needs samples generates `size` of them (the largest budget), holding the
+    pool's lock; the others wait on the lock inside `waiting()` (the batcher counts them as blocked, so they do not
+    delay its flush) and then take theirs from the pool."""
+
+    def __init__(self, prompt: str, size: int = 0):
+        self.prompt, self.size = prompt, size
+        self.pools: dict[int, list] = {}
+        self._lock = threading.Lock()
+
+    def wrap(self, generate, waiting=nullcontext):
+        def shared(prefixes, n, stop_at_step, max_tokens, greedy=False):
+            if stop_at_step or greedy or list(prefixes) != [self.prompt]:
+                return generate(prefixes, n, stop_at_step, max_tokens, greedy=greedy)
+            with waiting():
+                self._lock.acquire()
+            try:
+                pool = self.pools.setdefault(max_tokens, [])
+                if len(pool) < n:
+                    pool.extend(generate(prefixes, max(n, self.size) - len(pool), False, max_tokens)[0])
+                return [list(pool[:n])]
+            finally:
+                self._lock.release()
+        return shared
+
+
+class SharedScores:
+    """Scores of identical (prompt, steps) computed once per problem and scorer (the scorers are deterministic)."""
+
+    def __init__(self):
+        self.cache: dict[tuple, list[float]] = {}
+
+    def wrap(self, score):
+        def cached(prompts, step_lists):
+            keys = [(p, tuple(s)) for p, s in zip(prompts, step_lists)]
+            todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+            if todo:
+                out = score([k[0] for k in todo], [list(k[1]) for k in todo])
+                self.cache.update(zip(todo, out))
+            return [self.cache[k] for k in keys]
+        return cached
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+def make_tasks(problems: list[dict], cfg: EvalConfig) -> list[dict]:
+    """problem x strategy x budget, problem-major (a problem's searches run together and share its samples)."""
+    tasks = []
+    for i, p in enumerate(problems):
+        for spec in cfg.strategies:
+            name, scorer = parse_strategy(spec, cfg.prm, cfg.orm)
+            for b in ([1] if name == "greedy" else sorted(set(cfg.budgets))):
+                tasks.append({"index": i, "problem": p, "strategy": spec, "name": name, "scorer": scorer,
+                              "budget": b})
+    return tasks
+
+
+def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
+             engines: list[Callable[[list[str], list[dict]], list[list[dict]]]],
+             scorers: dict[str, Callable[[list[str], list[list[str]]], list[list[float]]]],
+             scorer_prompts: dict[str, dict[str, str]], scorer_names: dict[str, str], model: str,
+             log: Callable[[str], None] = print, every_s: float = 10.0
+             ) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Run every task; returns (records, failed tasks, facts). `engines`: one batch function per engine
+    (VLLMGenerator.generate semantics); `scorers`: "prm"/"orm" batch step scorers; `scorer_prompts`: per scorer,
+    problem id -> the text it reads before the steps; `scorer_names` names the scorers in the records; `prompts`:
+    problem id -> generation prompt."""
+    from pipelines.verify import grade
+
+    tasks = make_tasks(problems, cfg)
+    engine_tokens = [0] * len(engines)
+
+    def engine_fn(e: int):
+        def run(items: list) -> list:
+            out = engines[e]([p for p, _ in items], [s for _, s in items])
+            engine_tokens[e] += sum(len(c["token_ids"]) for comps in out for c in comps)
+            return out
+        return run
+
+    def scorer_fn(f):
+        return lambda items: f([p for p, _ in items], [s for _, s in items])
+
+    batchers = [CallBatcher({"generate": engine_fn(e), **{k: scorer_fn(f) for k, f in scorers.items()}},
+                            cfg.max_wait_s) for e in range(len(engines))]
+    pool_size = max(cfg.budgets) if any(parse_strategy(s, cfg.prm, cfg.orm)[0] in ("majority", "best_of_n", "weighted")
+                                        for s in cfg.strategies) else 0
+    samples = {p["id"]: SharedSamples(prompts[p["id"]], pool_size) for p in problems}
+    scores = {(p["id"], k): SharedScores() for p in problems for k in scorers}
+
+    def run_task(t: dict) -> dict:
+        p, batcher = t["problem"], batchers[t["index"] % len(engines)]
+        problem = SearchProblem(prompts[p["id"]], p["question"], p["kind"])
+        t0 = time.time()
+        with batcher.member():
+            generate = engine_generate(_BatchedEngine(batcher), cfg.search)
+            if cfg.share_samples:
+                generate = samples[p["id"]].wrap(generate, batcher.waiting)
+            if t["scorer"] == "confidence":
+                score = CONFIDENCE
+            elif t["scorer"]:  # every solution of this search is this problem's: send the scorer's own prompt
+                kind, sp = t["scorer"], scorer_prompts[t["scorer"]][p["id"]]
+                score = scores[(p["id"], kind)].wrap(lambda ps, ss: batcher.call(kind, [(sp, s) for s in ss]))
+            else:
+                score = None
+            res = STRATEGIES[t["name"]](problem, generate, score, t["budget"], cfg.search)
+        wall = time.time() - t0
+        v = grade(res.completion, p["answer"], kind=p["kind"], timeout_s=cfg.verify_timeout_s)
+        return {"problem_id": p["id"], "strategy": t["strategy"], "budget": t["budget"], "answer": res.answer,
+                "gold": p["answer"], "correct": bool(v.correct), "reason": v.reason,
+                "tokens_generated": res.tokens_generated, "tokens_scored": res.tokens_scored, "wall_s": wall,
+                "model": model, "prm": scorer_names.get(t["scorer"], t["scorer"]),
+                "completion": res.completion, "steps": res.steps, "step_scores": res.step_scores,
+                "score": None if math.isnan(res.score) else res.score, "sequences": res.sequences,
+                "generate_calls": res.generate_calls, "score_calls": res.score_calls,
+                "candidates": res.candidates, "meta": res.meta}
+
+    records, failed = [], []
+    t0 = last = time.time()
+    pools = [ThreadPoolExecutor(max_workers=cfg.tasks_in_flight, thread_name_prefix=f"search{e}")
+             for e in range(len(engines))]
+    try:
+        futures = {pools[t["index"] % len(engines)].submit(run_task, t): t for t in tasks}
+        for f in as_completed(futures):
+            t = futures[f]
+            try:
+                records.append(f.result())
+            except Exception as e:  # noqa: BLE001 - set aside with its reason, never counted as wrong
+                failed.append({"problem_id": t["problem"]["id"], "strategy": t["strategy"], "budget": t["budget"],
+                               "error": f"{type(e).__name__}: {e}"[:1000]})
+            now = time.time()
+            done = len(records) + len(failed)
+            if now - last >= every_s or done == len(tasks):
+                el = now - t0
+                rate = done / el if el else 0.0
+                eta = (len(tasks) - done) / rate if rate else float("nan")
+                log(f"[evaluate] {done}/{len(tasks)} searches ({len(failed)} failed), "
+                    f"{sum(engine_tokens)} engine tokens, {sum(engine_tokens) / el:.1f} tokens/s, ETA {eta:.0f}s")
+                last = now
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for b in batchers:
+            b.close()
+    facts = {"tasks": len(tasks), "failed": len(failed), "engine_tokens": sum(engine_tokens),
+             "record_tokens": sum(r["tokens_generated"] for r in records), "wall_s": time.time() - t0,
+             "engine_calls": sum(b.calls["generate"] for b in batchers),
+             "engine_requests": sum(b.items["generate"] for b in batchers)}
+    return records, failed, facts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table and plot
+# ----------------------------------------------------------------------------------------------------------
+
+def accuracy_table(records: list[dict], order: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """One row per (strategy, budget): problems, accuracy, mean generated and scored tokens per problem, mean wall
+    time; strategies in `order` (then first-seen order), budgets ascending."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    order = list(order)
+    for r in records:
+        if r["strategy"] not in order:
+            order.append(r["strategy"])
+        groups.setdefault((r["strategy"], r["budget"]), []).append(r)
+    rows = []
+    for (strategy, budget), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        n = len(rs)
+        rows.append({"strategy": strategy, "budget": budget, "scorer": rs[0]["prm"], "problems": n,
+                     "accuracy": sum(r["correct"] for r in rs) / n,
+                     "tokens_generated": sum(r["tokens_generated"] for r in rs) / n,
+                     "tokens_scored": sum(r["tokens_scored"] for r in rs) / n,
+                     "wall_s": sum(r["wall_s"] for r in rs) / n})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The table as markdown (README- and terminal-friendly)."""
+    lines = ["| strategy | budget | scorer | problems | accuracy | gen tokens / problem | scored tokens / problem |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['budget']} | {r['scorer'] or '-'} | {r['problems']} | "
+                     f"{r['accuracy']:.3f} | {r['tokens_generated']:.0f} | {r['tokens_scored']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Accuracy against generated tokens per problem (log x), one line per strategy, points labelled by budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    for s in strategies:
+        pts = sorted((r["tokens_generated"], r["accuracy"], r["budget"]) for r in rows if r["strategy"] == s)
+        xs = [max(x, 1e-9) for x, _, _ in pts]
+        ax.plot(xs, [y for _, y, _ in pts], marker="o", label=s)
+        for x, y, b in pts:
+            ax.annotate(str(b), (max(x, 1e-9), y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem (log scale); labels: budget")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out: Path, records: list[dict], failed: list[dict], rows: list[dict], title: str) -> dict[str, Path]:
+    """records.parquet (EvalRecord), traces.jsonl, failed_tasks.jsonl, table.md/.csv, accuracy_vs_tokens.png."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from pipelines import schema
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"records": out / "records.parquet", "traces": out / "traces.jsonl", "failed": out / "failed_tasks.jsonl",
+             "table_md": out / "table.md", "table_csv": out / "table.csv", "plot": out / "accuracy_vs_tokens.png"}
+    pq.write_table(schema.to_table(records, "eval_record"), paths["records"])
+    with open(paths["traces"], "w") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")
+    with open(paths["failed"], "w") as f:
+        for r in failed:
+            f.write(json.dumps(r) + "\n")
+    paths["table_md"].write_text(format_table(rows) + "\n")
+    with open(paths["table_csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["strategy"])
+        w.writeheader()
+        w.writerows(rows)
+    if rows:
+        plot_accuracy(rows, paths["plot"], title)
+    else:
+        del paths["plot"]
+    return paths
