@@ -339,7 +339,9 @@ def _log_mlflow(cfg: AnnotateConfig, summary: dict, out: Path, log) -> None:
 
     mlflow.set_tracking_uri(mlflow_uri())
     mlflow.set_experiment("stepray")
-    with mlflow.start_run(run_name=f"annotate-{time.strftime('%Y%m%d-%H%M%S')}"):
+    from pipelines.runtime import mlflow_parent_tags
+
+    with mlflow.start_run(run_name=f"annotate-{time.strftime('%Y%m%d-%H%M%S')}", tags=mlflow_parent_tags()):
         mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
         flat = C.flatten({k: v for k, v in summary.items() if k != "reject_reasons"})
         mlflow.log_metrics({k.replace("quality_by_k.", "k"): float(v) for k, v in flat.items()

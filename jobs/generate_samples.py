@@ -98,7 +98,9 @@ def _log_mlflow(cfg: GenerationConfig, summary: dict, out: Path, log) -> None:
 
     mlflow.set_tracking_uri(mlflow_uri())
     mlflow.set_experiment("stepray")
-    with mlflow.start_run(run_name=f"generate-{time.strftime('%Y%m%d-%H%M%S')}"):
+    from pipelines.runtime import mlflow_parent_tags
+
+    with mlflow.start_run(run_name=f"generate-{time.strftime('%Y%m%d-%H%M%S')}", tags=mlflow_parent_tags()):
         mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
         mlflow.log_artifact(str(out / "summary.json"))

@@ -44,3 +44,13 @@ def mlflow_uri() -> str:
 
 def mlflow_ui_command() -> str:
     return f"mlflow ui --backend-store-uri {mlflow_uri()}"
+
+
+PARENT_RUN_ENV = "STEPRAY_MLFLOW_PARENT_RUN_ID"
+
+
+def mlflow_parent_tags() -> dict[str, str]:
+    """Tags that nest a stage's MLflow run under the loop's run (`stepray iterate` sets the variable for its
+    stages, which run as their own processes); empty for a stage run on its own."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    return {"mlflow.parentRunId": parent} if parent else {}
