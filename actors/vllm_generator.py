@@ -22,10 +22,12 @@ samples (`outputs[0]`, Ray issue 53396), and we need all n with their logprobs, 
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Sampling keys a caller may set (per call or per row); anything else is rejected with its name.
 SAMPLING_KEYS = {"n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "logprobs",
@@ -133,7 +135,7 @@ class VLLMGenerator:
         outs = self.llm.generate(prompts, sps, use_tqdm=False)
         return [completion_dicts(out, len(ids), p.get("logprobs")) for ids, p, out in zip(token_ids, params, outs)]
 
-    def __call__(self, batch: "pa.Table") -> "pa.Table":
+    def __call__(self, batch: pa.Table) -> pa.Table:
         """Ray Data entry point (batch_format="pyarrow"): one output row per completion, input columns repeated."""
         import pyarrow as pa
 

@@ -300,7 +300,9 @@ def _finite(x):
 def stream_labels(ds, out: Path, expected: int, log=print, every_s: float = 10.0) -> float:
     """Consume `ds` block by block: StepLabel parts to labels/, diagnostics to diagnostics/ (tmp + rename, so a
     killed run leaves no half file); a progress line every `every_s` seconds."""
-    t0 = last = time.time()
+    from pipelines.runtime import Progress
+
+    progress = Progress("annotate", expected, "samples", log=log, every_s=every_s)
     n = steps = fresh = tokens = rejected = 0
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if block.num_rows == 0:
@@ -317,15 +319,8 @@ def stream_labels(ds, out: Path, expected: int, log=print, every_s: float = 10.0
         steps += sum(len(h) for h in good.column("hard_labels").to_pylist())
         fresh += sum(sum(f) for f in good.column("fresh").to_pylist())
         tokens += int(pa.compute.sum(good.column("tokens_generated")).as_py() or 0)
-        now = time.time()
-        if now - last >= every_s or n >= expected:
-            el = now - t0
-            rate = n / el if el else 0.0
-            eta = (expected - n) / rate if rate else float("nan")
-            log(f"[annotate] {n}/{expected} samples ({rejected} set aside), {steps} steps, {fresh} rollouts, "
-                f"{tokens} tokens, {rate:.2f} samples/s, {tokens / el:.1f} tokens/s, ETA {eta:.0f}s")
-            last = now
-    return time.time() - t0
+        progress.update(n, set_aside=rejected, steps=steps, rollouts=fresh, tokens=tokens)
+    return progress.elapsed()
 
 
 def _generator_cls():

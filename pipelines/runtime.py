@@ -54,3 +54,34 @@ def mlflow_parent_tags() -> dict[str, str]:
     stages, which run as their own processes); empty for a stage run on its own."""
     parent = os.environ.get(PARENT_RUN_ENV)
     return {"mlflow.parentRunId": parent} if parent else {}
+
+
+class Progress:
+    """Periodic progress lines for long work: `[name] done/total unit, counters, rate, tokens/s, ETA`.
+
+    `update` takes absolute counts; a line is printed at most every `every_s` seconds, and always at the end.
+    """
+
+    def __init__(self, name: str, total: int, unit: str = "rows", log=print, every_s: float = 10.0):
+        import time
+
+        self.name, self.total, self.unit, self.log, self.every_s = name, total, unit, log, every_s
+        self._time = time.time
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, **counters: int) -> None:
+        now = self._time()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        el = max(now - self.t0, 1e-9)
+        rate = done / el
+        eta = (self.total - done) / rate if rate else float("nan")
+        parts = [f"{done}/{self.total} {self.unit}"] + [f"{v} {k}" for k, v in counters.items()]
+        parts.append(f"{rate:.2f} {self.unit}/s")
+        if "tokens" in counters:
+            parts.append(f"{counters['tokens'] / el:.1f} tokens/s")
+        self.log(f"[{self.name}] " + ", ".join(parts) + f", ETA {eta:.0f}s")
+
+    def elapsed(self) -> float:
+        return self._time() - self.t0
