@@ -230,6 +230,24 @@ def format_summary(s: dict) -> str:
 
 # -------------------------------------------------------------------------------------------------- run
 
+def select_samples(samples: pa.Table, limit: int, how: str) -> pa.Table:
+    """`limit` samples: the first ones, or balanced (up to half verified, the rest wrong), deterministic."""
+    if how == "first":
+        return samples.slice(0, limit)
+    import hashlib
+
+    ids = samples.column("sample_id").to_pylist()
+    correct = samples.column("correct").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())
+    good = [i for i in order if correct[i]]
+    bad = [i for i in order if not correct[i]]
+    n_good = min(len(good), (limit + 1) // 2)
+    n_bad = min(len(bad), limit - n_good)
+    n_good = min(len(good), limit - n_bad)  # top up with verified ones when the wrong ones run out
+    take = good[:n_good] + bad[:n_bad]
+    return samples.take(pa.array(sorted(take), pa.int64()))
+
+
 def run(cfg: AnnotateConfig, use_mlflow: bool = True, log=print) -> dict:
     out = Path(cfg.out)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -239,7 +257,7 @@ def run(cfg: AnnotateConfig, use_mlflow: bool = True, log=print) -> dict:
     samples = schema.check_table(pq.read_table(cfg.samples), "sample", where=cfg.samples)
     samples = samples.filter(pa.compute.is_in(samples.column("mode"), pa.array(list(cfg.modes))))
     if cfg.limit:
-        samples = samples.slice(0, cfg.limit)
+        samples = select_samples(samples, cfg.limit, cfg.select)
     problems, source = find_problems(cfg, log)
     log(f"[annotate] {samples.num_rows} samples (modes {list(cfg.modes)}) from {cfg.samples}; problems: "
         f"{len(problems)} from {source or 'nowhere'}")

@@ -105,11 +105,16 @@ class AnnotateConfig:
     judge: JudgeConfig = help_field(JudgeConfig(), "the judge model (WizardMath-style step labels)")
     min_soft_good: float = help_field(0.0, "drop an MC label 1 whose soft value is below this (0 = keep all)")
     modes: tuple[str, ...] = help_field(("sample",), "which Sample modes to label (sample, greedy, ...)")
-    limit: int = help_field(0, "label only the first N samples (0 = all)")
+    limit: int = help_field(0, "label only N samples (0 = all), chosen by `select`")
+    select: str = help_field("first", "which samples `limit` keeps: first (file order) | balanced (up to half "
+                                      "verified ones, the rest wrong ones, each pool in a fixed hashed order, so a "
+                                      "weak model's labels are not nearly all zeros)")
     verify_timeout_s: float = help_field(5.0, "time limit per answer check")
     out: str = help_field("runs/annotate", "output folder: labels/ parquet, rejects.jsonl, summary.json, PNG")
 
     def __post_init__(self) -> None:
+        if self.select not in ("first", "balanced"):
+            raise ValueError(f"select {self.select!r} is not one of first, balanced")
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not one of {list(METHODS)}")
         if self.labels not in LABELS:

@@ -281,3 +281,19 @@ def test_judge_labels_through_an_openai_compatible_endpoint(tiny_model):
 def test_config_rejects_bad_combinations(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(AnnotateConfig, overrides=overrides)
+
+
+def test_balanced_selection_takes_verified_and_wrong_samples():
+    import pyarrow as pa
+
+    from jobs.annotate_steps import select_samples
+
+    t = pa.table({"sample_id": [f"p{i}/s0" for i in range(10)], "correct": [i < 2 for i in range(10)]})
+    first = select_samples(t, 6, "first")
+    assert first.column("sample_id").to_pylist() == [f"p{i}/s0" for i in range(6)]
+    bal = select_samples(t, 6, "balanced")
+    assert bal.num_rows == 6 and sum(bal.column("correct").to_pylist()) == 2  # all verified ones (fewer than half)
+    assert select_samples(t, 6, "balanced").equals(bal)  # deterministic
+    many = pa.table({"sample_id": [f"p{i}/s0" for i in range(10)], "correct": [i < 8 for i in range(10)]})
+    b2 = select_samples(many, 6, "balanced")
+    assert sum(b2.column("correct").to_pylist()) == 4 and b2.num_rows == 6  # 2 wrong ones, topped up with verified
