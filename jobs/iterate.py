@@ -160,12 +160,23 @@ def main(argv: list[str] | None = None) -> int:
 
     mlflow.set_tracking_uri(mlflow_uri())
     mlflow.set_experiment("stepray")
+    resumed = bool(manifest.data["mlflow_run_id"])
     run = mlflow.start_run(run_id=manifest.data["mlflow_run_id"] or None,
-                           run_name=None if manifest.data["mlflow_run_id"] else f"iterate-{out.name}")
+                           run_name=None if resumed else f"iterate-{out.name}")
     manifest.data["mlflow_run_id"] = run.info.run_id
+    config_now = C.to_dict(cfg)
+    history = manifest.data.setdefault("configs", [])
+    if not history or history[-1]["config"] != config_now:
+        # A resumed run may carry a changed config (for stages not done yet): keep every version, in order.
+        history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": config_now})
+        if resumed:
+            print("[iterate] the config differs from the one this run started with; stages done earlier keep their "
+                  "outputs, the others use the new config (both are in manifest.json)")
+            mlflow.log_dict(config_now, f"config_{len(history)}.json")
     manifest.save()
     os.environ[PARENT_RUN_ENV] = run.info.run_id
-    mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
+    if not resumed:  # MLflow params are write-once
+        mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(config_now).items()})
 
     verifier = "pipelines.verify.grade (numeric; math-verify for LaTeX)"
     generator, prm = base, ""
