@@ -50,7 +50,7 @@ def _samples(tiny_model, extra=()):
 
 def _cfg(*overrides):
     return load_config(AnnotateConfig, overrides=[
-        "engine.model=tiny", "engine.max_model_len=512", "engine.gpu_memory_utilization=0.2", "engine.threads=2",
+        "engine.model=tiny", "engine.max_model_len=512", "engine.gpu_memory_utilization=0.05", "engine.threads=2",
         "engine.batch_size=8", "rollouts=3", "temperature=0", f"max_tokens={MAX_TOKENS}", *overrides])
 
 

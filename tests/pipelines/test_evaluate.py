@@ -297,7 +297,7 @@ def test_evaluate_job_end_to_end_on_tiny_model(ray_session, tiny_model, reward_m
     rc = main(["--problems", "synthetic", "--model", "tiny", "--limit", "3", "--budgets", "1,2",
                "--prm", reward_models["prm"], "--orm", reward_models["orm"],
                "--strategies", "greedy,majority,best_of_n,weighted:orm,beam,mcts", "--out", str(out),
-               "engine.max_model_len=512", "engine.gpu_memory_utilization=0.2", "search.max_tokens=24",
+               "engine.max_model_len=512", "engine.gpu_memory_utilization=0.05", "search.max_tokens=24",
                "search.step_tokens=8", "search.max_steps=3", "search.expansions=2", "scorer_num_cpus=0.5"])
     assert rc == 0
     table = schema.check_table(pq.read_table(out / "records.parquet"), "eval_record")

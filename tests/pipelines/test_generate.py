@@ -48,7 +48,7 @@ def test_pipeline_end_to_end_on_tiny_model_and_resume(ray_session, tiny_model, t
 
     cfg = load_config(GenerationConfig, overrides=[
         "problems=synthetic", "synthetic.n=6", "sampling.n=3", "sampling.max_tokens=24", "engine.model=tiny",
-        "engine.max_model_len=512", "engine.batch_size=4", "greedy=true", f"out={tmp_path}"])
+        "engine.max_model_len=512", "engine.batch_size=4", "engine.gpu_memory_utilization=0.05", "greedy=true", f"out={tmp_path}"])
     s = run(cfg, use_mlflow=False)
     parts = sorted((tmp_path / "samples").glob("part-*.parquet"))
     assert parts

@@ -334,7 +334,7 @@ def engine(ray_session, tiny_model):
     from actors.vllm_generator import VLLMGenerator
 
     actor = ray_session.remote(num_cpus=1)(VLLMGenerator).remote(
-        tiny_model, {"max_model_len": 512, "gpu_memory_utilization": 0.2}, {"max_tokens": 16}, 2, "tiny")
+        tiny_model, {"max_model_len": 512, "gpu_memory_utilization": 0.05}, {"max_tokens": 16}, 2, "tiny")
     ray_session.get(actor.ready.remote())
     yield actor
     ray_session.kill(actor)

@@ -28,7 +28,7 @@ def server(ray_session, tiny_model, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": tiny_model, "model_name": "tiny", "prm": str(prm_dir), "max_model_len": 512,
-                     "max_prompt_tokens": 300, "max_n": 8, "max_tokens": 64, "max_total_tokens": 256,
+                     "max_prompt_tokens": 300, "gpu_memory_utilization": 0.05, "max_n": 8, "max_tokens": 64, "max_total_tokens": 256,
                      "api_key": KEY, "search": {"max_tokens": 16, "step_tokens": 8, "max_steps": 3}})
     serve.run(app, name="stepray-test", route_prefix="/", blocking=False)
     import httpx

@@ -1,0 +1,481 @@
+"""Training: data selection and label tables (pure), token rows and collation, evaluation metrics, and real Ray Train
+runs of sft / prm / orm on the tiny model with 2 CPU workers: the loss falls, checkpoints are written, a run that
+fails after step k is resumed from checkpoint k by re-running it with the same config, and FailureConfig retries.
+
+The failure is real: `crash_after_step` raises inside every worker after step k's checkpoint was reported, Ray Train
+tears the worker group down and `fit()` raises TrainingFailedError, as for any worker crash; the re-run is a new
+TorchTrainer with the same run name and storage path, exactly what re-running the job command does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import schema
+from pipelines import train as T
+from pipelines.config import ConfigError, load_config
+
+# ----------------------------------------------------------------------------------------------------------
+# Row builders (the schema kinds the jobs read)
+# ----------------------------------------------------------------------------------------------------------
+
+PROMPT = "<|im_start|>user\nTom has {a} apples and buys {b}. How many?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def sample(pid: str, idx: int, completion: str, correct: bool, finish: str = "stop", error: str = "",
+           mode: str = "sample", prompt: str = "P") -> dict:
+    return {"problem_id": pid, "sample_id": f"{pid}/s{idx}", "sample_idx": idx, "mode": mode, "prompt": prompt,
+            "completion": completion, "steps": completion.split("\n"), "answer": None, "answer_method": "none",
+            "gold": "0", "kind": "numeric", "correct": correct, "reason": "correct" if correct else "wrong",
+            "n_prompt_tokens": 0, "n_completion_tokens": 0, "finish_reason": finish, "cum_logprob": float("nan"),
+            "confidence": float("nan"), "temperature": 0.7, "model": "tiny", "error": error}
+
+
+def sample_rows(n_problems: int = 8) -> list[dict]:
+    """Per problem: two distinct correct samples, a whitespace duplicate of the first, one wrong ("oops")."""
+    rows = []
+    for p in range(n_problems):
+        a, b = 3 + p, 4 + p
+        good = f"{a} + {b} = {a + b}\nThe answer is {a + b}."
+        bad = f"{a} + {b} = {a + b + 1} oops\nThe answer is {a + b + 1} oops"
+        for j, (text, ok) in enumerate([(good, True), (good + " ", True), (bad, False),
+                                        (good.replace("The", "So the"), True)]):
+            rows.append(sample(f"p{p}", j, text, ok, prompt=PROMPT.format(a=a, b=b)))
+    return rows
+
+
+def step_label_rows(n: int = 16) -> list[dict]:
+    """Odd rows: step 2 is wrong (and says so), labels 1, 0, 0; even rows: all steps right, labels 1, 1, 1."""
+    rows = []
+    for i in range(n):
+        a, b, bad = 2 + i, 5, i % 2
+        second = f"{a + b} * 2 = {2 * (a + b) + bad}" + (" wrong wrong wrong" if bad else " right right right")
+        steps = [f"{a} + {b} = {a + b}", second, f"The answer is {2 * (a + b) + bad}."]
+        soft = [1.0, 0.0, 0.0] if bad else [1.0, 1.0, 1.0]
+        rows.append({"problem_id": f"q{i}", "sample_id": f"q{i}/s0", "steps": steps, "soft_labels": soft,
+                     "question": f"Tom has {a} apples. He buys {b} more, then doubles them. How many?",
+                     "hard_labels": [int(s > 0) for s in soft], "rollouts": [4, 4, 1], "tokens_generated": 100,
+                     "method": "naive", "model": "tiny", "verifier": "numeric"})
+    return rows
+
+
+def write(rows: list[dict], kind: str, path: Path) -> str:
+    pq.write_table(schema.to_table(rows, kind), path)
+    return str(path)
+
+
+def cfg_for(task: str, data: str, out: Path, base: str = "tiny", **kw) -> T.TrainConfig:
+    base_cfg = {"task": task, "data": data, "base": base, "out": str(out), "max_len": 256,
+                "prompt": {"few_shot": False}, "select": {"k": 0}, "eval": {"holdout_fraction": 0.0}}
+    return load_config(T.TrainConfig, base={**base_cfg, **kw})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure: selection, labels, hold-out, configs
+# ----------------------------------------------------------------------------------------------------------
+
+def test_select_sft_keeps_verified_distinct_at_most_k_per_problem():
+    rows = [
+        sample("a", 0, "x = 1\nThe answer is 1.", True),
+        sample("a", 1, "x  =  1\nThe answer is 1. ", True),  # whitespace duplicate of a/0
+        sample("a", 2, "y = 1\nThe answer is 1.", True),
+        sample("a", 3, "z = 1\nThe answer is 1.", True),  # over k=2
+        sample("a", 4, "w = 2", False),
+        sample("b", 0, "q = 5\nThe answer is 5.", True, finish="length"),  # cut at max_tokens
+        sample("b", 1, "r = 5\nThe answer is 5.", True),
+        sample("b", 2, "", True, error="engine_error: x"),
+        sample("c", 0, "nothing", False),
+        sample("a", 9, "x = 1\nThe answer is 1.", True, mode="greedy"),  # greedy duplicate of a/0
+    ]
+    kept, why = T.select_sft(rows, T.SelectConfig(k=2, dedup=True, balance=False, require_stop=True))
+    assert [r["sample_id"] for r in kept] == ["a/s0", "a/s2", "b/s1"]
+    assert all(r["weight"] == 1.0 for r in kept)
+    assert why == {"duplicate": 2, "over_k": 1, "not_correct": 2, "no_stop": 1, "error": 1}
+    kept, _ = T.select_sft(rows, T.SelectConfig(k=0, dedup=False, balance=True, require_stop=False))
+    weights = {r["sample_id"]: r["weight"] for r in kept}
+    assert weights["a/s0"] == pytest.approx(1 / 5) and weights["b/s0"] == pytest.approx(1 / 2)
+    assert sum(w for s, w in weights.items() if s.startswith("a/")) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("soft, hard, target, expected", [
+    ([1.0, 0.5, 0.0], [1, 1, 0], "soft", [1.0, 0.5, 0.0]),
+    ([1.0, 0.5, 0.0], [1, 1, 0], "hard", [1.0, 1.0, 0.0]),
+    ([1.0, float("nan"), None], [1, -1, None], "soft", [1.0, "nan", "nan"]),
+    ([1.0, float("nan"), None], [1, -1, None], "hard", [1.0, "nan", "nan"]),
+])
+def test_targets_from_step_label(soft, hard, target, expected):
+    got = T.targets_from_step_label(soft, hard, target)
+    assert [("nan" if math.isnan(g) else g) for g in got] == expected
+
+
+@pytest.mark.parametrize("ratings, neutral, after, expected", [
+    ([1, 1, 1], 1.0, "zero", [1.0, 1.0, 1.0]),
+    ([1, 0, 1], 1.0, "zero", [1.0, 1.0, 1.0]),
+    ([1, 0, 1], 0.5, "zero", [1.0, 0.5, 1.0]),
+    ([1, -1, 1, 1], 1.0, "zero", [1.0, 0.0, 0.0, 0.0]),  # prefix values: nothing recovers after an error
+    ([1, -1, 1], 1.0, "drop", [1.0, 0.0, "nan"]),
+])
+def test_targets_from_prm800k_ratings(ratings, neutral, after, expected):
+    got = T.targets_from_ratings(ratings, neutral, after)
+    assert [("nan" if math.isnan(g) else g) for g in got] == expected
+
+
+@pytest.mark.parametrize("first_error, n, after, expected", [
+    (-1, 3, "zero", [1.0, 1.0, 1.0]),
+    (0, 3, "zero", [0.0, 0.0, 0.0]),
+    (1, 4, "zero", [1.0, 0.0, 0.0, 0.0]),
+    (1, 4, "drop", [1.0, 0.0, "nan", "nan"]),
+])
+def test_targets_from_processbench_first_error(first_error, n, after, expected):
+    got = T.targets_from_first_error(first_error, n, after)
+    assert [("nan" if math.isnan(g) else g) for g in got] == expected
+
+
+def test_prm800k_native_row_follows_the_chosen_path_to_the_first_error():
+    row = {"question": {"problem": "What is 2+2?"},
+           "label": {"steps": [
+               {"completions": [{"text": "2+2=5", "rating": -1}, {"text": "2+2=4", "rating": 1}],
+                "chosen_completion": 1},
+               {"completions": [{"text": "So 4.", "rating": 0}], "chosen_completion": 0},
+               {"completions": [{"text": "Answer 5", "rating": -1}, {"text": "Hmm", "rating": 0}],
+                "chosen_completion": None},
+               {"completions": [{"text": "never read", "rating": 1}], "chosen_completion": 0}],
+               "finish_reason": "found_error"}}
+    assert T._prm800k_native(row) == ("What is 2+2?", ["2+2=4", "So 4.", "Answer 5"], [1, 0, -1])
+    cfg = load_config(T.TrainConfig, base={"task": "prm", "data": "x.jsonl"})
+    ex = T.build_examples("prm800k", [row, {"question": {}, "label": {"steps": []}}], cfg)
+    assert [e["targets"] for e in ex.train + ex.holdout] == [[1.0, 1.0, 0.0]]
+    assert ex.rejects[0]["reason"].startswith("prm800k")
+
+
+def test_read_rows_detects_kinds(tmp_path):
+    assert T.read_rows(write(sample_rows(2), "sample", tmp_path / "s.parquet"))[0] == "sample"
+    assert T.read_rows(write(step_label_rows(2), "step_label", tmp_path / "l.parquet"))[0] == "step_label"
+    (tmp_path / "pb.json").write_text(json.dumps([{"id": "x", "problem": "q", "steps": ["a", "b"], "label": 1,
+                                                   "final_answer_correct": False, "generator": "g"}]))
+    assert T.read_rows(tmp_path / "pb.json")[0] == "processbench"
+    (tmp_path / "r.jsonl").write_text(json.dumps({"question": "q", "steps": ["a"], "ratings": [1]}) + "\n")
+    assert T.read_rows(tmp_path / "r.jsonl")[0] == "prm800k"
+    gen = tmp_path / "gen" / "samples"
+    gen.mkdir(parents=True)
+    write(sample_rows(1), "sample", gen / "part-1.parquet")
+    write(sample_rows(2)[4:], "sample", gen / "part-2.parquet")
+    kind, rows = T.read_rows(tmp_path / "gen")  # a generate run's folder: its samples/ parts
+    assert kind == "sample" and len(rows) == 8
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.read_rows(tmp_path / "missing")
+
+
+def test_build_examples_rejects_wrong_kinds_and_bad_rows(tmp_path):
+    cfg = load_config(T.TrainConfig, base={"task": "prm", "data": "x", "eval": {"holdout_fraction": 0.0}})
+    with pytest.raises(ValueError, match="needs step_label or prm800k or processbench rows"):
+        T.build_examples("sample", sample_rows(1), cfg)
+    bad = step_label_rows(3)
+    bad[1]["soft_labels"] = [1.0]  # 1 label for 3 steps
+    bad[2]["soft_labels"] = [float("nan")] * 3
+    ex = T.build_examples("step_label", bad, cfg)
+    assert [e["sample_id"] for e in ex.train] == ["q0/s0"]
+    assert sorted(r["reason"].split(":")[0] for r in ex.rejects) == ["label_length", "no_labelled_step"]
+
+
+def test_holdout_split_is_by_problem_and_deterministic():
+    ids = [f"syn-abc-{i:06d}" for i in range(2000)]
+    held = [i for i in ids if T.in_holdout(i, 0.2, seed=0)]
+    assert 300 < len(held) < 500
+    assert held == [i for i in ids if T.in_holdout(i, 0.2, seed=0)]
+    assert held != [i for i in ids if T.in_holdout(i, 0.2, seed=1)]
+    cfg = load_config(T.TrainConfig, base={"task": "orm", "data": "x", "eval": {"holdout_fraction": 0.5}})
+    ex = T.build_examples("sample", sample_rows(8), cfg)
+    train_p = {e["problem_id"] for e in ex.train}
+    held_p = {e["problem_id"] for e in ex.holdout}
+    assert train_p and held_p and not train_p & held_p and len(train_p | held_p) == 8
+
+
+def test_orm_examples_dedup_and_targets():
+    cfg = load_config(T.TrainConfig, base={"task": "orm", "data": "x", "eval": {"holdout_fraction": 0.0}})
+    ex = T.build_examples("sample", sample_rows(2), cfg)
+    assert len(ex.train) == 6 and ex.dropped == {"duplicate": 2}
+    assert sorted(e["target"] for e in ex.train) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="previous"):
+        load_config(T.TrainConfig, base={"task": "sft", "round_mode": "star"})
+    star = load_config(T.TrainConfig, base={"round_mode": "star", "previous": "runs/r1/model", "base": "smollm2"})
+    rest = load_config(T.TrainConfig, overrides=["round_mode=rest_em", "previous=runs/r1/model"])
+    assert star.init_model() == "runs/r1/model" and rest.init_model() == "smollm2"
+    with pytest.raises(ConfigError, match="task"):
+        load_config(T.TrainConfig, base={"task": "dpo"})
+    with pytest.raises(ConfigError, match="labels.target"):
+        load_config(T.TrainConfig, overrides=["labels.target=medium"])
+    cfg = load_config(T.TrainConfig, overrides=["out=runs/x", "task=prm"])
+    assert cfg.resolved_run_name() == "prm-x" and cfg.resolved_storage().endswith("runs/x/ray_results")
+    with pytest.raises(ValueError, match="cannot fill one step"):
+        T.plan_steps(3, load_config(T.TrainConfig, base={"num_workers": 2, "batch_size": 2}))
+    assert T.plan_steps(17, load_config(T.TrainConfig, base={"num_workers": 2, "batch_size": 2, "epochs": 3})) \
+        == (4, 12)
+
+
+def test_lr_schedule():
+    assert [T.lr_factor(s, 2, 10, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert T.lr_factor(2, 2, 10, "linear") == pytest.approx(1.0)
+    assert T.lr_factor(6, 2, 10, "linear") == pytest.approx(0.5)
+    assert T.lr_factor(6, 2, 10, "cosine") == pytest.approx(0.5)
+    assert T.lr_factor(10, 2, 10, "cosine") == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------
+
+def test_auc_table():
+    assert T.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert T.auc([0.2, 0.9], [0, 1]) == 1.0 and T.auc([0.9, 0.2], [0, 1]) == 0.0
+    assert T.auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5  # ties count one half
+    assert math.isnan(T.auc([0.1, 0.2], [1, 1]))
+
+
+def test_processbench_metrics():
+    assert T.predicted_first_error([0.9, 0.7, 0.2, 0.1], 0.5) == 2
+    assert T.predicted_first_error([0.9, float("nan"), 0.6], 0.5) == -1
+    # erroneous: labels 1, 2 -> predicted 1 (hit), 0 (miss); correct: -1, -1 -> predicted -1 (hit), 3 (miss)
+    pb = T.processbench_f1([1, 0, -1, 3], [1, 2, -1, -1])
+    assert pb["error_acc"] == 0.5 and pb["correct_acc"] == 0.5 and pb["f1"] == pytest.approx(0.5)
+    pb = T.processbench_f1([1, 2, -1, 3], [1, 2, -1, -1])
+    assert pb["f1"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+def test_step_f1_positive_class_is_wrong_step():
+    pred_ok = [[True, False, False], [True, True]]
+    truth_ok = [[True, True, False], [True, False]]
+    got = T.step_f1(pred_ok, truth_ok)  # tp 1 (s0 step2), fp 1 (s0 step1), fn 1 (s1 step1), tn 2
+    assert (got["precision"], got["recall"], got["f1"], got["accuracy"]) == (0.5, 0.5, 0.5, 0.6)
+    assert T.flag_all_f1(got["wrong_share"]) == pytest.approx(2 * 0.4 / 1.4)
+
+
+def test_step_truth_and_synthetic_lookup():
+    from pipelines.problems import SyntheticConfig, synthetic_problem
+
+    syn = SyntheticConfig(min_steps=2, max_steps=2)
+    p = synthetic_problem(syn, 3)
+    found = T.problems_by_id([p["id"], "syn-zzzzzz-000001", "gsm8k-test-1"], syn)
+    assert list(found) == [p["id"]] and found[p["id"]]["question"] == p["question"]
+    right = p["ref_steps"] + [f"The answer is {p['answer']}."]
+    assert T.step_truth(p, right) == [True, True, True]
+    a, rest = p["ref_steps"][0].split(" = ")
+    wrong = [f"{a} = {int(float(rest)) + 1}"] + right[1:]
+    assert T.step_truth(p, wrong) == [False, False, False]  # prefix truth: nothing is right after an error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token rows and collation
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def test_encode_sft_masks_the_prompt_and_ends_with_eos(tok):
+    ids, n_prompt = T.encode_sft(tok, "P: hi\n", "4 + 3 = 7", 64)
+    assert ids[:n_prompt] == tok.encode("P: hi\n", add_special_tokens=False)
+    assert ids[n_prompt:-1] == tok.encode("4 + 3 = 7", add_special_tokens=False)
+    assert ids[-1] == tok.eos_token_id
+    cut, _ = T.encode_sft(tok, "P: hi\n", "4 + 3 = 7", n_prompt + 2)
+    assert len(cut) == n_prompt + 2
+    assert T.encode_sft(tok, "P: hi\n", "x", n_prompt) is None
+
+
+def test_encode_steps_reads_the_separator_token(tok):
+    from pipelines.reward_model import encode_steps
+
+    steps = ["4 + 3 = 7", "7 * 2 = 14", "The answer is 14."]
+    ids, pos = encode_steps(tok, "Q?\n", steps, "\n", 512)
+    newline = tok.encode("\n", add_special_tokens=False)
+    assert len(pos) == 3 and len(newline) == 1
+    assert all(ids[p] == newline[0] for p in pos) and pos[-1] == len(ids) - 1
+    assert tok.decode(ids[pos[0] + 1: pos[1] + 1]) == "7 * 2 = 14\n"
+    ids2, pos2 = encode_steps(tok, "Q?\n", steps, "\n", pos[1] + 1)  # room for two steps only
+    assert pos2 == pos[:2] and ids2 == ids[: pos[1] + 1]
+
+
+def test_tokenize_and_collate_each_task(tok):
+    cfg_sft = load_config(T.TrainConfig, base={"task": "sft", "max_len": 64})
+    rows, rejects = T.tokenize_examples("sft", [{"sample_id": "a", "prompt": "P\n", "completion": "x = 1",
+                                                 "weight": 0.5}, {"sample_id": "b", "prompt": "P " * 80,
+                                                                  "completion": "y", "weight": 1.0}], tok, cfg_sft)
+    assert len(rows) == 1 and rejects[0]["reason"].startswith("prompt_too_long")
+    b = T.collate_batch("sft", {k: [r[k] for r in rows * 2] for k in rows[0]}, tok.pad_token_id)
+    n_prompt = rows[0]["n_prompt"]
+    assert b["loss_mask"][0].tolist() == [False] * n_prompt + [True] * (len(rows[0]["input_ids"]) - n_prompt)
+    assert b["weights"].tolist() == [0.5, 0.5]
+
+    cfg_prm = load_config(T.TrainConfig, base={"task": "prm", "max_len": 256, "prompt": {"few_shot": False}})
+    ex = T.build_examples("step_label", step_label_rows(2), cfg_prm)
+    rows, _ = T.tokenize_examples("prm", ex.train + ex.holdout, tok, cfg_prm)
+    b = T.collate_batch("prm", {k: [r[k] for r in rows] for k in rows[0]}, tok.pad_token_id)
+    assert b["positions"].shape == (2, 3) and b["targets"].tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+    assert b["input_ids"].shape[1] == max(len(r["input_ids"]) for r in rows)
+
+    cfg_orm = load_config(T.TrainConfig, base={"task": "orm", "max_len": 256, "eval": {"holdout_fraction": 0.0}})
+    ex = T.build_examples("sample", sample_rows(1), cfg_orm)
+    rows, _ = T.tokenize_examples("orm", ex.train, tok, cfg_orm)
+    b = T.collate_batch("orm", {k: [r[k] for r in rows] for k in rows[0]}, tok.pad_token_id)
+    assert b["targets"].tolist() == [1.0, 0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray Train: 2 CPU workers, crash after step 8, re-run resumes from checkpoint 8
+# ----------------------------------------------------------------------------------------------------------
+
+def _prepare(task: str, tmp_path: Path, tiny_model: str, **kw):
+    from transformers import AutoTokenizer
+
+    if task == "prm":
+        data = write(step_label_rows(16), "step_label", tmp_path / "labels.parquet")
+    else:
+        data = write(sample_rows(8), "sample", tmp_path / "samples.parquet")
+    # sft, prm: 16 rows, 2 workers x batch 2: 4 steps per epoch, 4 epochs = 16 steps, checkpoints at 8 and 16.
+    # orm: 24 rows (8 problems x 3 distinct samples): 6 steps per epoch, 2 epochs = 12 steps, checkpoints every 4, so
+    # a crash after step 8 resumes mid-epoch (epoch 1 after its first 2 batches).
+    orm = {"epochs": 2, "checkpoint_every": 4} if task == "orm" else {}
+    settings = {"lr": 1e-3, "batch_size": 2, "epochs": 4, "checkpoint_every": 8, "log_every": 2, "mlflow": False}
+    cfg = cfg_for(task, data, tmp_path / f"out-{task}", base=tiny_model, **{**settings, **orm, **kw})
+    ex = T.read_examples(cfg)
+    rows, rejects = T.tokenize_examples(task, ex.train, AutoTokenizer.from_pretrained(tiny_model), cfg)
+    assert len(rows) == (24 if task == "orm" else 16) and not rejects
+    return cfg, rows
+
+
+def _loss_fell(history: list[dict]) -> tuple[float, float]:
+    """Mean logged loss of the first two and of the last two log points (each the mean over 2 steps)."""
+    first = sum(h["loss"] for h in history[:2]) / 2
+    last = sum(h["loss"] for h in history[-2:]) / 2
+    return first, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sft", "prm", "orm"])
+def test_train_crash_and_resume_through_ray_train(task, tmp_path, ray_session, tiny_model, monkeypatch):
+    from ray.train import TrainingFailedError
+
+    use_mlflow = task == "sft"  # one MLflow check is enough (each costs a few seconds)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder (./mlruns) lands in tmp_path
+    cfg, rows = _prepare(task, tmp_path, tiny_model, crash_after_step=8, mlflow=use_mlflow)
+    out = Path(cfg.out)
+    out.mkdir(parents=True)
+    run_id = T.mlflow_run(cfg, out, {"task": task}) if use_mlflow else None
+    meta = {"prompt": {"format": "lines", "system": "", "few_shot": False}}
+
+    with pytest.raises(TrainingFailedError, match="crash_after_step=8"):
+        T.build_trainer(cfg, rows, tiny_model, tiny_model, uri, run_id, meta).fit()
+    assert T.latest_checkpoint_step(cfg) == 8
+    ckpt = Path(cfg.resolved_storage()) / cfg.resolved_run_name() / "checkpoint_step_000008"
+    assert (ckpt / T.STATE_FILE).exists() and not (ckpt / "model").exists()
+
+    total = T.plan_steps(len(rows), cfg)[1]
+    result = T.build_trainer(cfg, rows, tiny_model, tiny_model, uri, run_id, meta).fit()  # the same command again
+    assert result.metrics["resumed_from"] == 8 and result.metrics["step"] == total
+    summary = T.export_model(result, out)
+    assert summary["steps"] == total and summary["resumed_from"] == 8
+    history = json.loads((out / T.HISTORY_FILE).read_text())
+    assert [h["step"] for h in history] == list(range(2, total + 1, 2))  # steps up to 8 came from the checkpoint
+    first, last = _loss_fell(history)
+    assert last < 0.8 * first, f"loss did not fall: first steps {first:.3f}, last steps {last:.3f}"
+    assert (out / T.CURVE_FILE).stat().st_size > 1000
+
+    if task == "sft":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out / "model")
+        assert model.config.num_hidden_layers == 2
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient()
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+        assert steps == list(range(2, 17, 2))  # one MLflow run across the crash and the resume
+        assert {m.key for m in client.get_metric_history(run_id, "tokens_per_s")} == {"tokens_per_s"}
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"loss_curve.png", "model"} <= artifacts
+        assert client.get_run(run_id).info.status == "FINISHED"
+    else:
+        from actors.prm_scorer import PRMScorer
+
+        scorer = PRMScorer(str(out / "model"))
+        assert scorer.kind == task and scorer.meta["prompt"]["few_shot"] is False
+        ok = scorer.score_outcome(["Q\n"], ["1 + 1 = 2\nThe answer is 2."])[0]
+        assert 0.0 <= ok <= 1.0
+
+
+@pytest.mark.slow
+def test_failure_config_retries_from_the_latest_checkpoint(tmp_path, ray_session, tiny_model):
+    cfg, rows = _prepare("orm", tmp_path, tiny_model, crash_after_step=4, max_failures=1, epochs=1)
+    result = T.build_trainer(cfg, rows, tiny_model, tiny_model).fit()  # one fit: fails at 4, retried, finishes
+    assert result.metrics["resumed_from"] == 4 and result.metrics["step"] == 6
+    assert T.export_model(result, Path(cfg.out))["resumed_from"] == 4
+
+
+def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_model, tok):
+    """The worker loop's model pieces without Ray (the loop itself is covered above): LoRA on the tiny model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.reward_model import RewardModel
+
+    cfg = cfg_for("sft", "x", tmp_path, base=tiny_model, lora={"enabled": True, "r": 4, "alpha": 8})
+    torch.manual_seed(0)
+    model = T.build_model("sft", tiny_model, cfg)
+    trainable = T.trainable_state(model)
+    assert trainable and all("lora_" in n for n in trainable)  # a checkpoint holds the adapters only
+    ex = T.build_examples("sample", sample_rows(2), cfg)
+    rows, _ = T.tokenize_examples("sft", ex.train, tok, cfg)
+    batch = T.collate_batch("sft", {k: [r[k] for r in rows] for k in rows[0]}, tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        T.compute_loss("sft", model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    T.save_final_model("sft", model, tok, tmp_path / "merged", torch.bfloat16)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not any("lora" in n for n in merged.state_dict())
+    q_new = merged.model.layers[0].self_attn.q_proj.weight.float()
+    assert not q_new.allclose(base.model.layers[0].self_attn.q_proj.weight.float())  # adapters merged in
+    assert merged.model.embed_tokens.weight.float().allclose(base.model.embed_tokens.weight.float())  # frozen
+
+    rm = T.build_model("prm", tiny_model, load_config(T.TrainConfig, base={"task": "prm", "lora": {"enabled": True}}))
+    assert {n.split(".")[0] for n in T.trainable_state(rm)} == {"backbone", "head"}
+    T.save_final_model("prm", rm, tok, tmp_path / "rm", torch.float32)
+    assert RewardModel.load(tmp_path / "rm").kind == "prm"
+
+
+@pytest.mark.parametrize("task", ["sft", "prm"])
+def test_gradient_checkpointing_gives_the_same_gradients(task, tmp_path, tiny_model, tok):
+    import torch
+
+    grads = []
+    for ckpt in (False, True):
+        cfg = cfg_for(task, "x", tmp_path, base=tiny_model, gradient_checkpointing=ckpt)
+        torch.manual_seed(0)
+        model = T.build_model(task, tiny_model, cfg)
+        model.train()
+        assert (model if task == "sft" else model.backbone).is_gradient_checkpointing == ckpt
+        rows_in = sample_rows(1) if task == "sft" else step_label_rows(2)
+        ex = T.build_examples("sample" if task == "sft" else "step_label", rows_in, cfg)
+        rows, _ = T.tokenize_examples(task, ex.train, tok, cfg)
+        batch = T.collate_batch(task, {k: [r[k] for r in rows] for k in rows[0]}, tok.pad_token_id)
+        loss = T.compute_loss(task, model, batch)
+        loss.backward()
+        grads.append((loss.item(), next(p.grad for n, p in model.named_parameters() if "layers.0." in n)))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
