@@ -6,6 +6,7 @@
     stepray generate --problems synthetic --n 8    jobs/generate_samples.py
     stepray verify FILE.jsonl --kind math          jobs/verify_samples.py
     stepray annotate --samples DIR --method binary jobs/annotate_steps.py
+    stepray train sft|prm|orm --data DIR --base smollm2   jobs/train_model.py
     stepray evaluate --problems synthetic --model smollm2 --budgets 1,2,4   jobs/evaluate_search.py
     stepray serve --config configs/serve/cpu.yaml  jobs/serve_endpoint.py
     stepray iterate --config configs/cpu/iterate.yaml   jobs/iterate.py
@@ -26,6 +27,7 @@ COMMANDS = {
     "verify": ("jobs.verify_samples", "grade a jsonl of predictions: math, numeric or code (sandboxed)"),
     "annotate": ("jobs.annotate_steps", "label solution steps: Monte-Carlo rollouts (naive / first-error search, "
                                         "reuse, early stop) or a judge"),
+    "train": ("jobs.train_model", "Ray Train: the generator on verified samples (SFT), a PRM or an ORM; resumable"),
     "evaluate": ("jobs.evaluate_search", "test-time search: accuracy against generated tokens per strategy and budget"),
     "iterate": ("jobs.iterate", "the self-improvement loop: rounds of generate, annotate, train, evaluate; resumable"),
     "bench": ("jobs.benchmark", "run the benchmarks side by side; write JSON and a markdown table of ratios"),
