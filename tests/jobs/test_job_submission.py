@@ -62,13 +62,20 @@ def head(tmp_path_factory):
     log.close()
 
 
+def _runtime_env() -> dict:
+    """configs/runtime_env.yaml (what users pass to `ray job submit --runtime-env`), rooted at the repository."""
+    import yaml
+
+    env = yaml.safe_load((REPO / "configs" / "runtime_env.yaml").read_text())
+    return env | {"working_dir": str(REPO)}
+
+
 def test_submit_a_job_and_read_its_output(head):
     from ray.job_submission import JobStatus
 
     sid = head.submit_job(
         entrypoint=f"{sys.executable} -m jobs.list_problems --source synthetic --n 3 --steps 2 --seed 5",
-        runtime_env={"working_dir": str(REPO), "excludes": [".venv/", "runs/", "mlruns.db", ".git/", "*.parquet"]},
-        metadata={"test": "job_submission"})
+        runtime_env=_runtime_env(), metadata={"test": "job_submission"})
     deadline = time.time() + 180
     while time.time() < deadline:
         status = head.get_job_status(sid)
@@ -88,7 +95,7 @@ def test_a_failing_job_reports_failure_and_its_error(head):
     from ray.job_submission import JobStatus
 
     sid = head.submit_job(entrypoint=f"{sys.executable} -m jobs.list_problems --source no_such_file.jsonl",
-                          runtime_env={"working_dir": str(REPO), "excludes": [".venv/", "runs/", ".git/"]})
+                          runtime_env=_runtime_env())
     deadline = time.time() + 120
     while time.time() < deadline and head.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         time.sleep(1)
