@@ -62,6 +62,18 @@ def head(tmp_path_factory):
     log.close()
 
 
+def _submit(client, **kwargs) -> str:
+    """submit_job, retried while the head's job agent is still starting ("No available agent")."""
+    deadline = time.time() + 120
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 def _runtime_env() -> dict:
     """configs/runtime_env.yaml (what users pass to `ray job submit --runtime-env`), rooted at the repository."""
     import yaml
@@ -73,8 +85,8 @@ def _runtime_env() -> dict:
 def test_submit_a_job_and_read_its_output(head):
     from ray.job_submission import JobStatus
 
-    sid = head.submit_job(
-        entrypoint=f"{sys.executable} -m jobs.list_problems --source synthetic --n 3 --steps 2 --seed 5",
+    sid = _submit(
+        head, entrypoint=f"{sys.executable} -m jobs.list_problems --source synthetic --n 3 --steps 2 --seed 5",
         runtime_env=_runtime_env(), metadata={"test": "job_submission"})
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -94,8 +106,8 @@ def test_submit_a_job_and_read_its_output(head):
 def test_a_failing_job_reports_failure_and_its_error(head):
     from ray.job_submission import JobStatus
 
-    sid = head.submit_job(entrypoint=f"{sys.executable} -m jobs.list_problems --source no_such_file.jsonl",
-                          runtime_env=_runtime_env())
+    sid = _submit(head, entrypoint=f"{sys.executable} -m jobs.list_problems --source no_such_file.jsonl",
+                  runtime_env=_runtime_env())
     deadline = time.time() + 120
     while time.time() < deadline and head.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         time.sleep(1)
