@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
 
     def bo4(q: str):
-        return client.chat.completions.create(
-            model="stepray", messages=[{"role": "user", "content": q}], max_tokens=args.max_tokens,
+        # /v1/completions with the very prompt the direct side used: the same work on both sides (a chat request
+        # would get the chat template without the system prompt and few-shot turn, and longer answers)
+        return client.completions.create(
+            model="stepray", prompt=render(tok, q, "numeric", pcfg), max_tokens=args.max_tokens,
             extra_body={"search": {"strategy": "best_of_n", "n": 4}})
 
     def greedy(q: str):

@@ -72,3 +72,33 @@ def test_pipeline_end_to_end_on_tiny_model_and_resume(ray_session, tiny_model, t
     run(cfg, use_mlflow=False)
     t3 = pq.read_table(tmp_path / "samples")
     assert t3.num_rows == 24 and len(set(t3.column("sample_id").to_pylist())) == 24
+
+
+@pytest.mark.slow
+def test_smollm2_on_20_one_step_problems_accuracy_from_real_verdicts(ray_session, smollm2, tmp_path):
+    """The real model: every accuracy figure in the summary is recomputed here from the rows' own verdicts, and
+    each verdict from the row's own text (re-graded), so no number can come from anywhere else."""
+    from jobs.generate_samples import run
+    from pipelines.verify import grade
+
+    cfg = load_config(GenerationConfig, overrides=[
+        "problems=synthetic", "synthetic.n=20", "synthetic.min_steps=1", "synthetic.max_steps=1", "synthetic.seed=3",
+        "sampling.n=4", "sampling.max_tokens=96", "engine.model=smollm2", "engine.gpu_memory_utilization=0.1",
+        "engine.batch_size=20", "greedy=true", f"out={tmp_path}"])
+    s = run(cfg, use_mlflow=False)
+    rows = pq.read_table(tmp_path / "samples").to_pylist()
+    assert len(rows) == 20 * 5 and s["problems"] == 20 and s["samples"] == 80
+    for r in rows:
+        v = grade(r["completion"], r["gold"], kind="numeric")
+        assert (v.correct, v.answer) == (r["correct"], r["answer"])
+    sampled = [r for r in rows if r["mode"] == "sample"]
+    greedy = [r for r in rows if r["mode"] == "greedy"]
+    assert s["sample_accuracy"] == pytest.approx(sum(r["correct"] for r in sampled) / 80)
+    assert s["greedy_accuracy"] == pytest.approx(sum(r["correct"] for r in greedy) / 20)
+    by_problem = {}
+    for r in sampled:
+        by_problem.setdefault(r["problem_id"], []).append(r["correct"])
+    assert s["pass_at_n"] == pytest.approx(sum(any(v) for v in by_problem.values()) / 20)
+    assert s["pass_at_n"] >= s["sample_accuracy"]
+    # the real model writes real answers: most samples state one ("The answer is N.")
+    assert sum(r["answer_method"] == "answer_is" for r in rows) > len(rows) / 2
