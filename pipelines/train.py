@@ -223,15 +223,18 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 def data_files(path: str | Path) -> list[Path]:
-    """The files behind --data: a file, or a folder's *.parquet (a generate run's `samples/` when present)."""
+    """The files behind --data: a file, or a folder's *.parquet (a generate run's `samples/`, an annotate run's
+    `labels/`)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"training data {p} does not exist; give a parquet file or folder (e.g. the "
                                 f"samples/ of `stepray generate`), or a .json/.jsonl label file")
     if p.is_file():
         return [p]
-    if (p / "samples").is_dir():
-        p = p / "samples"
+    for sub in ("samples", "labels"):  # a `stepray generate` or a `stepray annotate` output folder
+        if (p / sub).is_dir() and not list(p.glob("*.parquet")):
+            p = p / sub
+            break
     files = sorted(f for f in p.glob("*.parquet") if f.is_file())
     if not files:
         raise FileNotFoundError(f"no *.parquet files in {p}")

@@ -167,6 +167,9 @@ def test_read_rows_detects_kinds(tmp_path):
     write(sample_rows(2)[4:], "sample", gen / "part-2.parquet")
     kind, rows = T.read_rows(tmp_path / "gen")  # a generate run's folder: its samples/ parts
     assert kind == "sample" and len(rows) == 8
+    (tmp_path / "ann" / "labels").mkdir(parents=True)
+    write(step_label_rows(3), "step_label", tmp_path / "ann" / "labels" / "part-0.parquet")
+    assert T.read_rows(tmp_path / "ann")[0] == "step_label"  # an annotate run's folder: its labels/ parts
     with pytest.raises(FileNotFoundError, match="does not exist"):
         T.read_rows(tmp_path / "missing")
 
