@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipelines.runtime import finite_json as _finite
+
 VARIANTS = {
     "naive": {"method": "naive"},
     "naive+early_stop": {"method": "naive", "early_stop": True},
@@ -107,7 +109,13 @@ def label(samples: pa.Table, cfg, handle, batch: int) -> tuple[list[dict], float
 
 def measure(name: str, rows: list[dict], wall: float, calls: int, reference: list[dict] | None,
             problems: dict) -> dict:
-    from pipelines.steps import agreement, first_error_accuracy, first_error_of, label_quality, prefix_truth
+    from pipelines.steps import (
+        agreement,
+        first_error_accuracy,
+        first_error_of,
+        label_quality,
+        prefix_truth,
+    )
     from pipelines.verify import first_error
 
     ok = [r for r in rows if not r["error"]]
@@ -141,15 +149,6 @@ def fmt_table(results: list[dict], naive: dict | None) -> str:
                      f"{r.get('step_agreement', math.nan):>7.3f}{r.get('first_error_agreement', math.nan):>8.3f}"
                      f"{r['f1_wrong_step']:>9.3f}{r['first_error_accuracy']:>8.3f}")
     return "\n".join(lines)
-
-
-def _finite(x):
-    """NaN (an undefined metric) as null, so the JSON is standard."""
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def main(argv: list[str] | None = None) -> int:

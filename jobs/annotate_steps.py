@@ -47,8 +47,14 @@ from pipelines import schema
 from pipelines.annotate import DIAGNOSTICS, AnnotateConfig, build_annotation
 from pipelines.models import resolve_model
 from pipelines.problems import SyntheticConfig, load_problems
-from pipelines.runtime import init_ray, mlflow_ui_command, mlflow_uri
-from pipelines.steps import first_error_accuracy, first_error_of, hard_at_k, label_quality, prefix_truth
+from pipelines.runtime import finite_json, init_ray, mlflow_ui_command, mlflow_uri
+from pipelines.steps import (
+    first_error_accuracy,
+    first_error_of,
+    hard_at_k,
+    label_quality,
+    prefix_truth,
+)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, AnnotateConfig]:
@@ -297,22 +303,13 @@ def run(cfg: AnnotateConfig, use_mlflow: bool = True, log=print) -> dict:
     summary = summarize(labels, diag, problems, cfg)
     summary["wall_s"] = wall
     summary["problems_source"] = source
-    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=1))
+    (out / "summary.json").write_text(json.dumps(finite_json(summary), indent=1))
     plot_histogram(labels, out / "label_histogram.png")
     log("\n" + format_summary(summary))
     log(f"[annotate] labels in {out / 'labels'}, histogram {out / 'label_histogram.png'}")
     if use_mlflow:
         _log_mlflow(cfg, summary, out, log)
     return summary
-
-
-def _finite(x):
-    """NaN (an undefined metric) as null, so summary.json is standard JSON."""
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def stream_labels(ds, out: Path, expected: int, log=print, every_s: float = 10.0) -> float:

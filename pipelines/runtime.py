@@ -85,3 +85,14 @@ class Progress:
 
     def elapsed(self) -> float:
         return self._time() - self.t0
+
+
+def finite_json(x):
+    """NaN (an undefined metric) as null, recursively, so summaries are standard JSON."""
+    import math
+
+    if isinstance(x, dict):
+        return {str(k): finite_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite_json(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
