@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -347,12 +346,9 @@ def _generator_cls():
 def _log_mlflow(cfg: AnnotateConfig, summary: dict, out: Path, log) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(mlflow_uri())
-    mlflow.set_experiment("stepray")
-    from pipelines.runtime import mlflow_parent_tags
+    from pipelines.runtime import stage_run
 
-    with mlflow.start_run(run_name=f"annotate-{time.strftime('%Y%m%d-%H%M%S')}", tags=mlflow_parent_tags()):
-        mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
+    with stage_run("annotate", cfg):
         flat = C.flatten({k: v for k, v in summary.items() if k != "reject_reasons"})
         mlflow.log_metrics({k.replace("quality_by_k.", "k"): float(v) for k, v in flat.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None

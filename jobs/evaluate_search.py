@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from pipelines import config as C
@@ -151,12 +150,9 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
 def _log_mlflow(cfg: EvalConfig, summary: dict, rows: list[dict], paths: dict, log) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(mlflow_uri())
-    mlflow.set_experiment("stepray")
-    from pipelines.runtime import mlflow_parent_tags
+    from pipelines.runtime import stage_run
 
-    with mlflow.start_run(run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}", tags=mlflow_parent_tags()):
-        mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
+    with stage_run("evaluate", cfg):
         for r in rows:  # one curve per strategy, the budget as the step
             key = r["strategy"].replace(":", "-")
             mlflow.log_metric(f"accuracy.{key}", r["accuracy"], step=r["budget"])

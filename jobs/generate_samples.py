@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from pipelines import config as C
@@ -96,12 +95,9 @@ def _generator_cls():
 def _log_mlflow(cfg: GenerationConfig, summary: dict, out: Path, log) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(mlflow_uri())
-    mlflow.set_experiment("stepray")
-    from pipelines.runtime import mlflow_parent_tags
+    from pipelines.runtime import stage_run
 
-    with mlflow.start_run(run_name=f"generate-{time.strftime('%Y%m%d-%H%M%S')}", tags=mlflow_parent_tags()):
-        mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
+    with stage_run("generate", cfg):
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
         mlflow.log_artifact(str(out / "summary.json"))
     log(f"[generate] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")

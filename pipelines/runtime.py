@@ -96,3 +96,20 @@ def finite_json(x):
     if isinstance(x, list):
         return [finite_json(v) for v in x]
     return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def stage_run(stage: str, cfg):
+    """Open the MLflow run of one stage: the tracking URI, experiment "stepray", a timestamped name, the parent tag
+    when `stepray iterate` runs the stage, and the stage's config as flattened params. Use as a context manager;
+    it returns the `mlflow` module's active run."""
+    import time
+
+    import mlflow
+
+    from pipelines import config as C
+
+    mlflow.set_tracking_uri(mlflow_uri())
+    mlflow.set_experiment("stepray")
+    run = mlflow.start_run(run_name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}", tags=mlflow_parent_tags())
+    mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
+    return run
