@@ -34,7 +34,11 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--include-dashboard=true", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"],
+         "--include-dashboard=true", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats",
+         # the agents' default ports are taken when another local cluster (the suite's own) runs on this machine,
+         # and the head then never gets a job agent ("No available agent to submit job")
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     from ray.job_submission import JobSubmissionClient
 
