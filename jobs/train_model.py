@@ -33,9 +33,10 @@ from pipelines.models import resolve_model
 from pipelines.problems import data_root, load_problems, write_rejects
 from pipelines.prompts import render
 from pipelines.runtime import init_ray, mlflow_ui_command, mlflow_uri
-from pipelines.train import (TrainConfig, auc, build_trainer, export_model, flag_all_f1, latest_checkpoint_step,
-                             mlflow_run, predicted_first_error, problems_by_id, processbench_f1, read_examples,
-                             scored_rows, step_f1, step_truth, tokenize_examples, greedy_accuracy)
+from pipelines.train import (TrainConfig, auc, build_trainer, export_model, flag_all_f1, greedy_accuracy,
+                             latest_checkpoint_step, mlflow_run, predicted_first_error, problems_by_id,
+                             processbench_f1, read_examples, read_rows, scored_rows, step_f1, step_truth,
+                             tokenize_examples)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
@@ -246,26 +247,12 @@ def evaluate_prm(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
                                        f"to the generation's synthetic config)")
         log(f"[eval prm] {result['synthetic_skipped']}")
     else:
-        items = [{"idx": i, "prompt": render(tok, e["question"], "numeric", cfg.prompt), "steps": e["steps"]}
-                 for i, e in enumerate(held)]
-        scored = sorted(scored_rows(ray.data.from_items(items), model_path, PRMScorer, ev.batch_size, ev.max_len,
-                                    *_scorer_device(cfg)),
-                        key=lambda r: r["idx"])
-        truth, pred, flat_scores, flat_ok = [], [], [], []
-        for e, r in zip(held, scored):
-            ok = step_truth(truth_problems[e["problem_id"]], e["steps"])
-            scores = list(r["step_scores"])
-            keep = [j for j, s in enumerate(scores) if not math.isnan(s)]
-            truth.append([ok[j] for j in keep])
-            pred.append([scores[j] >= ev.threshold for j in keep])
-            flat_scores += [scores[j] for j in keep]
-            flat_ok += [ok[j] for j in keep]
-        f1 = step_f1(pred, truth)
-        result["synthetic"] = {**f1, "auc_wrong": auc([-s for s in flat_scores], [not o for o in flat_ok]),
-                               "flag_all_f1": flag_all_f1(f1["wrong_share"]), "solutions": len(held)}
-        log(f"[eval prm] held-out synthetic steps: F1(step wrong) {f1['f1']:.3f} (flag-all baseline "
-            f"{result['synthetic']['flag_all_f1']:.3f}), AUC {result['synthetic']['auc_wrong']:.3f}, "
-            f"{f1['steps']} steps of {len(held)} solutions")
+        result["synthetic"] = _truth_metrics(cfg, tok, model_path, held, truth_problems)
+        log(f"[eval prm] held-out labelled solutions: {_truth_line(result['synthetic'])}")
+    if ev.truth_data:
+        samples, problems = truth_samples(ev.truth_data)
+        result["truth_data"] = {**_truth_metrics(cfg, tok, model_path, samples, problems), "path": ev.truth_data}
+        log(f"[eval prm] samples of {ev.truth_data}: {_truth_line(result['truth_data'])}")
     for subset in ev.processbench:
         path = data_root() / "processbench" / f"{subset}.json"
         if not path.exists():
@@ -289,6 +276,66 @@ def evaluate_prm(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
         log(f"[eval prm] ProcessBench {subset}: F1 {pb['f1']:.3f} (error acc {pb['error_acc']:.3f}, correct acc "
             f"{pb['correct_acc']:.3f}, {pb['n']} solutions, {time.time() - t:.0f}s)")
     return result
+
+
+def truth_samples(path: str) -> tuple[list[dict], dict[str, dict]]:
+    """Finished samples of a `stepray generate` run on synthetic problems, and those problems rebuilt from the
+    run's config.json (their ground-truth quantities give every step's truth)."""
+    from pipelines.problems import SyntheticConfig
+
+    run = Path(path)
+    conf = run / "config.json"
+    if not conf.exists():
+        raise FileNotFoundError(f"eval.truth_data={path}: no config.json there; give a `stepray generate` run folder "
+                                f"made on synthetic problems")
+    gen = json.loads(conf.read_text())
+    synthetic = C.load_config(SyntheticConfig, base=gen.get("synthetic") or {})
+    kind, rows = read_rows(run)
+    if kind != "sample":
+        raise ValueError(f"eval.truth_data={path}: expected Sample rows (a generate run), found {kind} rows")
+    problems = problems_by_id([r["problem_id"] for r in rows], synthetic)
+    samples = [r for r in rows if r["problem_id"] in problems and r.get("finish_reason") == "stop"
+               and not r.get("error") and r.get("steps")]
+    if not samples:
+        raise ValueError(f"eval.truth_data={path}: no finished samples of synthetic problems (ids "
+                         f"syn-{synthetic.key()}-<i>) to score")
+    return samples, problems
+
+
+def _truth_metrics(cfg: TrainConfig, tok, model_path: str, rows: list[dict], problems: dict[str, dict]) -> dict:
+    """Score rows {problem_id, question | prompt, steps} with the PRM against ground-truth step checks: step-level
+    P/R/F1 and AUC of "step is wrong", the flag-all baseline, and the first-error accuracy per solution."""
+    import ray.data
+
+    from actors.prm_scorer import PRMScorer
+
+    ev = cfg.eval
+    items = [{"idx": i, "steps": list(e["steps"]),
+              "prompt": render(tok, e["question"], "numeric", cfg.prompt) if e.get("question") else e["prompt"]}
+             for i, e in enumerate(rows)]
+    scored = sorted(scored_rows(ray.data.from_items(items), model_path, PRMScorer, ev.batch_size, ev.max_len,
+                                *_scorer_device(cfg)), key=lambda r: r["idx"])
+    truth, pred, flat_scores, flat_ok, fe_hits = [], [], [], [], 0
+    for e, r in zip(rows, scored):
+        ok = step_truth(problems[e["problem_id"]], e["steps"])
+        scores = list(r["step_scores"])
+        keep = [j for j, s in enumerate(scores) if not math.isnan(s)]
+        truth.append([ok[j] for j in keep])
+        pred.append([scores[j] >= ev.threshold for j in keep])
+        flat_scores += [scores[j] for j in keep]
+        flat_ok += [ok[j] for j in keep]
+        true_fe = next((j for j, o in enumerate(ok) if not o), -1)
+        fe_hits += predicted_first_error(scores, ev.threshold) == true_fe
+    f1 = step_f1(pred, truth)
+    return {**f1, "auc_wrong": auc([-s for s in flat_scores], [not o for o in flat_ok]),
+            "flag_all_f1": flag_all_f1(f1["wrong_share"]), "first_error_acc": fe_hits / max(len(rows), 1),
+            "solutions": len(rows)}
+
+
+def _truth_line(m: dict) -> str:
+    return (f"F1(step wrong) {m['f1']:.3f} (flag-all baseline {m['flag_all_f1']:.3f}), AUC {m['auc_wrong']:.3f} "
+            f"(chance 0.5), first-error accuracy {m['first_error_acc']:.3f}, {m['steps']} steps of "
+            f"{m['solutions']} solutions")
 
 
 def evaluate_orm(cfg: TrainConfig, init_path: str, model_path: str, examples, log) -> dict:

@@ -132,6 +132,9 @@ class EvalConfig:
     max_tokens: int = help_field(160, "SFT: most new tokens of a greedy answer")
     truth_synthetic: SyntheticConfig = help_field(SyntheticConfig(), "PRM: the synthetic config that made the "
                                                   "labelled problems (their ids carry its key); ground-truth steps")
+    truth_data: str = help_field("", "PRM: a `stepray generate` run folder on held-out synthetic problems: every "
+                                 "finished sample's steps are scored against the ground-truth step checks (the "
+                                 "problems are rebuilt from the run's config.json); empty = skip")
     processbench: tuple[str, ...] = help_field(("gsm8k", "math"), "PRM: ProcessBench subsets (empty = skip)")
     processbench_limit: int = help_field(0, "PRM: first N erroneous + first N correct solutions per ProcessBench "
                                          "subset (0 = all)")

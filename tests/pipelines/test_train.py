@@ -275,6 +275,53 @@ def test_step_truth_and_synthetic_lookup():
     assert T.step_truth(p, wrong) == [False, False, False]  # prefix truth: nothing is right after an error
 
 
+def test_truth_data_rebuilds_problems_and_scores_steps_against_ground_truth(tmp_path, monkeypatch):
+    """eval.truth_data: a generate run folder's finished samples, their problems rebuilt from its config.json; the
+    metrics' arithmetic checked with given step scores (the scorer actor is replaced by a table here; the real
+    PRMScorer path is the one the crash/resume test and `stepray train prm` exercise)."""
+    import jobs.train_model as J
+    from pipelines.problems import SyntheticConfig, synthetic_problem
+
+    syn = SyntheticConfig(n=4, seed=5, min_steps=2, max_steps=2)
+    run = tmp_path / "gen"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"problems": "synthetic", "synthetic": {
+        "n": 4, "seed": 5, "min_steps": 2, "max_steps": 2, "ops": list(syn.ops)}}))
+    probs = [synthetic_problem(syn, i) for i in range(2)]
+    rows = []
+    for i, p in enumerate(probs):
+        right = p["ref_steps"] + [f"The answer is {p['answer']}."]
+        a, rest = p["ref_steps"][1].split(" = ")
+        wrong = [right[0], f"{a} = {int(float(rest)) + 1}", "The answer is 0."]  # first error at step 1
+        for j, steps in enumerate([right, wrong]):
+            rows.append({**sample(p["id"], j, "\n".join(steps), j == 0), "steps": steps})
+    rows.append(sample("gsm8k-test-1", 0, "1 + 1 = 2", True))  # not a problem of this config: left out
+    rows.append({**sample(probs[0]["id"], 9, "1 +", False, finish="length")})  # unfinished: left out
+    write(rows, "sample", run / "samples" / "part-0.parquet")
+
+    samples, problems = J.truth_samples(str(run))
+    assert len(samples) == 4 and set(problems) == {p["id"] for p in probs}
+
+    # scores per solution: right ones all high; problem 0's wrong one flagged at step 1, problem 1's at step 2 only
+    table = {0: [0.9, 0.8, 0.9], 1: [0.9, 0.2, 0.1], 2: [0.7, 0.9, 0.6], 3: [0.8, 0.6, 0.3]}
+    monkeypatch.setattr(J, "scored_rows", lambda ds, *a, **k: [
+        {"idx": r["idx"], "step_scores": table[r["idx"]]} for r in ds.take_all()])
+    monkeypatch.setattr(J, "render", lambda *a, **k: "unused")
+    cfg = cfg_for("prm", "unused", tmp_path / "out", eval={"truth_data": str(run)})
+    m = J._truth_metrics(cfg, None, "unused", samples, problems)
+    # truth (prefix): right = [T, T, T]; wrong = [T, F, F]. Wrong steps: 4 of 12.
+    # predicted wrong (score < 0.5): idx1 steps 1, 2 (both truly wrong); idx3 step 2 (truly wrong) -> tp 3, fp 0, fn 1
+    assert (m["precision"], m["recall"]) == (1.0, 0.75) and m["f1"] == pytest.approx(2 * 0.75 / 1.75)
+    assert m["steps"] == 12 and m["wrong_share"] == pytest.approx(4 / 12)
+    assert m["first_error_acc"] == 0.75  # idx3 predicts its first error at 2, the truth is 1
+    # AUC of -score for "wrong": wrong steps' scores {0.2, 0.1, 0.6, 0.3} vs right steps' 8 scores
+    right_scores = [0.9, 0.8, 0.9, 0.9, 0.7, 0.9, 0.6, 0.8]
+    pairs = [(w < r) + 0.5 * (w == r) for w in (0.2, 0.1, 0.6, 0.3) for r in right_scores]
+    assert m["auc_wrong"] == pytest.approx(sum(pairs) / len(pairs))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        J.truth_samples(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Token rows and collation
 # ----------------------------------------------------------------------------------------------------------
