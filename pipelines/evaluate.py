@@ -14,8 +14,9 @@ the same engine and could take each other's outputs), so concurrent calls into o
 unsafe, and with the default of 1 they run one small batch after another. Ray Data map_batches over problems would
 run each batch's searches to completion before the next, leaving the engine with shrinking batches at every batch's
 tail. Here one batcher per engine flushes as soon as every search thread of that engine is waiting (or `max_wait_s`
-after the oldest request), so each call carries up to `tasks_in_flight` searches' requests; more engines
-(engine.max_engines, one GPU each) split the problems between them. The search logic is light Python in the driver.
+after the oldest request), so each call carries up to `tasks_in_flight` searches' requests (by default every search
+of 16 problems); more engines (engine.max_engines, one GPU each) split the problems between them. The search logic
+is light Python in the driver.
 
 Shared samples (share_samples=true): strategies that draw full solutions from the problem's prompt (majority,
 best-of-N, weighted, reflection's first thought) draw from one pool per problem, i.e. the first N i.i.d. samples
@@ -69,7 +70,11 @@ class EvalConfig:
                                              "as in its training, reward_model.json) | question (the raw text)")
     scorer_num_cpus: float = help_field(1.0, "CPUs Ray reserves per scorer actor")
     scorer_num_gpus: float = help_field(0.0, "GPUs per scorer actor (0 = CPU)")
-    tasks_in_flight: int = help_field(16, "searches running at once per engine (their calls are batched)")
+    tasks_in_flight: int = help_field(0, "searches running at once per engine (their calls are batched); 0 = "
+                                         "every search of `problems_in_flight` problems")
+    problems_in_flight: int = help_field(16, "with tasks_in_flight=0: problems whose searches run at once per "
+                                             "engine (tasks are problem-major and a problem's sampling searches "
+                                             "share one pool, so problems, not searches, fill an engine call)")
     max_wait_s: float = help_field(0.05, "longest a request waits for other searches' requests before a call")
     share_samples: bool = help_field(True, "draw full samples of a problem from one pool for every strategy/budget")
     verify_timeout_s: float = help_field(5.0, "time limit per answer check")
@@ -87,8 +92,14 @@ class EvalConfig:
             raise ValueError(f"budgets must be integers >= 1, got {list(self.budgets)}")
         if self.scorer_input not in ("question", "prompt"):
             raise ValueError(f"scorer_input {self.scorer_input!r} is not one of question, prompt")
-        if self.tasks_in_flight < 1 or self.max_wait_s < 0:
-            raise ValueError("tasks_in_flight must be >= 1 and max_wait_s >= 0")
+        if self.tasks_in_flight < 0 or self.problems_in_flight < 1 or self.max_wait_s < 0:
+            raise ValueError("tasks_in_flight must be >= 0 (0 = auto), problems_in_flight >= 1 and max_wait_s >= 0")
+
+    def searches_in_flight(self, n_tasks: int, n_problems: int) -> int:
+        """Threads per engine: tasks_in_flight, or (0) every search of problems_in_flight problems."""
+        if self.tasks_in_flight:
+            return self.tasks_in_flight
+        return max(1, -(-n_tasks // max(n_problems, 1)) * self.problems_in_flight)
 
 
 def parse_strategy(spec: str, prm: str = "", orm: str = "") -> tuple[str, str]:
@@ -356,7 +367,8 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
 
     records, failed = [], []
     t0 = last = time.time()
-    pools = [ThreadPoolExecutor(max_workers=cfg.tasks_in_flight, thread_name_prefix=f"search{e}")
+    in_flight = cfg.searches_in_flight(len(tasks), len(problems))
+    pools = [ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix=f"search{e}")
              for e in range(len(engines))]
     try:
         futures = {pools[t["index"] % len(engines)].submit(run_task, t): t for t in tasks}
@@ -384,7 +396,7 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
     facts = {"tasks": len(tasks), "failed": len(failed), "engine_tokens": sum(engine_tokens),
              "record_tokens": sum(r["tokens_generated"] for r in records), "wall_s": time.time() - t0,
              "engine_calls": sum(b.calls["generate"] for b in batchers),
-             "engine_requests": sum(b.items["generate"] for b in batchers)}
+             "engine_requests": sum(b.items["generate"] for b in batchers), "searches_in_flight": in_flight}
     return records, failed, facts
 
 

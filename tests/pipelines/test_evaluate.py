@@ -50,6 +50,16 @@ def test_tasks_cover_every_strategy_and_budget_with_greedy_once():
     assert len(tasks) == 2 * 7
 
 
+def test_searches_in_flight_default_covers_whole_problems():
+    # 2 problems x (greedy 1 + majority 3 + beam 3) = 14 tasks: auto = 7 searches per problem x problems_in_flight
+    cfg = load_config(EvalConfig, overrides=["strategies=[greedy,majority,beam]", "budgets=[4,1,2]"])
+    assert cfg.searches_in_flight(14, 2) == 7 * 16
+    assert load_config(EvalConfig, overrides=["problems_in_flight=3"]).searches_in_flight(14, 2) == 21
+    assert load_config(EvalConfig, overrides=["tasks_in_flight=5"]).searches_in_flight(14, 2) == 5
+    with pytest.raises(ConfigError, match="problems_in_flight"):
+        load_config(EvalConfig, overrides=["problems_in_flight=0"])
+
+
 def _members_call(batcher, n, kind="generate"):
     """n registered threads, each calling once after all registered; returns their results (or exceptions)."""
     ready, results = threading.Barrier(n), [None] * n
