@@ -31,11 +31,15 @@ REDUCE = ("min", "last", "prod", "mean")
 
 class PRMScorer:
     def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 8, max_len: int = 2048,
-                 reduce: str = "min", threads: int = 0, dtype: str = "float32"):
+                 reduce: str = "min", threads: int = 0, dtype: str = "float32", share_prompt: bool = True):
         """model_path: a RewardModel folder; batch_size: solutions per forward pass; max_len: most tokens read
-        per solution; reduce: step scores -> one solution score in __call__ (min | last | prod | mean)."""
+        per solution; reduce: step scores -> one solution score in __call__ (min | last | prod | mean); threads:
+        torch threads on CPU (0 = what Ray set for the actor's num_cpus, -1 = every core of this node);
+        share_prompt: solutions with the same prompt reuse its key/value cache (see _logits)."""
         if reduce not in REDUCE:
             raise ValueError(f"reduce {reduce!r} is not one of {list(REDUCE)}")
+        if threads < 0:
+            threads = os.cpu_count() or 1
         if threads:
             os.environ["OMP_NUM_THREADS"] = str(threads)
         import torch
@@ -56,6 +60,7 @@ class PRMScorer:
         self.step_sep = self.model.step_sep
         self.meta = dict(self.model.meta)
         self.batch_size, self.max_len, self.reduce = batch_size, max_len, reduce
+        self.share_prompt = share_prompt  # run a prompt shared by several solutions once (see _logits)
         self.model_path = str(model_path)
         self.load_s = time.time() - t0
 
@@ -63,13 +68,33 @@ class PRMScorer:
         return {"model": self.model_path, "kind": self.kind, "step_sep": self.step_sep, "load_s": self.load_s,
                 "prompt": self.meta.get("prompt")}
 
-    def _logits(self, seqs: list[list[int]]) -> list[list[float]]:
-        """Per-token sigmoid scores for each token sequence, in micro-batches of similar length."""
+    def _logits(self, seqs: list[list[int]], prefix_lens: list[int] | None = None) -> list[list[float]]:
+        """Per-token sigmoid scores for each token sequence, in micro-batches of similar length.
+
+        prefix_lens (optional): the length of each sequence's prompt. Sequences that share the same prompt ids (the
+        candidates of one search) run the prompt once: its key/value cache is computed for the group, repeated over
+        a micro-batch and the steps run on top of it. The prompt is most of a candidate's tokens (138 of ~190 for
+        the synthetic few-shot prompt), so scoring a search's candidates costs a fraction of a full pass. Scores
+        at prompt positions are not returned (NaN) in that case; the steps' scores equal a full pass's.
+        Written here because transformers has no batched "shared prefix" forward for encoders of this kind."""
+        out: list[list[float]] = [[] for _ in seqs]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, ids in enumerate(seqs):
+            n = prefix_lens[i] if prefix_lens else 0
+            groups.setdefault(tuple(ids[:n]) if 0 < n < len(ids) else (), []).append(i)
+        alone = groups.pop((), [])
+        alone += [i for g in list(groups) if len(groups[g]) == 1 for i in groups.pop(g)]
+        self._forward(seqs, alone, out)
+        for prefix, idx in groups.items():
+            self._forward_shared(seqs, list(prefix), idx, out)
+        return out
+
+    def _forward(self, seqs: list[list[int]], which: list[int], out: list) -> None:
+        """Full passes over seqs[which] into out[i]."""
         from pipelines.reward_model import pad_batch
 
         torch = self.torch
-        out: list[list[float]] = [[] for _ in seqs]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch: less padding
+        order = sorted(which, key=lambda i: len(seqs[i]))  # similar lengths share a batch: less padding
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start: start + self.batch_size]
@@ -77,7 +102,31 @@ class PRMScorer:
                 probs = torch.sigmoid(self.model(ids.to(self.device), mask.to(self.device)).float()).cpu()  # (b, T)
                 for row, i in enumerate(idx):
                     out[i] = probs[row, : len(seqs[i])].tolist()
-        return out
+
+    def _forward_shared(self, seqs: list[list[int]], prefix: list[int], idx: list[int], out: list) -> None:
+        """The prompt once (its KV cache), then the suffixes of seqs[idx] in micro-batches on a copy of it."""
+        import copy
+
+        from pipelines.reward_model import pad_batch
+
+        torch = self.torch
+        n = len(prefix)
+        backbone, head = self.model.backbone, self.model.head
+        with torch.inference_mode():
+            p_ids = torch.tensor([prefix], device=self.device)
+            base = backbone(input_ids=p_ids, attention_mask=torch.ones_like(p_ids), use_cache=True).past_key_values
+            order = sorted(idx, key=lambda i: len(seqs[i]))
+            for start in range(0, len(order), self.batch_size):
+                part = order[start: start + self.batch_size]
+                ids, mask = pad_batch([seqs[i][n:] for i in part], self.pad_id)  # (b, T'), (b, T')
+                cache = copy.deepcopy(base)
+                cache.batch_repeat_interleave(len(part))
+                full_mask = torch.cat([torch.ones(len(part), n, dtype=mask.dtype), mask], dim=1).to(self.device)
+                hidden = backbone(input_ids=ids.to(self.device), attention_mask=full_mask, past_key_values=cache,
+                                  use_cache=True).last_hidden_state  # (b, T', H)
+                probs = torch.sigmoid(head(hidden.to(head.weight.dtype)).squeeze(-1).float()).cpu()  # (b, T')
+                for row, i in enumerate(part):
+                    out[i] = [float("nan")] * n + probs[row, : len(seqs[i]) - n].tolist()
 
     def score(self, prompts: list[str], steps: list[list[str]]) -> list[list[float]]:
         """Per-step scores in [0, 1] for each (prompt, steps); NaN for steps cut by max_len."""
@@ -87,7 +136,9 @@ class PRMScorer:
             raise ValueError(f"score: {len(prompts)} prompts but {len(steps)} step lists")
         encoded = [encode_steps(self.tokenizer, p, list(s), self.step_sep, self.max_len)
                    for p, s in zip(prompts, steps)]
-        probs = self._logits([ids for ids, _ in encoded])
+        prompt_lens = {p: len(self.tokenizer.encode(p, add_special_tokens=False)) for p in set(prompts)}
+        prefix_lens = [min(prompt_lens[p], len(ids)) for p, (ids, _) in zip(prompts, encoded)]
+        probs = self._logits([ids for ids, _ in encoded], prefix_lens if self.share_prompt else None)
         result = []
         for (ids, pos), pr, s in zip(encoded, probs, steps):
             result.append([pr[j] for j in pos] + [float("nan")] * (len(s) - len(pos)))

@@ -101,7 +101,7 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
             for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
                 if not path:
                     continue
-                h = ray.remote(**opts)(PRMScorer).remote(path, device=device)
+                h = ray.remote(**opts)(PRMScorer).remote(path, device=device, threads=cfg.scorer_threads)
                 actors.append(h)
                 meta = ray.get(h.ready.remote())
                 if meta["kind"] != kind:

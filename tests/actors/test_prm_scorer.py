@@ -57,6 +57,37 @@ def test_scores_are_read_at_step_ends_and_do_not_depend_on_batching(rm_folders):
     assert max(all_tokens) - min(all_tokens) > 0.1 and max(together[2]) - min(together[2]) > 1e-3
 
 
+def test_a_shared_prompt_runs_once_and_gives_the_same_scores(rm_folders):
+    """share_prompt (the default): solutions with one prompt reuse its key/value cache; mixed prompts, a prompt cut
+    by max_len and a lone solution go through full passes; every score equals the full-pass scorer's."""
+    folders, _ = rm_folders
+    other = PROMPT.replace("3 apples", "5 apples")
+    prompts = [PROMPT, other, PROMPT, other, PROMPT, "x"]
+    steps = [STEPS[0], STEPS[1], STEPS[2], STEPS[0], STEPS[1], STEPS[0]]
+    shared = PRMScorer(str(folders["prm"]), batch_size=2)
+    full = PRMScorer(str(folders["prm"]), batch_size=2, share_prompt=False)
+    calls = []
+    forward = shared.model.backbone.forward
+
+    def spy(*a, **k):
+        kind = "prompt" if k.get("use_cache") and k.get("past_key_values") is None else \
+            "suffix" if k.get("past_key_values") is not None else "full"
+        calls.append((kind, tuple(k["input_ids"].shape)))
+        return forward(*a, **k)
+
+    shared.model.backbone.forward = spy
+    got, want = shared.score(prompts, steps), full.score(prompts, steps)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-5)
+    # one pass per shared prompt; its 3 and 2 solutions in suffix micro-batches of <= 2; the lone "x" in full
+    n_prompt = len(shared.tokenizer.encode(PROMPT, add_special_tokens=False))
+    assert sorted(c for c in calls if c[0] == "prompt") == [("prompt", (1, n_prompt))] * 2
+    assert sorted(c[1][0] for c in calls if c[0] == "suffix") == [1, 2, 2]
+    assert [c[1][0] for c in calls if c[0] == "full"] == [1]
+    a, b = shared.score([PROMPT] * 2, [STEPS[0]] * 2), full.score([PROMPT] * 2, [STEPS[0]] * 2)
+    assert a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == pytest.approx(b[1], abs=1e-5)
+
+
 def test_a_step_score_ignores_later_steps_and_cut_steps_are_nan(rm_folders):
     folders, tok = rm_folders
     scorer = PRMScorer(str(folders["prm"]))
