@@ -982,8 +982,10 @@ def scored_rows(ds, model_path: str, scorer_cls: type, batch_size: int, max_len:
     num_gpus and device come together from the caller (the job), which picks the accelerator."""
     import ray.data
 
+    # threads=-1: a CPU scorer uses every core (it runs alone, after training)
     return ds.map_batches(scorer_cls, fn_constructor_kwargs={"model_path": model_path, "max_len": max_len,
-                                                             "batch_size": batch_size, "device": device},
+                                                             "batch_size": batch_size, "device": device,
+                                                             "threads": -1 if device == "cpu" else 0},
                           batch_format="pyarrow", batch_size=64, num_cpus=1, num_gpus=num_gpus or None,
                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1)).take_all()
 
