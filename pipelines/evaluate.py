@@ -70,9 +70,9 @@ class EvalConfig:
                                              "as in its training, reward_model.json) | question (the raw text)")
     scorer_num_cpus: float = help_field(1.0, "CPUs Ray reserves per scorer actor")
     scorer_num_gpus: float = help_field(0.0, "GPUs per scorer actor (0 = CPU)")
-    scorer_threads: int = help_field(-1, "torch threads of a CPU scorer: -1 = every core of its node (the engine "
-                                         "and the scorer take turns: a search waits for its scores, so the scorer "
-                                         "may use the cores the engine holds), 0 = its num_cpus, N = N")
+    scorer_threads: int = help_field(0, "torch threads of a CPU scorer: 0 = its num_cpus, -1 = every core of its "
+                                        "node, N = N (more threads than the cores left by the engines slow both "
+                                        "down: measured on 2 cores, -1 made the demo's evaluation slower)")
     tasks_in_flight: int = help_field(0, "searches running at once per engine (their calls are batched); 0 = "
                                          "every search of `problems_in_flight` problems")
     problems_in_flight: int = help_field(16, "with tasks_in_flight=0: problems whose searches run at once per "
