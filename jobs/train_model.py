@@ -250,9 +250,11 @@ def evaluate_prm(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
         result["synthetic"] = _truth_metrics(cfg, tok, model_path, held, truth_problems)
         log(f"[eval prm] held-out labelled solutions: {_truth_line(result['synthetic'])}")
     if ev.truth_data:
-        samples, problems = truth_samples(ev.truth_data)
-        result["truth_data"] = {**_truth_metrics(cfg, tok, model_path, samples, problems), "path": ev.truth_data}
-        log(f"[eval prm] samples of {ev.truth_data}: {_truth_line(result['truth_data'])}")
+        samples, problems, left_out = truth_samples(ev.truth_data)
+        result["truth_data"] = {**_truth_metrics(cfg, tok, model_path, samples, problems), "path": ev.truth_data,
+                                "left_out": left_out}
+        log(f"[eval prm] samples of {ev.truth_data}: {_truth_line(result['truth_data'])}; not scored: "
+            f"{left_out or 'none'}")
     for subset in ev.processbench:
         path = data_root() / "processbench" / f"{subset}.json"
         if not path.exists():
@@ -278,9 +280,9 @@ def evaluate_prm(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
     return result
 
 
-def truth_samples(path: str) -> tuple[list[dict], dict[str, dict]]:
-    """Finished samples of a `stepray generate` run on synthetic problems, and those problems rebuilt from the
-    run's config.json (their ground-truth quantities give every step's truth)."""
+def truth_samples(path: str) -> tuple[list[dict], dict[str, dict], dict[str, int]]:
+    """Finished samples of a `stepray generate` run on synthetic problems, those problems rebuilt from the run's
+    config.json (their ground-truth quantities give every step's truth), and the rows not scored, by reason."""
     from pipelines.problems import SyntheticConfig
 
     run = Path(path)
@@ -294,12 +296,18 @@ def truth_samples(path: str) -> tuple[list[dict], dict[str, dict]]:
     if kind != "sample":
         raise ValueError(f"eval.truth_data={path}: expected Sample rows (a generate run), found {kind} rows")
     problems = problems_by_id([r["problem_id"] for r in rows], synthetic)
-    samples = [r for r in rows if r["problem_id"] in problems and r.get("finish_reason") == "stop"
-               and not r.get("error") and r.get("steps")]
+    samples, left_out = [], {}
+    for r in rows:  # what is not scored is counted by reason (reported in eval.json), never silently dropped
+        why = ("not_this_synthetic_config" if r["problem_id"] not in problems else "engine_error" if r.get("error")
+               else "unfinished" if r.get("finish_reason") != "stop" else "no_steps" if not r.get("steps") else "")
+        if why:
+            left_out[why] = left_out.get(why, 0) + 1
+        else:
+            samples.append(r)
     if not samples:
         raise ValueError(f"eval.truth_data={path}: no finished samples of synthetic problems (ids "
                          f"syn-{synthetic.key()}-<i>) to score")
-    return samples, problems
+    return samples, problems, left_out
 
 
 def _truth_metrics(cfg: TrainConfig, tok, model_path: str, rows: list[dict], problems: dict[str, dict]) -> dict:

@@ -299,8 +299,9 @@ def test_truth_data_rebuilds_problems_and_scores_steps_against_ground_truth(tmp_
     rows.append({**sample(probs[0]["id"], 9, "1 +", False, finish="length")})  # unfinished: left out
     write(rows, "sample", run / "samples" / "part-0.parquet")
 
-    samples, problems = J.truth_samples(str(run))
+    samples, problems, left_out = J.truth_samples(str(run))
     assert len(samples) == 4 and set(problems) == {p["id"] for p in probs}
+    assert left_out == {"not_this_synthetic_config": 1, "unfinished": 1}
 
     # scores per solution: right ones all high; problem 0's wrong one flagged at step 1, problem 1's at step 2 only
     table = {0: [0.9, 0.8, 0.9], 1: [0.9, 0.2, 0.1], 2: [0.7, 0.9, 0.6], 3: [0.8, 0.6, 0.3]}
