@@ -2,7 +2,7 @@
 
     python -m benchmarks.annotation_methods [--model smollm2] [--problems 16] [--samples-per-problem 4]
         [--rollouts 8] [--variants naive,binary,...] [--long-problems 8] [--long-rollouts 4]
-        [--out runs/bench_annotation]
+        [--out runs/bench_annotation] [--json PATH]
 
 Part 1: SmolLM2-135M-Instruct samples (T=0.7) of 2- and 3-step synthetic problems, each labelled by every variant
 (naive, naive+early_stop, binary, binary+reuse, binary+reuse+early_stop, and naive again as the noise floor:
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="problems use seed (part 1) and seed + 1 (part 2)")
     ap.add_argument("--out", default="runs/bench_annotation")
+    ap.add_argument("--json", help="also write the report here (jobs.benchmark reads it)")
     args = ap.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
     path = out / "annotation_methods.json"
     path.write_text(json.dumps(_finite(report), indent=1, default=str))
+    if args.json:
+        Path(args.json).write_text(path.read_text())
     print(f"\n[bench] wrote {path} ({time.time() - t0:.0f}s in all)")
     return 0
 

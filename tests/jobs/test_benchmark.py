@@ -1,0 +1,59 @@
+"""`stepray bench` calls each benchmark module with its own arguments: every module must accept them (a mismatch
+only showed at the end of a 40-minute run), and the table must read the keys the modules write."""
+
+import argparse
+import importlib
+import math
+
+import pytest
+
+from jobs import benchmark as B
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", list(B.BENCHMARKS))
+@pytest.mark.parametrize("size", ["full", "quick"])
+def test_every_module_accepts_the_arguments_bench_gives_it(name, size, monkeypatch, tmp_path):
+    module, full, quick = B.BENCHMARKS[name]
+    args = list(full if size == "full" else quick) + ([] if name == "verify" else ["--json", str(tmp_path / "x")])
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, argv=None, namespace=None):
+        raise _Parsed(real(self, argv, namespace))  # parsing passed: stop before any work starts
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(_Parsed) as got:
+        importlib.import_module(module).main(args)
+    ns = got.value.args[0]
+    if name != "verify":
+        assert ns.json == str(tmp_path / "x")
+
+
+def _variant(name, reduction, agreement):
+    return {"variant": name, "tokens_per_step": 10.0, "token_reduction_vs_naive": reduction,
+            "step_agreement": agreement, "wall_s": 1.0}
+
+
+def test_annotation_summary_picks_the_best_variant_that_keeps_agreement():
+    res = {"part1": [{"variant": "naive", "tokens_per_step": 40.0, "wall_s": 9.0},
+                     _variant("binary", 3.0, 0.93), _variant("binary+reuse", 4.5, 0.88),
+                     _variant("binary+reuse+early_stop", 4.1, 0.91)],
+           "part2": [{"variant": "naive, prefix caching on", "wall_s": 11.8},
+                     {"variant": "naive, prefix caching off", "wall_s": 12.5}]}
+    measured, goal, detail = B._summary("annotation", res)
+    assert measured.startswith("4.10x") and "0.910" in measured and "binary+reuse+early_stop" in measured
+    assert "binary+reuse 4.50x at 0.880" in detail and "prefix caching off 12.5s" in detail
+    res["part1"] = res["part1"][:1] + [_variant("binary", 3.0, 0.85), _variant("binary+reuse", 4.5, 0.80)]
+    assert B._summary("annotation", res)[0].startswith("3.00x")  # none keeps 0.90: the closest in agreement
+
+
+def test_training_summary_reads_each_layout():
+    res = {"plain": {"tokens_per_s": 200.0},
+           "ray_train": {"2 workers x 1 thread (DDP)": {"tokens_per_s": 170.0, "ratio": 0.85},
+                         "1 worker x 2 threads": {"tokens_per_s": 190.0, "ratio": 0.95}}}
+    measured, _, detail = B._summary("training", res)
+    assert measured == "0.95x plain" and "2 workers x 1 thread (DDP) 0.85x" in detail
+    assert not math.isnan(float(measured.split("x")[0]))
