@@ -5,7 +5,8 @@
         [--out runs/bench_annotation] [--json PATH]
 
 Part 1: SmolLM2-135M-Instruct samples (T=0.7) of 2- and 3-step synthetic problems, each labelled by every variant
-(naive, naive+early_stop, binary, binary+reuse, binary+reuse+early_stop, and naive again as the noise floor:
+(naive, naive+early_stop, binary, binary+reuse, binary+reuse+early_stop, scan, scan+reuse, scan+reuse+early_stop,
+and naive again as the noise floor:
 two naive runs differ only by sampling) with K rollouts at the samples' temperature, on ONE engine shared by all
 variants, samples fed in batches of --batch (rollouts of a round batched across a batch, as in the pipeline).
 Per variant: generated tokens and rollouts per labelled step, engine calls, wall time, tokens/s, agreement of the
@@ -42,6 +43,9 @@ VARIANTS = {
     "binary": {"method": "binary"},
     "binary+reuse": {"method": "binary", "reuse": True},
     "binary+reuse+early_stop": {"method": "binary", "reuse": True, "early_stop": True},
+    "scan": {"method": "scan"},
+    "scan+reuse": {"method": "scan", "reuse": True},
+    "scan+reuse+early_stop": {"method": "scan", "reuse": True, "early_stop": True},
 }
 
 

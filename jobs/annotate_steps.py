@@ -1,6 +1,6 @@
 """Label the steps of sampled solutions: Monte-Carlo rollouts (Math-Shepherd), cheaper plans, or a judge model.
 
-    stepray annotate --samples runs/gen/samples --rollouts 8 --method naive|binary [--reuse] [--early-stop]
+    stepray annotate --samples runs/gen/samples --rollouts 8 --method naive|binary|scan [--reuse] [--early-stop]
                      [--problems SPEC] [--model smollm2] [--labels mc|judge|consensus|step_check_consensus]
                      --out runs/annotate
                      [--config cfg.yaml] [key=value ...]
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, AnnotateConf
     ap.add_argument("--problems", help="problems behind the samples, for questions and ground truth (sets problems=; "
                                        "default: the generation run's config.json beside the samples folder)")
     ap.add_argument("--rollouts", type=int, help="K, rollouts per prefix (sets rollouts=)")
-    ap.add_argument("--method", choices=["naive", "binary"], help="sets method=")
+    ap.add_argument("--method", choices=["naive", "binary", "scan"], help="sets method=")
     ap.add_argument("--reuse", action="store_true", help="sets reuse=true")
     ap.add_argument("--early-stop", action="store_true", help="sets early_stop=true")
     ap.add_argument("--labels", choices=["mc", "judge", "consensus", "step_check_consensus"], help="sets labels=")

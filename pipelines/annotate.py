@@ -91,7 +91,8 @@ class AnnotateConfig:
     synthetic: SyntheticConfig = help_field(SyntheticConfig(), "the synthetic generator, when problems=synthetic")
     engine: EngineConfig = help_field(EngineConfig(batch_size=8), "the vLLM engine pool (batch_size = samples per "
                                                                   "annotator call; their rollouts share calls)")
-    method: str = help_field("naive", "naive (every prefix) | binary (first-error search over the prefixes)")
+    method: str = help_field("naive", "naive (every prefix) | binary (first-error search, midpoint probes) | "
+                                      "scan (first-error search, probes from the first step on)")
     rollouts: int = help_field(8, "K: rollouts per prefix")
     reuse: bool = help_field(False, "count the sample itself and rollouts passing through a prefix as its rollouts")
     early_stop: bool = help_field(False, "stop a prefix's rollouts at its first success (decides the hard label)")

@@ -170,9 +170,26 @@ def _deterministic_oracle(values: list[list[int]], k_texts: str = ""):
     return oracle
 
 
+def test_scan_probes_from_the_front():
+    lab, oracle = _label(method="scan")
+    # lo=0 -> probe prefix 1 (index 0): 1,0,1,1 good -> lo=1; probe index 1: 0,0,1,0 good -> lo=2; probe index 2:
+    # 4 failures -> hi=3: the same first error as naive and binary, three prefixes queried (binary: two)
+    assert [[(i, n) for _, i, n in c] for c in oracle.calls] == [[(0, 4)], [(1, 4)], [(2, 4)]]
+    assert lab.hard == [1, 1, 0, 0] and lab.first_error == 2 and lab.tokens == 120
+    # a solution wrong at its first step: one probe where binary needs two
+    script = {(0, 0): [(0, "a")] * 4, (0, 1): [(0, "b")] * 4, (0, 2): [(0, "c")] * 4}
+    for method, probes in (("scan", [[(0, 4)]]), ("binary", [[(1, 4)], [(0, 4)]])):
+        oracle = ScriptedOracle({k: list(v) for k, v in script.items()})
+        p = Planner(COMPLETION, step_ends(COMPLETION, STEPS), verdict=False, k=4, method=method)
+        lab = run_planners([p], oracle)[0]
+        assert [[(i, n) for _, i, n in c] for c in oracle.calls] == probes
+        assert lab.hard == [0, 0, 0, 0] and lab.first_error == 0
+
+
+@pytest.mark.parametrize("method", ["binary", "scan"])
 @pytest.mark.parametrize("flags", [dict(), dict(reuse=True), dict(early_stop=True, chunk=1),
                                    dict(reuse=True, early_stop=True, chunk=3)])
-def test_binary_finds_the_naive_first_error_when_rollouts_are_deterministic(flags):
+def test_binary_finds_the_naive_first_error_when_rollouts_are_deterministic(flags, method):
     rng = random.Random(0)
     values, planners_n, planners_b = [], [], []
     for _ in range(200):
@@ -183,17 +200,22 @@ def test_binary_finds_the_naive_first_error_when_rollouts_are_deterministic(flag
         text = "\n".join(f"step {t}" for t in range(T))
         ends = step_ends(text, [f"step {t}" for t in range(T)])
         planners_n.append(Planner(text, ends, verdict=bool(v[-1]), k=4, method="naive", **flags))
-        planners_b.append(Planner(text, ends, verdict=bool(v[-1]), k=4, method="binary", **flags))
+        planners_b.append(Planner(text, ends, verdict=bool(v[-1]), k=4, method=method, **flags))
     naive = run_planners(planners_n, _deterministic_oracle(values))
     binary = run_planners(planners_b, _deterministic_oracle(values))
     for v, a, b in zip(values, naive, binary):
         assert a.first_error == b.first_error == first_error_of(v)
         assert a.hard == b.hard == v
         assert b.tokens <= a.tokens
-        # at most ceil(log2 T) prefixes are queried by the search
-        assert sum(1 for n in b.fresh if n) <= math.ceil(math.log2(len(v))) if len(v) > 1 else b.tokens == 0
-    # naive without early stop spends K on every prefix; the search about log2(T) prefixes
-    assert sum(b.tokens for b in binary) < sum(a.tokens for a in naive) / (1 if flags.get("early_stop") else 2)
+        queried = sum(1 for n in b.fresh if n)
+        if method == "binary":  # at most ceil(log2 T) prefixes are queried by the search
+            assert queried <= math.ceil(math.log2(len(v))) if len(v) > 1 else b.tokens == 0
+        else:  # the prefixes up to the first error, none after it
+            assert queried == (min(first_error_of(v) + 1, len(v) - 1) if first_error_of(v) >= 0 else 0)
+    # naive without early stop spends K on every prefix; binary about log2(T) prefixes; scan (first errors spread
+    # evenly here, its worst case) about half of them
+    factor = 2 if method == "binary" and not flags.get("early_stop") else 1
+    assert sum(b.tokens for b in binary) < sum(a.tokens for a in naive) / factor
 
 
 def test_binary_on_non_monotone_values_finds_a_drop():
