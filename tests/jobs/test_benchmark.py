@@ -40,12 +40,14 @@ def _variant(name, reduction, agreement):
 def test_annotation_summary_picks_the_best_variant_that_keeps_agreement():
     res = {"part1": [{"variant": "naive", "tokens_per_step": 40.0, "wall_s": 9.0},
                      _variant("binary", 3.0, 0.93), _variant("binary+reuse", 4.5, 0.88),
-                     _variant("binary+reuse+early_stop", 4.1, 0.91)],
+                     _variant("binary+reuse+early_stop", 4.1, 0.91),
+                     _variant("naive (repeat)", 5.0, 0.95)],  # the noise floor, never a candidate
            "part2": [{"variant": "naive, prefix caching on", "wall_s": 11.8},
                      {"variant": "naive, prefix caching off", "wall_s": 12.5}]}
     measured, goal, detail = B._summary("annotation", res)
     assert measured.startswith("4.10x") and "0.910" in measured and "binary+reuse+early_stop" in measured
     assert "binary+reuse 4.50x at 0.880" in detail and "prefix caching off 12.5s" in detail
+    assert "naive vs itself 0.950 (noise floor)" in detail and "naive (repeat) 5.00x" not in detail
     res["part1"] = res["part1"][:1] + [_variant("binary", 3.0, 0.85), _variant("binary+reuse", 4.5, 0.80)]
     assert B._summary("annotation", res)[0].startswith("3.00x")  # none keeps 0.90: the closest in agreement
 
