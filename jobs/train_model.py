@@ -232,6 +232,8 @@ def evaluate_sft(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
 def evaluate_prm(cfg: TrainConfig, init_path: str, model_path: str, examples, log) -> dict:
     """Step-level F1/AUC against ground-truth step checks (held-out synthetic problems) and ProcessBench F1."""
     import ray.data
+
+    init_ray()  # idempotent; a caller without Ray must not auto-join a stale cluster left in /tmp/ray
     from transformers import AutoTokenizer
 
     from actors.prm_scorer import PRMScorer
@@ -315,6 +317,8 @@ def _truth_metrics(cfg: TrainConfig, tok, model_path: str, rows: list[dict], pro
     P/R/F1 and AUC of "step is wrong", the flag-all baseline, and the first-error accuracy per solution."""
     import ray.data
 
+    init_ray()  # idempotent; a caller without Ray must not auto-join a stale cluster left in /tmp/ray
+
     from actors.prm_scorer import PRMScorer
 
     ev = cfg.eval
@@ -349,6 +353,8 @@ def _truth_line(m: dict) -> str:
 def evaluate_orm(cfg: TrainConfig, init_path: str, model_path: str, examples, log) -> dict:
     """AUC of the ORM's score against the verifier's verdicts on held-out problems."""
     import ray.data
+
+    init_ray()  # idempotent; a caller without Ray must not auto-join a stale cluster left in /tmp/ray
 
     from actors.prm_scorer import PRMScorer
 
