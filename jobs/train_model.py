@@ -231,9 +231,6 @@ def evaluate_sft(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
 
 def evaluate_prm(cfg: TrainConfig, init_path: str, model_path: str, examples, log) -> dict:
     """Step-level F1/AUC against ground-truth step checks (held-out synthetic problems) and ProcessBench F1."""
-    import ray.data
-
-    init_ray()  # idempotent; a caller without Ray must not auto-join a stale cluster left in /tmp/ray
     from transformers import AutoTokenizer
 
     from actors.prm_scorer import PRMScorer
@@ -270,7 +267,7 @@ def evaluate_prm(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
         t = time.time()
         items = [{"idx": i, "prompt": render(tok, r["problem"], "math", cfg.prompt), "steps": r["steps"]}
                  for i, r in enumerate(rows)]
-        scored = sorted(scored_rows(ray.data.from_items(items), model_path, PRMScorer, ev.batch_size, ev.max_len,
+        scored = sorted(scored_rows(_items_dataset(items), model_path, PRMScorer, ev.batch_size, ev.max_len,
                                     *_scorer_device(cfg)),
                         key=lambda r: r["idx"])
         pred = [predicted_first_error(list(s["step_scores"]), ev.threshold) for s in scored]
@@ -280,6 +277,15 @@ def evaluate_prm(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
         log(f"[eval prm] ProcessBench {subset}: F1 {pb['f1']:.3f} (error acc {pb['error_acc']:.3f}, correct acc "
             f"{pb['correct_acc']:.3f}, {pb['n']} solutions, {time.time() - t:.0f}s)")
     return result
+
+
+def _items_dataset(items: list[dict]):
+    """A Ray Data dataset of the rows to score, on a Ray started here if the caller has none: init_ray is idempotent
+    and starts a fresh local cluster, where Ray Data's auto-init would join a stale one named in /tmp/ray."""
+    import ray.data
+
+    init_ray()
+    return ray.data.from_items(items)
 
 
 def truth_samples(path: str) -> tuple[list[dict], dict[str, dict], dict[str, int]]:
@@ -315,9 +321,6 @@ def truth_samples(path: str) -> tuple[list[dict], dict[str, dict], dict[str, int
 def _truth_metrics(cfg: TrainConfig, tok, model_path: str, rows: list[dict], problems: dict[str, dict]) -> dict:
     """Score rows {problem_id, question | prompt, steps} with the PRM against ground-truth step checks: step-level
     P/R/F1 and AUC of "step is wrong", the flag-all baseline, and the first-error accuracy per solution."""
-    import ray.data
-
-    init_ray()  # idempotent; a caller without Ray must not auto-join a stale cluster left in /tmp/ray
 
     from actors.prm_scorer import PRMScorer
 
@@ -325,7 +328,7 @@ def _truth_metrics(cfg: TrainConfig, tok, model_path: str, rows: list[dict], pro
     items = [{"idx": i, "steps": list(e["steps"]),
               "prompt": render(tok, e["question"], "numeric", cfg.prompt) if e.get("question") else e["prompt"]}
              for i, e in enumerate(rows)]
-    scored = sorted(scored_rows(ray.data.from_items(items), model_path, PRMScorer, ev.batch_size, ev.max_len,
+    scored = sorted(scored_rows(_items_dataset(items), model_path, PRMScorer, ev.batch_size, ev.max_len,
                                 *_scorer_device(cfg)), key=lambda r: r["idx"])
     truth, pred, flat_scores, flat_ok, fe_hits = [], [], [], [], 0
     for e, r in zip(rows, scored):
@@ -352,9 +355,6 @@ def _truth_line(m: dict) -> str:
 
 def evaluate_orm(cfg: TrainConfig, init_path: str, model_path: str, examples, log) -> dict:
     """AUC of the ORM's score against the verifier's verdicts on held-out problems."""
-    import ray.data
-
-    init_ray()  # idempotent; a caller without Ray must not auto-join a stale cluster left in /tmp/ray
 
     from actors.prm_scorer import PRMScorer
 
@@ -362,7 +362,7 @@ def evaluate_orm(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
         log("[eval orm] no held-out rows (eval.holdout_fraction is 0 or too small): skipped")
         return {"skipped": "no held-out rows"}
     items = [{"idx": i, "prompt": e["prompt"], "completion": e["completion"]} for i, e in enumerate(examples.holdout)]
-    scored = sorted(scored_rows(ray.data.from_items(items), model_path, PRMScorer, cfg.eval.batch_size,
+    scored = sorted(scored_rows(_items_dataset(items), model_path, PRMScorer, cfg.eval.batch_size,
                                 cfg.eval.max_len, *_scorer_device(cfg)), key=lambda r: r["idx"])
     scores = [r["score"] for r in scored]
     labels = [e["target"] >= 0.5 for e in examples.holdout]
