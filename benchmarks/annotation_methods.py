@@ -15,6 +15,11 @@ ground-truth step checks (pipelines.verify.first_error with the problems' quanti
 the prefix truth, first-error accuracy). The goal of issue 5: >= 4x fewer tokens per labelled step than naive at
 >= 90% step agreement, with wall time falling with it.
 
+--select balanced labels the mix a PRM is trained on (`stepray annotate select=balanced`, as the demo does): up to
+half verified samples, the rest wrong. A verified sample costs first-error search nothing (every prefix is known
+good from its own verdict) and naive K rollouts per prefix, so the ratio depends on the mix; the default (all kept
+samples of a weak model) is nearly all wrong, the costliest case for the search.
+
 Part 2: prefix caching on long prefixes: samples of 4-5 step problems (solutions with >= --long-min-steps steps),
 labelled naive with --long-rollouts on an engine with prefix caching and on a fresh one without (each warmed up
 with one small request first); wall time and tokens/s of each.
@@ -161,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--problems", type=int, default=16, help="2-3 step synthetic problems for part 1")
     ap.add_argument("--samples-per-problem", type=int, default=4)
     ap.add_argument("--min-steps", type=int, default=2, help="part 1 keeps samples with at least this many steps")
+    ap.add_argument("--select", choices=("all", "balanced"), default="all",
+                    help="part 1 labels all kept samples, or --limit of them chosen as `stepray annotate "
+                         "select=balanced` does (up to half verified, the rest wrong): the PRM training set's mix")
+    ap.add_argument("--limit", type=int, default=0, help="with --select balanced: samples labelled (0 = all)")
     ap.add_argument("--rollouts", type=int, default=8, help="K for part 1")
     ap.add_argument("--chunk", type=int, default=2, help="early stop: rollouts per prefix per round")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated, from {list(VARIANTS)}")
@@ -204,9 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     engine = start_engine(model_path, args.model, True, args)
     print(f"[bench] engine up in {time.time() - t0:.0f}s")
     samples, problems = make_samples(engine, model_path, 2, 3, args.problems, args.seed, args, args.min_steps)
+    sampled = {"samples": samples.num_rows,
+               "accuracy": sum(samples.column("correct").to_pylist()) / max(samples.num_rows, 1)}
+    if args.select == "balanced":
+        from jobs.annotate_steps import select_samples
+
+        samples = select_samples(samples, args.limit or samples.num_rows, "balanced")
     steps = samples.column("steps").to_pylist()
     report["part1_samples"] = {"samples": samples.num_rows, "steps": sum(map(len, steps)),
-                               "accuracy": sum(samples.column("correct").to_pylist()) / max(samples.num_rows, 1)}
+                               "accuracy": sum(samples.column("correct").to_pylist()) / max(samples.num_rows, 1),
+                               "select": args.select, "sampled": sampled}
     print(f"[bench] part 1: {samples.num_rows} samples with >= {args.min_steps} steps "
           f"({report['part1_samples']['steps']} steps, accuracy {report['part1_samples']['accuracy']:.2f})")
     results, reference = [], None

@@ -89,6 +89,7 @@ def run_ray(cfg, model_path: str, rows: list[dict], warmup: int) -> dict:
     tokens = sum(h["window_tokens"] for h in steady)
     seconds = sum(h["window_s"] for h in steady)
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
+            "report_s": sum(h.get("report_s", 0.0) for h in steady),  # inside `seconds`: ray.train.report calls
             "startup_and_save_s": wall - sum(h["window_s"] for h in history), "final_loss": history[-1]["loss"]}
 
 
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run_ray(layout, model_path, rows, args.warmup)
         results[name] = r
         print(f"[bench] Ray Train, {name}: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens in "
-              f"{r['seconds']:.1f}s; startup + final save {r['startup_and_save_s']:.0f}s)")
+              f"{r['seconds']:.1f}s, of which {r['report_s']:.1f}s in ray.train.report; startup + final save "
+              f"{r['startup_and_save_s']:.0f}s)")
     # the plain loop runs last, in this process: its model and optimizer stay resident until exit, and must not
     # take memory from the Ray Train workers
     plain = run_plain(cfg, model_path, rows, args.steps, args.batch, args.workers, args.warmup)

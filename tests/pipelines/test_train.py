@@ -530,3 +530,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(task, tmp_path, tiny_mo
         grads.append((loss.item(), next(p.grad for n, p in model.named_parameters() if "layers.0." in n)))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+def test_param_groups_give_the_reward_head_its_own_rate(tmp_path, tiny_model):
+    """The fresh scalar head trains at head_lr, the pretrained body at lr; SFT and head_lr=0 keep one group."""
+    import torch
+
+    rm = T.build_model("prm", tiny_model, cfg_for("prm", "x", tmp_path, base=tiny_model))
+    cfg = cfg_for("prm", "x", tmp_path, base=tiny_model, lr=1e-5, head_lr=1e-3)
+    body, head = T.param_groups(rm, cfg)
+    assert head["lr"] == 1e-3 and {id(p) for p in head["params"]} == {id(rm.head.weight), id(rm.head.bias)}
+    assert body["lr"] == 1e-5 and len(body["params"]) == len(list(rm.parameters())) - 2
+    one = T.param_groups(rm, cfg_for("prm", "x", tmp_path, base=tiny_model, head_lr=0.0))
+    assert len(one) == 1 and len(one[0]["params"]) == len(list(rm.parameters()))
+    lm = T.build_model("sft", tiny_model, cfg_for("sft", "x", tmp_path, base=tiny_model))
+    assert len(T.param_groups(lm, cfg_for("sft", "x", tmp_path, base=tiny_model, head_lr=1e-3))) == 1
+    # the schedule scales both groups: after warmup step 0 of 2, each group sits at half its peak
+    opt = torch.optim.AdamW(T.param_groups(rm, cfg_for("prm", "x", tmp_path, base=tiny_model, lr=1e-5,
+                                                       head_lr=1e-3)))
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_factor(s, 2, 10, "constant"))  # applies step 0's factor
+    assert [round(g["lr"], 12) for g in opt.param_groups] == [0.5e-5, 0.5e-3]
+    with pytest.raises(ValueError, match="head_lr"):
+        cfg_for("prm", "x", tmp_path, base=tiny_model, head_lr=-1.0)
