@@ -1,16 +1,17 @@
 """Training throughput: Ray Train (TorchTrainer) against a plain PyTorch loop, same model, data and cores.
 
     python -m benchmarks.train_throughput [--model smollm2] [--rows 64] [--steps 12] [--batch 8] [--workers 2]
-                                          [--warmup 2] [--json out.json]
+                                          [--warmup 2] [--plain-runs 2] [--json out.json]
 
-One run does all, one after the other on the same machine (Ray Train first, the plain loop last), on the same
+One run does all, one after the other on the same machine (plain, Ray Train, plain again), on the same
 SFT token rows (synthetic problems' reference solutions as completions, prompts rendered with the chat template)
 and the same global batch:
 1. Ray Train, two layouts of the same cores: `--workers` CPU workers x 1 thread (DDP over gloo: every step
    all-reduces the full gradient, 540 MB for SmolLM2 in fp32) and 1 worker x `--workers` threads (no all-reduce),
    each with the real worker loop (Ray Data shard iterators, `ray.train.report`), no checkpoint but the final one;
 2. plain: one process, torch threads = `--workers` (the same cores), AdamW, `compute_loss` and `collate_batch`
-   from pipelines/train.py, `--steps` optimizer steps.
+   from pipelines/train.py, `--steps` optimizer steps; with `--plain-runs 2` (default) once before Ray Train and once
+   after, the reference being the mean of the two (their spread is printed: it is the drift of the machine).
 Tokens counted: non-padding input tokens of every optimizer step. Throughput is steady state: the first `--warmup`
 steps of each side are left out (first-batch and allocator costs). Ray Train reports metrics every `--warmup`
 steps (so its first window is exactly the warmup); its windows include those report calls and the DDP all-reduce.
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (1 CPU, 1 thread each)")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the rate on each side")
     ap.add_argument("--out", default="runs/bench_train", help="Ray Train storage for this benchmark")
+    ap.add_argument("--plain-runs", type=int, default=2, choices=(1, 2),
+                    help="plain loop runs: 2 = before and after Ray Train (the reference is their mean), 1 = after")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.batch % args.workers:
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] {args.model}: {len(rows)} rows, {sum(len(r['input_ids']) for r in rows)} tokens; "
           f"{args.steps} steps of global batch {args.batch}, warmup {args.warmup}")
 
+    plains_before = [run_plain(cfg, model_path, rows, args.steps, args.batch, args.workers, args.warmup)
+                     for _ in range(args.plain_runs - 1)]  # before Ray starts; its memory is freed on return
     init_ray(num_cpus=args.workers)
     layouts = {f"{args.workers} workers x 1 thread (DDP)": cfg}
     if args.workers > 1:
@@ -137,18 +142,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] Ray Train, {name}: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens in "
               f"{r['seconds']:.1f}s, of which {r['report_s']:.1f}s in ray.train.report; startup + final save "
               f"{r['startup_and_save_s']:.0f}s)")
-    # the plain loop runs last, in this process: its model and optimizer stay resident until exit, and must not
-    # take memory from the Ray Train workers
-    plain = run_plain(cfg, model_path, rows, args.steps, args.batch, args.workers, args.warmup)
-    print(f"[bench] plain PyTorch ({args.workers} threads): {plain['tokens_per_s']:.1f} tokens/s "
-          f"({plain['tokens']} tokens in {plain['seconds']:.1f}s)")
+    # the plain loop runs in this process, after Ray Train (its model and optimizer must not take memory from the
+    # workers), and with --plain-runs 2 once more before it: the reference is the mean, and the two runs' spread
+    # shows how far this machine drifts within one benchmark (single runs vary by ~10% here)
+    plains = plains_before + [run_plain(cfg, model_path, rows, args.steps, args.batch, args.workers, args.warmup)]
+    for i, p in enumerate(plains):
+        print(f"[bench] plain PyTorch ({args.workers} threads), {'before' if i < len(plains_before) else 'after'} "
+              f"Ray Train: {p['tokens_per_s']:.1f} tokens/s ({p['tokens']} tokens in {p['seconds']:.1f}s)")
+    rates = [p["tokens_per_s"] for p in plains]
+    plain = {**plains[-1], "tokens_per_s": sum(rates) / len(rates), "runs": rates,
+             "spread": (max(rates) - min(rates)) / (sum(rates) / len(rates))}
     for r in results.values():
         r["ratio"] = r["tokens_per_s"] / plain["tokens_per_s"]
     width = max(len(n) for n in results) + 12
     lines = [f"{'':<{width}}{'tokens/s':>10}{'x plain':>10}",
              f"{'plain PyTorch, ' + str(args.workers) + ' threads':<{width}}{plain['tokens_per_s']:>10.1f}{1:>10.2f}"]
     lines += [f"{'Ray Train, ' + n:<{width}}{r['tokens_per_s']:>10.1f}{r['ratio']:>10.2f}" for n, r in results.items()]
-    print("\n" + "\n".join(lines) + "\n(goal: Ray Train >= 0.9x plain)")
+    print("\n" + "\n".join(lines) + "\n(goal: Ray Train >= 0.9x plain)" + (
+        f"; the plain runs differ by {100 * plain['spread']:.0f}% of their mean" if len(rates) > 1 else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "plain": plain, "ray_train": results},
                                               indent=1))

@@ -67,7 +67,9 @@ def _summary(name: str, res: dict) -> tuple[str, str, str]:
         best_name, best = max(layouts.items(), key=lambda kv: kv[1]["ratio"])
         return (f"{best['ratio']:.2f}x plain", ">= 0.90x",
                 f"Ray Train {best_name} {best['tokens_per_s']:.0f} vs plain {res['plain']['tokens_per_s']:.0f} "
-                "tokens/s; " + ", ".join(f"{n} {r['ratio']:.2f}x" for n, r in layouts.items() if n != best_name))
+                "tokens/s; " + ", ".join(f"{n} {r['ratio']:.2f}x" for n, r in layouts.items() if n != best_name)
+                + (f"; plain runs before/after differ by {100 * res['plain']['spread']:.0f}%"
+                   if "spread" in res["plain"] else ""))
     if name == "annotation":  # benchmarks.annotation_methods: {"part1": [variant rows], "part2": [...]}
         # the cheaper plans; naive's own rows (the reference, its early-stop twin's is kept, the repeat = noise floor)
         rows = [r for r in res["part1"] if r["variant"] not in ("naive", "naive (repeat)")

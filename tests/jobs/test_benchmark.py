@@ -59,3 +59,6 @@ def test_training_summary_reads_each_layout():
     measured, _, detail = B._summary("training", res)
     assert measured == "0.95x plain" and "2 workers x 1 thread (DDP) 0.85x" in detail
     assert not math.isnan(float(measured.split("x")[0]))
+    assert "differ" not in detail  # one plain run (older JSON): no spread to show
+    res["plain"].update(runs=[190.0, 210.0], spread=0.1)
+    assert B._summary("training", res)[2].endswith("plain runs before/after differ by 10%")
