@@ -2,6 +2,7 @@
 
     python -m benchmarks.sft_round [--problems 400] [--n 8] [--heldout 200] [--model smollm2] [--out runs/sft_round]
                                    [--epochs 2] [--lr 2e-5] [--batch 4] [--workers 2] [--max-tokens 128]
+                                   [--phrasings 0]
 
 What it runs, each step as the job a user would run (subprocesses, so each starts and stops its own local Ray):
 1. E-step: `python -m jobs.generate_samples`: n samples at T=0.7 (up to --max-tokens new tokens) for each of
@@ -13,6 +14,8 @@ What it runs, each step as the job a user would run (subprocesses, so each start
    (1; any held-out question found inside a training prompt is left out and counted), before and after, via vLLM.
 The defaults reproduce the calibration run of notes/cpu-vllm.md (400 problems, n=8, T=0.7, 128 tokens, k=2,
 lr 2e-5, global batch 8, 2 epochs, 200 held-out problems; it went 14.5% -> 36.0% with a plain PyTorch loop).
+--phrasings 1 draws every sentence from one phrasing (the calibration's problems had "a few sentence shapes", the
+generator's default has 4-6 per sentence kind): the same pipeline on a narrower wording.
 Prints the numbers of problems and samples, before/after greedy accuracy, and writes <out>/round.json.
 A re-run with the same --out resumes: generation skips finished problems, training resumes from its checkpoint.
 """
@@ -46,11 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4, help="rows per worker per step")
     ap.add_argument("--workers", type=int, default=2, help="Ray Train CPU workers")
     ap.add_argument("--max-tokens", type=int, default=128, help="most new tokens per sample and greedy answer")
+    ap.add_argument("--phrasings", type=int, default=0,
+                    help="phrasings per sentence kind (0 = all the generator has; 1 = one sentence shape, "
+                         "the narrow wording of the calibration run), for training and held-out problems alike")
     ap.add_argument("--k", type=int, default=2, help="most verified samples kept per problem")
     args = ap.parse_args(argv)
     out = Path(args.out)
     py = sys.executable
-    kind = ["synthetic.min_steps=1", "synthetic.max_steps=1", "synthetic.ops=+,-,*"]
+    kind = ["synthetic.min_steps=1", "synthetic.max_steps=1", "synthetic.ops=+,-,*",
+            f"synthetic.phrasings={args.phrasings}"]
     t0 = time.time()
     run([py, "-m", "jobs.generate_samples", "--problems", "synthetic", "--n", str(args.n), "--model", args.model,
          "--out", str(out / "gen"), f"synthetic.n={args.problems}", "synthetic.seed=0", *kind,

@@ -91,6 +91,9 @@ class SyntheticConfig:
     max_operand: int = help_field(20, "largest operand of + and -")
     max_factor: int = help_field(5, "largest factor of * and divisor of /")
     max_value: int = help_field(1000, "no intermediate value exceeds this")
+    phrasings: int = help_field(0, "phrasings per sentence kind to draw from: 0 = all (the default: many sentence "
+                                   "shapes), k = only the first k of each (a narrow wording, e.g. for a controlled "
+                                   "study of how training follows the problems' wording)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps <= 5:
@@ -98,13 +101,16 @@ class SyntheticConfig:
         bad = [o for o in self.ops if o not in ("+", "-", "*", "/")]
         if bad or not self.ops:
             raise ValueError(f"ops must be a non-empty subset of + - * /, got {list(self.ops)}")
+        if self.phrasings < 0:
+            raise ValueError(f"phrasings must be >= 0 (0 = all), got {self.phrasings}")
         if self.max_factor < 2 or self.max_start < 2 or self.max_operand < 1 or self.n < 0:
             raise ValueError("max_factor and max_start must be >= 2, max_operand >= 1 and n >= 0")
 
     def key(self) -> str:
         """Short hash of everything that shapes the problems (so ids never collide across configs)."""
         blob = json.dumps([self.seed, self.min_steps, self.max_steps, list(self.ops), self.max_start,
-                           self.max_operand, self.max_factor, self.max_value])
+                           self.max_operand, self.max_factor, self.max_value]
+                          + ([self.phrasings] if self.phrasings else []))  # ids of the default stay as they were
         return hashlib.sha1(blob.encode()).hexdigest()[:6]
 
 
@@ -173,10 +179,11 @@ def _apply(op: str, v: int, b: int) -> int:
 def synthetic_problem(cfg: SyntheticConfig, i: int) -> Problem:
     """Problem i of the config: reproducible from (cfg, i) alone, with the value of every step recorded."""
     rng = random.Random(f"{cfg.seed}:{i}")  # string seeds hash with sha512: stable across runs and platforms
+    pick = (lambda xs: rng.choice(xs[:cfg.phrasings])) if cfg.phrasings else rng.choice
     n_steps = rng.randint(cfg.min_steps, cfg.max_steps)
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     value = rng.randint(2, cfg.max_start)
-    sentences = [_fill(rng.choice(_OPEN), name, item, a=value)]
+    sentences = [_fill(pick(_OPEN), name, item, a=value)]
     quantities: list[float] = [float(value)]
     ref_steps: list[str] = []
     ref_values: list[float] = []
@@ -201,14 +208,14 @@ def synthetic_problem(cfg: SyntheticConfig, i: int) -> Problem:
         op, bs = rng.choice(options)
         b = rng.choice(bs)
         new = _apply(op, value, b)
-        sentences.append(_fill(rng.choice(_OP_TEMPLATES[op]), name, item, b=b))
+        sentences.append(_fill(pick(_OP_TEMPLATES[op]), name, item, b=b))
         sym = {"+": "+", "-": "-", "*": "*", "/": "/"}[op]
         ref_steps.append(f"{value} {sym} {b} = {new}")
         ref_values.append(float(new))
         quantities.append(float(b))
         ops_used.append(op)
         value = new
-    sentences.append(_fill(rng.choice(_ASK), name, item))
+    sentences.append(_fill(pick(_ASK), name, item))
     return _problem(
         id=f"syn-{cfg.key()}-{i:06d}",
         question=" ".join(sentences),

@@ -1,5 +1,6 @@
 """Problem sources: synthetic reproducibility and step values, every loader on the real files, rejects."""
 
+import hashlib
 import json
 import re
 
@@ -58,7 +59,26 @@ def test_synthetic_uses_many_templates_and_respects_ops():
     assert all(json.loads(p["meta"])["ops"] == ["+"] for p in probs)
 
 
+def test_synthetic_phrasings_narrows_the_wording_only():
+    wide = SyntheticConfig(n=200, seed=0, min_steps=1, max_steps=1, ops=("+",))
+    narrow = SyntheticConfig(n=200, seed=0, min_steps=1, max_steps=1, ops=("+",), phrasings=1)
+    # the default's ids are what they were before the knob existed (the hash of the same fields as then)
+    old = json.dumps([0, 1, 1, ["+"], 50, 20, 5, 1000])
+    assert wide.key() == hashlib.sha1(old.encode()).hexdigest()[:6] != narrow.key()
+    items = r"toy cars|" + "|".join(["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps",
+                                     "shells", "cards", "balloons"])
+
+    def shape(q):  # names, pronouns, items and numbers out: what is left is the sentence shape
+        return re.sub(r"\d+", "N", re.sub(r"\b[A-Z][a-z]+\b|\b(he|she|his|her)\b", "X", re.sub(items, "I", q)))
+
+    assert len({shape(p["question"]) for p in synthetic_problems(narrow)}) == 1
+    assert len({shape(p["question"]) for p in synthetic_problems(wide)}) >= 30
+    for p in synthetic_problems(narrow):  # the arithmetic is the same kind: the answer follows from the quantities
+        assert float(p["answer"]) == p["quantities"][0] + p["quantities"][1]
+
+
 @pytest.mark.parametrize("kwargs, msg", [
+    ({"phrasings": -1}, "phrasings"),
     ({"min_steps": 0}, "min_steps"), ({"max_steps": 6}, "max_steps"), ({"ops": ("^",)}, "ops"),
     ({"min_steps": 3, "max_steps": 2}, "min_steps"),
 ])
