@@ -6,7 +6,7 @@
 
 Part 1: SmolLM2-135M-Instruct samples (T=0.7) of 2- and 3-step synthetic problems, each labelled by every variant
 (naive, naive+early_stop, binary, binary+reuse, binary+reuse+early_stop, scan, scan+reuse, scan+reuse+early_stop,
-and naive again as the noise floor:
+and naive again as the noise floor; naive+reuse on request, which adds a second reference column):
 two naive runs differ only by sampling) with K rollouts at the samples' temperature, on ONE engine shared by all
 variants, samples fed in batches of --batch (rollouts of a round batched across a batch, as in the pipeline).
 Per variant: generated tokens and rollouts per labelled step, engine calls, wall time, tokens/s, agreement of the
@@ -51,7 +51,14 @@ VARIANTS = {
     "scan": {"method": "scan"},
     "scan+reuse": {"method": "scan", "reuse": True},
     "scan+reuse+early_stop": {"method": "scan", "reuse": True, "early_stop": True},
+    # not in the default run: the second reference. Naive spends K fresh rollouts on every prefix of a verified
+    # sample and labels a good prefix 0 when all K fail; with reuse the sample's own success counts (hard label 1,
+    # as the first-error search infers). Agreement with this reference separates what the search changes from
+    # what counting the sample itself changes.
+    "naive+reuse": {"method": "naive", "reuse": True},
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "naive+reuse"]
+SECOND_REFERENCE = "naive+reuse"
 
 
 class RemoteEngine:
@@ -148,15 +155,20 @@ def measure(name: str, rows: list[dict], wall: float, calls: int, reference: lis
 
 
 def fmt_table(results: list[dict], naive: dict | None) -> str:
+    second = any("step_agreement_vs_naive_reuse" in r for r in results)
     head = (f"{'variant':<26}{'tok/step':>9}{'x naive':>8}{'roll/step':>10}{'calls':>7}{'wall s':>8}"
-            f"{'tok/s':>7}{'agree':>7}{'1st-err':>8}{'F1 wrong':>9}{'1st-acc':>8}")
+            f"{'tok/s':>7}{'agree':>7}{'1st-err':>8}{'F1 wrong':>9}{'1st-acc':>8}"
+            + (f"{'agree n+r':>10}" if second else ""))
     lines = [head, "-" * len(head)]
     for r in results:
         ratio = naive["tokens_per_step"] / r["tokens_per_step"] if naive and r["tokens_per_step"] else math.nan
         lines.append(f"{r['variant']:<26}{r['tokens_per_step']:>9.1f}{ratio:>8.2f}{r['rollouts_per_step']:>10.2f}"
                      f"{r['engine_calls']:>7}{r['wall_s']:>8.1f}{r['tokens_per_s']:>7.0f}"
                      f"{r.get('step_agreement', math.nan):>7.3f}{r.get('first_error_agreement', math.nan):>8.3f}"
-                     f"{r['f1_wrong_step']:>9.3f}{r['first_error_accuracy']:>8.3f}")
+                     f"{r['f1_wrong_step']:>9.3f}{r['first_error_accuracy']:>8.3f}"
+                     + (f"{r.get('step_agreement_vs_naive_reuse', math.nan):>10.3f}" if second else ""))
+    lines.append("agree = step agreement with naive's hard labels; 1st-err = same first error"
+                 + ("; agree n+r = step agreement with naive+reuse's" if second else ""))
     return "\n".join(lines)
 
 
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="with --select balanced: samples labelled (0 = all)")
     ap.add_argument("--rollouts", type=int, default=8, help="K for part 1")
     ap.add_argument("--chunk", type=int, default=2, help="early stop: rollouts per prefix per round")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated, from {list(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma separated, from {list(VARIANTS)}")
     ap.add_argument("--no-repeat-naive", action="store_true", help="skip the second naive run (noise floor)")
     ap.add_argument("--long-problems", type=int, default=8, help="4-5 step problems for part 2 (0 = skip part 2)")
     ap.add_argument("--long-min-steps", type=int, default=4)
@@ -225,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                "select": args.select, "sampled": sampled}
     print(f"[bench] part 1: {samples.num_rows} samples with >= {args.min_steps} steps "
           f"({report['part1_samples']['steps']} steps, accuracy {report['part1_samples']['accuracy']:.2f})")
-    results, reference = [], None
+    results, reference, labels = [], None, {}
     if samples.num_rows:
         runs = [(n, VARIANTS[n]) for n in names] + ([] if args.no_repeat_naive else [("naive (repeat)",
                                                                                        VARIANTS["naive"])])
@@ -234,9 +246,20 @@ def main(argv: list[str] | None = None) -> int:
             rows, wall, calls = label(samples, cfg, engine, args.batch)
             reference = reference if reference is not None else rows
             results.append(measure(name, rows, wall, calls, reference, problems))
+            labels[name] = {r["sample_id"]: r["mc_hard"] for r in rows if not r["error"]}
             r = results[-1]
             print(f"[bench] {name}: {r['tokens']} tokens, {r['labelled_steps']} steps, {wall:.1f}s, "
                   f"agreement {r.get('step_agreement', math.nan):.3f}")
+        if SECOND_REFERENCE in labels:
+            from pipelines.steps import agreement
+
+            ref2 = labels[SECOND_REFERENCE]
+            for r in results:
+                both = [sid for sid in labels[r["variant"]] if sid in ref2]
+                a2 = agreement([labels[r["variant"]][sid] for sid in both], [ref2[sid] for sid in both])
+                r["step_agreement_vs_naive_reuse"] = a2["step_agreement"]
+                r["first_error_agreement_vs_naive_reuse"] = a2["first_error_agreement"]
+        report["part1_labels"] = labels  # per variant, per sample: the hard labels (for analysis after the run)
         naive = results[0]
         print("\n" + fmt_table(results, naive))
         for r in results[1:]:
