@@ -15,7 +15,10 @@ and the same global batch:
 Tokens counted: non-padding input tokens of every optimizer step. Throughput is steady state: the first `--warmup`
 steps of each side are left out (first-batch and allocator costs). Ray Train reports metrics every `--warmup`
 steps (so its first window is exactly the warmup); its windows include those report calls and the DDP all-reduce.
-Startup (worker group, model load) is printed apart. Prints the rates and the ratios (goal: Ray Train >= 0.9x).
+Startup (worker group, model load) is printed apart.
+Allocator: with `--malloc tuned` (default) the Ray Train workers start with `pipelines.train.MALLOC_ENV`
+(`tune_malloc`, the pipeline's default) and this process re-executes itself under the same settings, so the plain
+loop gets them too and the comparison isolates Ray Train; `--malloc default` runs both sides with glibc as it is. Prints the rates and the ratios (goal: Ray Train >= 0.9x).
 On a shared machine compare only numbers from one run: other processes change every rate, and multi-threaded
 torch suffers most (an OpenMP thread that loses its core stalls the others at every barrier).
 """
@@ -25,7 +28,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -91,6 +96,7 @@ def run_ray(cfg, model_path: str, rows: list[dict], warmup: int) -> dict:
     seconds = sum(h["window_s"] for h in steady)
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
             "report_s": sum(h.get("report_s", 0.0) for h in steady),  # inside `seconds`: ray.train.report calls
+            "data_s": sum(h.get("data_s", 0.0) for h in steady),  # inside `seconds`: waiting on the Ray Data shard
             "startup_and_save_s": wall - sum(h["window_s"] for h in history), "final_loss": history[-1]["loss"]}
 
 
@@ -105,8 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/bench_train", help="Ray Train storage for this benchmark")
     ap.add_argument("--plain-runs", type=int, default=2, choices=(1, 2),
                     help="plain loop runs: 2 = before and after Ray Train (the reference is their mean), 1 = after")
+    ap.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
+                    help="tuned: both sides under pipelines.train.MALLOC_ENV (the pipeline's default); default: "
+                         "neither")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    from pipelines.train import MALLOC_ENV
+
+    if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        # glibc reads these at process start only: re-execute so the plain loop in this process runs under them
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.train_throughput", *argv],
+                  {**os.environ, **MALLOC_ENV})
     if args.batch % args.workers:
         ap.error("--batch must be a multiple of --workers")
     if args.steps <= args.warmup or args.warmup < 1:
@@ -122,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         "task": "sft", "base": model_path, "out": args.out, "run_name": f"bench-{int(time.time())}",
         "lr": 2e-5, "max_len": 512, "num_workers": args.workers, "batch_size": args.batch // args.workers,
         "cpus_per_worker": 1, "threads": 1, "max_steps": args.steps, "log_every": args.warmup,
-        "checkpoint_every": 10**6, "mlflow": False, "eval": {"enabled": False}})
+        "checkpoint_every": 10**6, "mlflow": False, "eval": {"enabled": False},
+        "tune_malloc": args.malloc == "tuned"})
     rows = token_rows(model_path, args.rows, cfg)
     print(f"[bench] {args.model}: {len(rows)} rows, {sum(len(r['input_ids']) for r in rows)} tokens; "
-          f"{args.steps} steps of global batch {args.batch}, warmup {args.warmup}")
+          f"{args.steps} steps of global batch {args.batch}, warmup {args.warmup}; malloc {args.malloc}")
 
     plains_before = [run_plain(cfg, model_path, rows, args.steps, args.batch, args.workers, args.warmup)
                      for _ in range(args.plain_runs - 1)]  # before Ray starts; its memory is freed on return
@@ -140,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run_ray(layout, model_path, rows, args.warmup)
         results[name] = r
         print(f"[bench] Ray Train, {name}: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens in "
-              f"{r['seconds']:.1f}s, of which {r['report_s']:.1f}s in ray.train.report; startup + final save "
+              f"{r['seconds']:.1f}s, of which {r['report_s']:.1f}s in ray.train.report and {r['data_s']:.1f}s "
+              f"waiting on data; startup + final save "
               f"{r['startup_and_save_s']:.0f}s)")
     # the plain loop runs in this process, after Ray Train (its model and optimizer must not take memory from the
     # workers), and with --plain-runs 2 once more before it: the reference is the mean, and the two runs' spread

@@ -71,6 +71,15 @@ LABEL_SOURCES = ("auto", "step_label", "prm800k", "processbench", "sample", "tra
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 CURVE_FILE = "loss_curve.png"
+# glibc malloc settings for the training workers (`TrainConfig.tune_malloc`). Ray Train V2 runs the train function
+# in a thread of the worker actor, and glibc gives a non-main thread an arena of its own whose heaps hold at most
+# 64 MB: every larger block (one SFT batch's logits, ~300 MB for SmolLM2 at batch 8) is mmapped and munmapped at
+# every step and its pages faulted in again. One arena with fixed mmap and trim thresholds keeps such blocks in the
+# heap for reuse. Measured here (SmolLM2 SFT, the plain loop run in a Python thread, 2 threads, one run each):
+# 235 tokens/s as is, 275 with these three, 184 with the arena and trim settings alone (a fixed trim threshold
+# turns off glibc's adaptive mmap threshold). An env var because glibc reads these at process start; no allocator
+# library (jemalloc, tcmalloc) is installable from PyPI here, and glibc's own knobs need none.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,6 +195,9 @@ class TrainConfig:
     storage_path: str = help_field("", "Ray Train storage (empty = <out>/ray_results); shared storage on a cluster")
     max_failures: int = help_field(0, "FailureConfig: worker-group failures retried from the latest checkpoint")
     crash_after_step: int = help_field(0, "testing: fail after this step's report in a run that did not resume")
+    tune_malloc: bool = help_field(True, "start the workers with glibc malloc settings (MALLOC_ENV) that keep each "
+                                   "step's large tensors in the heap instead of mmap + page faults (CPU: ~15% "
+                                   "more tokens/s measured); no effect off glibc")
     mlflow: bool = help_field(True, "log to MLflow (MLFLOW_TRACKING_URI, else ./mlruns.db)")
     experiment: str = help_field("stepray", "MLflow experiment")
     mlflow_log_model: bool = help_field(True, "log the final model folder as an MLflow artifact")
@@ -740,10 +752,11 @@ def train_loop_per_worker(config: dict) -> None:
 
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"])
+    malloc_tuned = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())  # tune_malloc reached this worker
     if rank == 0:
         print(f"[train {task}] {'resuming from step ' + str(step) if step else 'starting'}: {total} steps "
               f"({per_epoch} per epoch), {world} workers x batch {cfg.batch_size}; model ready in "
-              f"{time.time() - t_begin:.1f}s", flush=True)
+              f"{time.time() - t_begin:.1f}s; glibc malloc {'tuned' if malloc_tuned else 'as is'}", flush=True)
 
     class Collate(NumpyBatchCollateFn):
         def __call__(self, batch):
@@ -762,6 +775,7 @@ def train_loop_per_worker(config: dict) -> None:
         shard = ray.train.get_dataset_shard("train")
         t_log, tokens_log, t_start = time.time(), 0, time.time()
         report_s = 0.0  # how long the previous report (+ checkpoint) took: the Ray Train overhead inside a window
+        data_wait = [0.0]  # seconds this window spent waiting for the next batch from the Ray Data shard
         losses_log: list[float] = []
         while step < total:
             epoch, skip = divmod(step, per_epoch)
@@ -770,7 +784,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                local_shuffle_buffer_size=4 * cfg.batch_size,
                                                local_shuffle_seed=cfg.seed * 1000 + epoch)
             seen = 0
-            for i, batch in enumerate(batches):
+            for i, batch in enumerate(_timed(batches, data_wait)):
                 seen = i + 1
                 if i < skip:
                     continue  # resumed mid-epoch: these batches were trained on before the interruption
@@ -797,9 +811,10 @@ def train_loop_per_worker(config: dict) -> None:
                 lr = scheduler.get_last_lr()[0]
                 metrics = {"step": step, "epoch": epoch, "loss": sum(losses_log) / len(losses_log), "lr": lr,
                            "tokens_per_s": tokens_log / max(now - t_log, 1e-9), "resumed_from": resumed_from,
-                           "window_tokens": tokens_log, "window_s": now - t_log, "report_s": report_s}
+                           "window_tokens": tokens_log, "window_s": now - t_log, "report_s": report_s,
+                           "data_s": data_wait[0], "malloc_tuned": int(malloc_tuned)}
                 history.append({k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s", "window_tokens",
-                                                        "window_s", "report_s")})
+                                                        "window_s", "report_s", "data_s")})
                 if rank == 0:
                     eta = (now - t_start) / max(step - resumed_from, 1) * (total - step)
                     print(f"[train {task}] step {step}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
@@ -808,7 +823,7 @@ def train_loop_per_worker(config: dict) -> None:
                         mlflow.log_metrics({k: float(metrics[k]) for k in ("loss", "lr", "tokens_per_s", "epoch")},
                                            step=step)
                 # the next window starts now: it includes this report and checkpoint, so tokens/s counts their cost
-                losses_log, tokens_log, t_log = [], 0, now
+                losses_log, tokens_log, t_log, data_wait[0] = [], 0, now, 0.0
                 with tempfile.TemporaryDirectory() as d:
                     ckpt = None
                     if rank == 0 and (step % cfg.checkpoint_every == 0 or last):
@@ -835,6 +850,19 @@ def train_loop_per_worker(config: dict) -> None:
         if mlflow is not None:
             mlflow.end_run(status="FAILED")
         raise
+
+
+def _timed(batches, wait: list[float]):
+    """Yields from `batches`, adding the time each `next` blocked to wait[0]: how long training waited on data."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        wait[0] += time.perf_counter() - t
+        yield batch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -875,7 +903,8 @@ def build_trainer(cfg: TrainConfig, rows: list[dict], init_path: str, tokenizer_
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.resolved_run_name(), storage_path=cfg.resolved_storage(),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": dict(MALLOC_ENV)} if cfg.tune_malloc else None),
         datasets={"train": ds})
 
 

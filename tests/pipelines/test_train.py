@@ -436,6 +436,7 @@ def test_train_crash_and_resume_through_ray_train(task, tmp_path, ray_session, t
     total = T.plan_steps(len(rows), cfg)[1]
     result = T.build_trainer(cfg, rows, tiny_model, tiny_model, uri, run_id, meta).fit()  # the same command again
     assert result.metrics["resumed_from"] == 8 and result.metrics["step"] == total
+    assert result.metrics["malloc_tuned"] == 1  # tune_malloc (default): the workers started with MALLOC_ENV
     summary = T.export_model(result, out)
     assert summary["steps"] == total and summary["resumed_from"] == 8
     history = json.loads((out / T.HISTORY_FILE).read_text())
@@ -470,9 +471,11 @@ def test_train_crash_and_resume_through_ray_train(task, tmp_path, ray_session, t
 
 @pytest.mark.slow
 def test_failure_config_retries_from_the_latest_checkpoint(tmp_path, ray_session, tiny_model):
-    cfg, rows = _prepare("orm", tmp_path, tiny_model, crash_after_step=4, max_failures=1, epochs=1)
+    cfg, rows = _prepare("orm", tmp_path, tiny_model, crash_after_step=4, max_failures=1, epochs=1,
+                         tune_malloc=False)
     result = T.build_trainer(cfg, rows, tiny_model, tiny_model).fit()  # one fit: fails at 4, retried, finishes
     assert result.metrics["resumed_from"] == 4 and result.metrics["step"] == 6
+    assert result.metrics["malloc_tuned"] == 0  # tune_malloc=False: glibc as it is
     assert T.export_model(result, Path(cfg.out))["resumed_from"] == 4
 
 
