@@ -15,10 +15,11 @@ and the same global batch:
 Tokens counted: non-padding input tokens of every optimizer step. Throughput is steady state: the first `--warmup`
 steps of each side are left out (first-batch and allocator costs). Ray Train reports metrics every `--warmup`
 steps (so its first window is exactly the warmup); its windows include those report calls and the DDP all-reduce.
-Startup (worker group, model load) is printed apart.
+Startup (worker group, model load) is printed apart. Prints the rates and the ratios (goal: Ray Train >= 0.9x).
 Allocator: with `--malloc tuned` (default) the Ray Train workers start with `pipelines.train.MALLOC_ENV`
 (`tune_malloc`, the pipeline's default) and this process re-executes itself under the same settings, so the plain
-loop gets them too and the comparison isolates Ray Train; `--malloc default` runs both sides with glibc as it is. Prints the rates and the ratios (goal: Ray Train >= 0.9x).
+loop gets them too and the comparison isolates Ray Train; `--malloc default` runs both sides with glibc as it is
+(with `tuned`, the local Ray cluster started from this process inherits the settings too).
 On a shared machine compare only numbers from one run: other processes change every rate, and multi-threaded
 torch suffers most (an OpenMP thread that loses its core stalls the others at every barrier).
 """
