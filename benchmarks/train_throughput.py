@@ -8,7 +8,7 @@ SFT token rows (synthetic problems' reference solutions as completions, prompts 
 and the same global batch:
 1. Ray Train, two layouts of the same cores: `--workers` CPU workers x 1 thread (DDP over gloo: every step
    all-reduces the full gradient, 540 MB for SmolLM2 in fp32) and 1 worker x `--workers` threads (no all-reduce),
-   each with the real worker loop (Ray Data shard iterators, `ray.train.report`), no checkpoint but the final one;
+   each with the real worker loop (Ray Data shard iterators, `ray.train.report`), no checkpoint but the final one (deleted afterwards unless `--keep`);
 2. plain: one process, torch threads = `--workers` (the same cores), AdamW, `compute_loss` and `collate_batch`
    from pipelines/train.py, `--steps` optimizer steps; with `--plain-runs 2` (default) once before Ray Train and once
    after, the reference being the mean of the two (their spread is printed: it is the drift of the machine).
@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def run_plain(cfg, model_path: str, rows: list[dict], steps: int, batch: int, th
             "final_loss": float(loss.item())}
 
 
-def run_ray(cfg, model_path: str, rows: list[dict], warmup: int) -> dict:
+def run_ray(cfg, model_path: str, rows: list[dict], warmup: int, keep: bool = False) -> dict:
     from pipelines.train import build_trainer
 
     t0 = time.time()
@@ -92,6 +93,8 @@ def run_ray(cfg, model_path: str, rows: list[dict], warmup: int) -> dict:
     wall = time.time() - t0
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / "history.json").read_text())
+    if not keep:  # a benchmark, not a training: its final checkpoint (model + optimizer, ~1 GB) is not wanted
+        shutil.rmtree(Path(cfg.resolved_storage()) / cfg.resolved_run_name(), ignore_errors=True)
     steady = [h for h in history if h["step"] > warmup]
     tokens = sum(h["window_tokens"] for h in steady)
     seconds = sum(h["window_s"] for h in steady)
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
                     help="tuned: both sides under pipelines.train.MALLOC_ENV (the pipeline's default); default: "
                          "neither")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each layout's Ray Train run (checkpoint ~1 GB) under --out; default: delete it")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     from pipelines.train import MALLOC_ENV
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             run_name=cfg.run_name + "-single")
     results = {}
     for name, layout in layouts.items():
-        r = run_ray(layout, model_path, rows, args.warmup)
+        r = run_ray(layout, model_path, rows, args.warmup, args.keep)
         results[name] = r
         print(f"[bench] Ray Train, {name}: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens in "
               f"{r['seconds']:.1f}s, of which {r['report_s']:.1f}s in ray.train.report and {r['data_s']:.1f}s "
