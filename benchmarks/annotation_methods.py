@@ -6,8 +6,8 @@
 
 Part 1: SmolLM2-135M-Instruct samples (T=0.7) of 2- and 3-step synthetic problems, each labelled by every variant
 (naive, naive+early_stop, binary, binary+reuse, binary+reuse+early_stop, scan, scan+reuse, scan+reuse+early_stop,
-and naive again as the noise floor; naive+reuse on request, which adds a second reference column):
-two naive runs differ only by sampling) with K rollouts at the samples' temperature, on ONE engine shared by all
+and naive again as the noise floor: two naive runs differ only by sampling; naive+reuse on request, which adds a
+second reference column) with K rollouts at the samples' temperature, on ONE engine shared by all
 variants, samples fed in batches of --batch (rollouts of a round batched across a batch, as in the pipeline).
 Per variant: generated tokens and rollouts per labelled step, engine calls, wall time, tokens/s, agreement of the
 hard labels with the first naive run (share of steps, share of first errors), and quality against the

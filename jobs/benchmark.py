@@ -27,7 +27,12 @@ from pathlib import Path
 BENCHMARKS = {
     "generation": ("benchmarks.generation_vs_raw", ["--problems", "48", "--n", "4", "--max-tokens", "96"],
                    ["--problems", "6", "--n", "2", "--max-tokens", "16", "--model", "tiny"]),
-    "annotation": ("benchmarks.annotation_methods", ["--model", "smollm2"],
+    # the PRM training mix (half verified) at K=16: at K=8 naive agrees with itself on only ~0.84 of steps, below the
+    # 0.90 agreement the goal asks for, so agreement is not measurable there (README: the K=8 runs)
+    "annotation": ("benchmarks.annotation_methods",
+                   ["--model", "smollm2", "--problems", "192", "--samples-per-problem", "8", "--select", "balanced",
+                    "--limit", "48", "--rollouts", "16", "--variants",
+                    "naive,naive+reuse,binary,binary+reuse,binary+reuse+early_stop,scan+reuse"],
                    ["--model", "tiny", "--problems", "2", "--samples-per-problem", "1", "--rollouts", "2",
                     "--long-problems", "0", "--no-repeat-naive"]),
     "training": ("benchmarks.train_throughput", [],
