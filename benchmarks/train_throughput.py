@@ -8,7 +8,8 @@ SFT token rows (synthetic problems' reference solutions as completions, prompts 
 and the same global batch:
 1. Ray Train, two layouts of the same cores: `--workers` CPU workers x 1 thread (DDP over gloo: every step
    all-reduces the full gradient, 540 MB for SmolLM2 in fp32) and 1 worker x `--workers` threads (no all-reduce),
-   each with the real worker loop (Ray Data shard iterators, `ray.train.report`), no checkpoint but the final one (deleted afterwards unless `--keep`);
+   each with the real worker loop (Ray Data shard iterators, `ray.train.report`), no checkpoint but the final one
+   (deleted afterwards unless `--keep`);
 2. plain: one process, torch threads = `--workers` (the same cores), AdamW, `compute_loss` and `collate_batch`
    from pipelines/train.py, `--steps` optimizer steps; with `--plain-runs 2` (default) once before Ray Train and once
    after, the reference being the mean of the two (their spread is printed: it is the drift of the machine).
@@ -122,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep each layout's Ray Train run (checkpoint ~1 GB) under --out; default: delete it")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    from pipelines.train import MALLOC_ENV
+    from pipelines.train import MALLOC_ENV, malloc_tuned
 
-    if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+    if args.malloc == "tuned" and not malloc_tuned():
         # glibc reads these at process start only: re-execute so the plain loop in this process runs under them
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.train_throughput", *argv],

@@ -82,6 +82,11 @@ CURVE_FILE = "loss_curve.png"
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
+def malloc_tuned() -> bool:
+    """Whether this process started under MALLOC_ENV (glibc reads it at process start only)."""
+    return all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------------------
@@ -752,11 +757,11 @@ def train_loop_per_worker(config: dict) -> None:
 
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"])
-    malloc_tuned = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())  # tune_malloc reached this worker
+    tuned = malloc_tuned()  # tune_malloc reached this worker
     if rank == 0:
         print(f"[train {task}] {'resuming from step ' + str(step) if step else 'starting'}: {total} steps "
               f"({per_epoch} per epoch), {world} workers x batch {cfg.batch_size}; model ready in "
-              f"{time.time() - t_begin:.1f}s; glibc malloc {'tuned' if malloc_tuned else 'as is'}", flush=True)
+              f"{time.time() - t_begin:.1f}s; glibc malloc {'tuned' if tuned else 'as is'}", flush=True)
 
     class Collate(NumpyBatchCollateFn):
         def __call__(self, batch):
@@ -812,7 +817,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {"step": step, "epoch": epoch, "loss": sum(losses_log) / len(losses_log), "lr": lr,
                            "tokens_per_s": tokens_log / max(now - t_log, 1e-9), "resumed_from": resumed_from,
                            "window_tokens": tokens_log, "window_s": now - t_log, "report_s": report_s,
-                           "data_s": data_wait[0], "malloc_tuned": int(malloc_tuned)}
+                           "data_s": data_wait[0], "malloc_tuned": int(tuned)}
                 history.append({k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s", "window_tokens",
                                                         "window_s", "report_s", "data_s")})
                 if rank == 0:
