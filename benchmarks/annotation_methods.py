@@ -3,6 +3,7 @@
     python -m benchmarks.annotation_methods [--model smollm2] [--problems 16] [--samples-per-problem 4]
         [--rollouts 8] [--variants naive,binary,...] [--long-problems 8] [--long-rollouts 4]
         [--out runs/bench_annotation] [--json PATH]
+    python -m benchmarks.annotation_methods --pool runs/a/annotation_methods.json runs/b/annotation_methods.json
 
 Part 1: SmolLM2-135M-Instruct samples (T=0.7) of 2- and 3-step synthetic problems, each labelled by every variant
 (naive, naive+early_stop, binary, binary+reuse, binary+reuse+early_stop, scan, scan+reuse, scan+reuse+early_stop,
@@ -19,6 +20,14 @@ the prefix truth, first-error accuracy). The goal of issue 5: >= 4x fewer tokens
 half verified samples, the rest wrong. A verified sample costs first-error search nothing (every prefix is known
 good from its own verdict) and naive K rollouts per prefix, so the ratio depends on the mix; the default (all kept
 samples of a weak model) is nearly all wrong, the costliest case for the search.
+
+Naive's labels are themselves random (a prefix whose success rate is near 1/K is labelled 1 in one run and 0 in the
+next), so agreement with one naive run cannot exceed what naive scores against itself. With the repeat run, a second
+table separates the two (`pipelines.steps.agreement_vs_repeat`): agreement averaged over both naive runs, the noise
+floor, the ceiling (1 + floor) / 2 no labelling can pass, the margin over the floor, and the agreement on the steps
+naive labels the same twice (the part that depends on the variant alone), with 95% bootstrap intervals over samples;
+where a variant contradicts naive's reproducible label, the ground truth says which side is right. `--pool` prints
+that table per run and pooled from earlier reports (`part1_labels`, `part1_truth` in the JSON), running nothing.
 
 Part 2: prefix caching on long prefixes: samples of 4-5 step problems (solutions with >= --long-min-steps steps),
 labelled naive with --long-rollouts on an engine with prefix caching and on a fresh one without (each warmed up
@@ -172,6 +181,84 @@ def fmt_table(results: list[dict], naive: dict | None) -> str:
     return "\n".join(lines)
 
 
+def repeat_stats(labels: dict[str, dict[str, list[int]]], truth: dict[str, list[bool]] | None) -> dict[str, dict]:
+    """Per variant (not naive itself): agreement with naive's two runs, separated from naive's own noise
+    (`pipelines.steps.agreement_vs_repeat`). Empty without the repeat run."""
+    from pipelines.steps import agreement_vs_repeat
+
+    if "naive (repeat)" not in labels:
+        return {}
+    n1, n2 = labels["naive"], labels["naive (repeat)"]
+    out = {}
+    for name, lab in labels.items():
+        if name in ("naive", "naive (repeat)"):
+            continue
+        sids = [s for s in lab if s in n1 and s in n2 and (truth is None or s in truth)]
+        out[name] = agreement_vs_repeat([lab[s] for s in sids], [n1[s] for s in sids], [n2[s] for s in sids],
+                                        [truth[s] for s in sids] if truth is not None else None)
+    return out
+
+
+def fmt_repeat(repeat: dict[str, dict], rows: dict[str, dict], naive: dict | None) -> str:
+    """The table against naive run twice: what each variant's agreement is once naive's own noise is taken out."""
+    head = (f"{'variant':<26}{'x naive':>8}{'agree':>7}{'floor':>7}{'ceiling':>8}{'margin [95% CI]':>24}"
+            f"{'on reproducible [95% CI]':>31}{'disputed: truth with':>24}")
+    lines = [head, "-" * len(head)]
+    for name, s in repeat.items():
+        r = rows.get(name, {})
+        ratio = naive["tokens_per_step"] / r["tokens_per_step"] if naive and r.get("tokens_per_step") else math.nan
+        lo, hi = s["margin_ci"]
+        rlo, rhi = s["on_reproducible_ci"]
+        disputed = (f"{s['disputed_truth_with_labels']} / {s['disputed_truth_with_reference']}"
+                    if "disputed_truth_with_labels" in s else "-")
+        lines.append(f"{name:<26}{ratio:>8.2f}{s['agreement_two_refs']:>7.3f}{s['noise_floor']:>7.3f}"
+                     f"{s['ceiling']:>8.3f}{s['margin']:>+8.3f} [{lo:+.3f}, {hi:+.3f}]"
+                     f"{s['on_reproducible']:>9.3f} [{rlo:.3f}, {rhi:.3f}] of {s['reproducible_steps']:<4}"
+                     f"{disputed:>24}")
+    lines += ["agree = mean step agreement with naive's two runs; floor = naive vs itself; ceiling = (1 + floor) / 2:",
+              "the most any labelling can score against two runs that differ; margin = agree - floor; on reproducible",
+              "= agreement on the steps where naive's two runs agree; disputed = those steps where the variant differs",
+              "from both, by which side the ground truth takes (variant / naive)"]
+    return "\n".join(lines)
+
+
+def pool(paths: list[str]) -> int:
+    """Pool the labels of earlier runs (their JSON reports) and print the table against naive run twice, per run and
+    pooled over the variants every run has. No engine: the reports hold each variant's hard labels."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    usable = [(p, r) for p, r in zip(paths, reports) if "naive (repeat)" in r.get("part1_labels", {})]
+    for p in sorted(set(paths) - {p for p, _ in usable}):
+        print(f"[pool] {p}: no repeat naive run in it (run without --no-repeat-naive); left out")
+    if not usable:
+        print("[pool] nothing to pool", file=sys.stderr)
+        return 2
+    merged: dict[str, dict[str, list[int]]] = {}
+    truth: dict[str, list[bool]] | None = {}
+    for i, (p, r) in enumerate(usable):
+        rows = {row["variant"]: row for row in r["part1"]}
+        stats = repeat_stats(r["part1_labels"], r.get("part1_truth"))
+        print(f"\n{p} (K={r['args']['rollouts']}, {r['part1_samples']['steps']} steps)\n"
+              + fmt_repeat(stats, rows, rows.get("naive")))
+        for name, lab in r["part1_labels"].items():
+            merged.setdefault(name, {}).update({f"{i}:{s}": v for s, v in lab.items()})
+        if truth is not None and r.get("part1_truth"):
+            truth.update({f"{i}:{s}": v for s, v in r["part1_truth"].items()})
+        else:
+            truth = None  # a report without truth: pooled disputes cannot be told
+    common = set.intersection(*(set(r["part1_labels"]) for _, r in usable))
+    merged = {k: v for k, v in merged.items() if k in common}
+    stats = repeat_stats(merged, truth)
+    tokens = {n: sum(row["tokens"] for _, r in usable for row in r["part1"] if row["variant"] == n) for n in common}
+    steps = {n: sum(row["labelled_steps"] for _, r in usable for row in r["part1"] if row["variant"] == n)
+             for n in common}
+    rows = {n: {"tokens_per_step": tokens[n] / steps[n]} for n in common if steps[n]}
+    ks = sorted({r["args"]["rollouts"] for _, r in usable})
+    n_steps = sum(len(v) for v in merged["naive"].values())
+    print(f"\npooled over {len(usable)} runs (K={'/'.join(map(str, ks))}, {n_steps} steps; "
+          f"x naive = pooled tokens per labelled step)\n" + fmt_repeat(stats, rows, rows.get("naive")))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 | tiny | a path")
@@ -200,7 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="problems use seed (part 1) and seed + 1 (part 2)")
     ap.add_argument("--out", default="runs/bench_annotation")
     ap.add_argument("--json", help="also write the report here (jobs.benchmark reads it)")
+    ap.add_argument("--pool", nargs="+", metavar="JSON",
+                    help="run nothing: pool the labels of these reports and print the table against naive run twice")
     args = ap.parse_args(argv)
+    if args.pool:
+        missing = [p for p in args.pool if not Path(p).is_file()]
+        if missing:
+            ap.error(f"--pool: no such report {missing}; give annotation_methods.json files of earlier runs")
+        return pool(args.pool)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad or "naive" not in names:
@@ -260,8 +354,21 @@ def main(argv: list[str] | None = None) -> int:
                 r["step_agreement_vs_naive_reuse"] = a2["step_agreement"]
                 r["first_error_agreement_vs_naive_reuse"] = a2["first_error_agreement"]
         report["part1_labels"] = labels  # per variant, per sample: the hard labels (for analysis after the run)
+        from pipelines.steps import prefix_truth
+        from pipelines.verify import first_error
+
+        report["part1_truth"] = {  # per sample: the ground-truth prefix labels (True = right so far)
+            r["sample_id"]: prefix_truth(first_error(list(r["steps"]), problems[r["problem_id"]]["quantities"],
+                                                     problems[r["problem_id"]]["answer"]), len(r["steps"]))
+            for r in samples.to_pylist()}
+        repeat = repeat_stats(labels, report["part1_truth"])
+        for r in results:
+            if r["variant"] in repeat:
+                r["vs_repeat"] = repeat[r["variant"]]
         naive = results[0]
         print("\n" + fmt_table(results, naive))
+        if repeat:
+            print("\n" + fmt_repeat(repeat, {r["variant"]: r for r in results}, naive))
         for r in results[1:]:
             r["token_reduction_vs_naive"] = naive["tokens_per_step"] / r["tokens_per_step"] \
                 if r["tokens_per_step"] else math.inf
@@ -269,6 +376,15 @@ def main(argv: list[str] | None = None) -> int:
                                    and r.get("step_agreement", 0) >= 0.9)
         print("goal (>= 4x fewer tokens per labelled step than naive at >= 0.90 step agreement): " + ", ".join(
             f"{r['variant']} {'yes' if r['meets_goal'] else 'no'}" for r in results[1:]))
+        if repeat:
+            # the same goal with naive's own noise taken out: agreement on the steps naive labels the same twice
+            for r in results[1:]:
+                if "vs_repeat" in r:
+                    r["meets_goal_on_reproducible"] = bool(r["token_reduction_vs_naive"] >= 4
+                                                           and r["vs_repeat"]["on_reproducible"] >= 0.9)
+            print("on naive's reproducible steps (>= 4x at >= 0.90 agreement there): " + ", ".join(
+                f"{r['variant']} {'yes' if r['meets_goal_on_reproducible'] else 'no'}"
+                for r in results[1:] if "meets_goal_on_reproducible" in r))
     report["part1"] = results
 
     if args.long_problems:

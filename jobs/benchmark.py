@@ -89,6 +89,12 @@ def _summary(name: str, res: dict) -> tuple[str, str, str]:
                            for r in rows)
         if floor:
             detail += f"; naive vs itself {floor.get('step_agreement', 0):.3f} (noise floor)"
+        repro = [r for r in rows if "vs_repeat" in r]
+        if repro:  # agreement on the steps naive labels the same in both runs (annotation_methods.fmt_repeat)
+            detail += "; on naive's reproducible steps: " + ", ".join(
+                f"{r['variant']} {r['vs_repeat']['on_reproducible']:.3f} "
+                f"[{r['vs_repeat']['on_reproducible_ci'][0]:.3f}, {r['vs_repeat']['on_reproducible_ci'][1]:.3f}]"
+                for r in repro)
         part2 = {r["variant"]: r["wall_s"] for r in res.get("part2") or []}
         if len(part2) == 2:
             detail += "; long prefixes: " + ", ".join(f"{k} {v:.1f}s" for k, v in part2.items())

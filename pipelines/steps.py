@@ -320,3 +320,64 @@ def agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> dict[st
         first += first_error_of(x) == first_error_of(y)
     return {"step_agreement": same / steps if steps else math.nan,
             "first_error_agreement": first / len(pairs) if pairs else math.nan}
+
+
+def agreement_vs_repeat(labels: Sequence[Sequence[int]], ref1: Sequence[Sequence[int]],
+                        ref2: Sequence[Sequence[int]], truth: Sequence[Sequence[bool]] | None = None,
+                        boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Agreement of one labelling with a stochastic reference that was run twice (naive MC labels, two independent
+    runs ref1, ref2 on the same samples), separated from the reference's own noise. Per step, with m the labelling:
+
+        floor      F = share of steps with ref1 = ref2                   (the reference agrees with itself)
+        agreement  A = share of (step, run) pairs with m = ref_run, over both runs   (= mean of agree(m, ref1),
+                       agree(m, ref2): a less noisy estimate of the agreement with one naive run)
+        margin     A - F                                                  (> 0: agrees with naive better than naive
+                                                                           agrees with itself)
+        on_reproducible = share of the steps with ref1 = ref2 where m = ref1 too
+
+    Identity: A = F * on_reproducible + (1 - F) / 2 (where the two runs differ, m matches exactly one), so no
+    labelling can score A above (1 + F) / 2 (`ceiling`): a fixed agreement goal is out of reach whenever the
+    reference's floor is below 2 * goal - 1. on_reproducible is the part that depends on the labelling alone.
+    95% intervals: percentile bootstrap over samples (steps of one sample are correlated), `boot` resamples.
+    With `truth` (per step: True = the prefix is right, `prefix_truth`), the steps where ref1 = ref2 != m are
+    split by who the ground truth sides with: `disputed_truth_with_labels` / `disputed_truth_with_reference`.
+    Written here because the statistic is specific to repeated MC labels; the bootstrap is a plain resample loop."""
+    import random
+
+    per = [list(zip(m, a, b, strict=True)) for m, a, b in zip(labels, ref1, ref2, strict=True)]
+
+    def stats(samples: list[list[tuple[int, int, int]]]) -> tuple[float, float, float]:
+        steps = sum(len(s) for s in samples)
+        if not steps:
+            return math.nan, math.nan, math.nan
+        same = sum(a == b for s in samples for _, a, b in s)
+        agree = sum((m == a) + (m == b) for s in samples for m, a, b in s) / (2 * steps)
+        repro = sum(m == a for s in samples for m, a, b in s if a == b)
+        return agree, same / steps, repro / same if same else math.nan
+
+    agree, floor, repro = stats(per)
+    rng = random.Random(seed)
+    margins, repros = [], []
+    for _ in range(boot if per else 0):
+        a, f, r = stats([per[rng.randrange(len(per))] for _ in per])
+        margins.append(a - f)
+        if not math.isnan(r):
+            repros.append(r)
+
+    def ci(xs: list[float]) -> tuple[float, float]:
+        xs = sorted(xs)
+        return (xs[int(0.025 * (len(xs) - 1))], xs[int(0.975 * (len(xs) - 1))]) if xs else (math.nan, math.nan)
+
+    out = {"agreement_two_refs": agree, "noise_floor": floor, "margin": agree - floor,
+           "margin_ci": ci(margins), "on_reproducible": repro, "on_reproducible_ci": ci(repros),
+           "reproducible_steps": sum(a == b for s in per for _, a, b in s),
+           "steps": sum(len(s) for s in per), "ceiling": (1 + floor) / 2}
+    if truth is not None:
+        with_m = with_ref = 0
+        for s, t in zip(per, truth, strict=True):
+            for (m, a, b), ok in zip(s, t, strict=True):
+                if a == b != m:
+                    with_m += int(bool(m) == bool(ok))
+                    with_ref += int(bool(a) == bool(ok))
+        out.update(disputed_truth_with_labels=with_m, disputed_truth_with_reference=with_ref)
+    return out

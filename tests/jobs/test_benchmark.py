@@ -48,6 +48,9 @@ def test_annotation_summary_picks_the_best_variant_that_keeps_agreement():
     assert measured.startswith("4.10x") and "0.910" in measured and "binary+reuse+early_stop" in measured
     assert "binary+reuse 4.50x at 0.880" in detail and "prefix caching off 12.5s" in detail
     assert "naive vs itself 0.950 (noise floor)" in detail and "naive (repeat) 5.00x" not in detail
+    assert "reproducible" not in detail  # older JSON without the repeat statistics
+    res["part1"][2]["vs_repeat"] = {"on_reproducible": 0.931, "on_reproducible_ci": [0.9, 0.95]}
+    assert "on naive's reproducible steps: binary+reuse 0.931 [0.900, 0.950]" in B._summary("annotation", res)[2]
     res["part1"] = res["part1"][:1] + [_variant("binary", 3.0, 0.85), _variant("binary+reuse", 4.5, 0.80)]
     assert B._summary("annotation", res)[0].startswith("3.00x")  # none keeps 0.90: the closest in agreement
 
@@ -62,3 +65,38 @@ def test_training_summary_reads_each_layout():
     assert "differ" not in detail  # one plain run (older JSON): no spread to show
     res["plain"].update(runs=[190.0, 210.0], spread=0.1)
     assert B._summary("training", res)[2].endswith("plain runs before/after differ by 10%")
+
+
+def _report(labels, truth=None, k=16):
+    rows = [{"variant": n, "tokens": 100 * (4 if n.startswith("naive") else 1),
+             "labelled_steps": sum(map(len, lab.values())), "tokens_per_step": 0.0} for n, lab in labels.items()]
+    for r in rows:
+        r["tokens_per_step"] = r["tokens"] / r["labelled_steps"]
+    return {"args": {"rollouts": k}, "part1_samples": {"steps": sum(map(len, labels["naive"].values()))},
+            "part1": rows, "part1_labels": labels, **({"part1_truth": truth} if truth else {})}
+
+
+def test_annotation_pool_reads_earlier_reports(tmp_path, capsys):
+    import json
+
+    from benchmarks import annotation_methods as A
+
+    one = {"naive": {"a": [1, 0]}, "naive (repeat)": {"a": [1, 1]}, "scan+reuse": {"a": [1, 1]}}
+    two = {"naive": {"a": [0, 0]}, "naive (repeat)": {"a": [0, 0]}, "scan+reuse": {"a": [1, 0]}}
+    paths = []
+    for i, (labels, truth) in enumerate([(one, {"a": [True, True]}), (two, {"a": [False, False]}),
+                                         ({"naive": {"a": [1]}, "scan+reuse": {"a": [1]}}, None)]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(_report(labels, truth)))
+    assert A.pool([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out
+    assert "r2.json: no repeat naive run in it" in out and "pooled over 2 runs (K=16, 4 steps" in out
+    pooled = out.split("pooled over")[1]
+    # naive vs repeat: run 1 (1,1) (0,1), run 2 (0,0) (0,0): 3 of 4 steps agree, floor 0.750. scan's pairs with
+    # the two runs: run 1 step 0: 2, step 1: 1; run 2 step 0: 0, step 1: 2 -> 5 of 8 = 0.625; tokens 4x fewer
+    line = next(ln for ln in pooled.splitlines() if ln.startswith("scan+reuse"))
+    assert line.split()[1] == "4.00" and line.split()[2] == "0.625" and line.split()[3] == "0.750"
+    # run 2's disputed step (scan 1, naive 0 twice, truth wrong): the truth sides with naive
+    assert line.rstrip().endswith("0 / 1")
+    with pytest.raises(SystemExit):
+        A.main(["--pool", str(tmp_path / "missing.json")])

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from pipelines.prompts import split_steps
-from pipelines.steps import (Planner, Rollout, agreement, consensus, first_error_accuracy, first_error_of,
-                             hard_at_k, label_quality, mc_values, prefix_truth, run_planners, step_ends)
+from pipelines.steps import (Planner, Rollout, agreement, agreement_vs_repeat, consensus, first_error_accuracy,
+                             first_error_of, hard_at_k, label_quality, mc_values, prefix_truth, run_planners, step_ends)
 
 # ------------------------------------------------------------------------------------------------ prefix text
 
@@ -284,3 +284,30 @@ def test_prefix_truth_first_error_accuracy_and_agreement():
     a = agreement([[1, 0, 0], [1, 1]], [[1, 1, 0], [1, 1]])
     # steps: 2 of 3 + 2 of 2 = 4/5; first errors: (1 vs 2), (-1 vs -1) -> 1/2
     assert a == {"step_agreement": pytest.approx(4 / 5), "first_error_agreement": 0.5}
+
+
+def test_agreement_vs_repeat_separates_the_reference_noise():
+    # sample 1: m=[1,1,0], ref1=[1,0,0], ref2=[1,1,0]; sample 2: m=[0,1], ref1=[0,1], ref2=[1,1]
+    m, r1, r2 = [[1, 1, 0], [0, 1]], [[1, 0, 0], [0, 1]], [[1, 1, 0], [1, 1]]
+    truth = [[True, True, False], [False, True]]
+    s = agreement_vs_repeat(m, r1, r2, truth, boot=300)
+    # ref1 = ref2 on steps (1,0), (1,2), (2,1): floor 3/5; m equals them on all 3: on_reproducible 1
+    assert s["noise_floor"] == pytest.approx(3 / 5) and s["on_reproducible"] == 1.0
+    assert s["reproducible_steps"] == 3 and s["steps"] == 5
+    # pairs (m = ref_run): step (1,0) 2, (1,1) 1, (1,2) 2, (2,0) 1, (2,1) 2 -> 8 of 10
+    assert s["agreement_two_refs"] == pytest.approx(0.8) and s["margin"] == pytest.approx(0.2)
+    # the identity A = F * on_reproducible + (1 - F) / 2, and A at the ceiling (1 + F) / 2
+    assert s["agreement_two_refs"] == pytest.approx(s["noise_floor"] * 1.0 + (1 - s["noise_floor"]) / 2)
+    assert s["ceiling"] == pytest.approx(0.8)
+    assert s["margin_ci"][0] <= s["margin"] <= s["margin_ci"][1]
+    assert s["disputed_truth_with_labels"] == 0 and s["disputed_truth_with_reference"] == 0  # no dispute
+    # a labelling that contradicts the reproducible steps: m2 = [0,1,1],[0,0]; disputed steps (1,0), (1,2), (2,1)
+    s2 = agreement_vs_repeat([[0, 1, 1], [0, 0]], r1, r2, truth, boot=300)
+    assert s2["on_reproducible"] == 0.0 and s2["agreement_two_refs"] == pytest.approx((0 + 1 + 0 + 1 + 0) / 10)
+    # truth on those: (1,0) True -> ref's 1; (1,2) False -> ref's 0; (2,1) True -> ref's 1: all with the reference
+    assert (s2["disputed_truth_with_labels"], s2["disputed_truth_with_reference"]) == (0, 3)
+    assert s2["margin_ci"][1] < 0  # every resample scores below the floor
+    # deterministic for a seed; lengths must match
+    assert agreement_vs_repeat(m, r1, r2, boot=50, seed=3) == agreement_vs_repeat(m, r1, r2, boot=50, seed=3)
+    with pytest.raises(ValueError):
+        agreement_vs_repeat([[1]], [[1, 0]], [[1, 0]])
