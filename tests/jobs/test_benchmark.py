@@ -100,3 +100,12 @@ def test_annotation_pool_reads_earlier_reports(tmp_path, capsys):
     assert line.rstrip().endswith("0 / 1")
     with pytest.raises(SystemExit):
         A.main(["--pool", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.parametrize("limits", ["x,96", "0", ""])
+def test_rollout_length_rejects_bad_limits_before_starting(limits, capsys):
+    from benchmarks import rollout_length
+
+    with pytest.raises(SystemExit):
+        rollout_length.main(["--limits", limits])
+    assert "--limits" in capsys.readouterr().err
