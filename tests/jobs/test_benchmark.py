@@ -53,6 +53,9 @@ def test_annotation_summary_picks_the_best_variant_that_keeps_agreement():
     assert "on naive's reproducible steps: binary+reuse 0.931 [0.900, 0.950]" in B._summary("annotation", res)[2]
     res["part1"] = res["part1"][:1] + [_variant("binary", 3.0, 0.85), _variant("binary+reuse", 4.5, 0.80)]
     assert B._summary("annotation", res)[0].startswith("3.00x")  # none keeps 0.90: the closest in agreement
+    res["part1"].insert(1, _variant("naive+reuse", 1.05, 0.89))  # the second reference is listed, never chosen
+    measured, _, detail = B._summary("annotation", res)
+    assert measured.startswith("3.00x") and "naive+reuse 1.05x at 0.890" in detail
 
 
 def test_training_summary_reads_each_layout():
