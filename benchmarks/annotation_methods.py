@@ -132,6 +132,14 @@ def label(samples: pa.Table, cfg, handle, batch: int) -> tuple[list[dict], float
     return table.to_pylist(), wall, engine.calls
 
 
+def true_first_error(row: dict, problems: dict) -> int:
+    """The ground-truth first wrong step of a sample of a synthetic problem (-1 = none), from its step checks."""
+    from pipelines.verify import first_error
+
+    p = problems[row["problem_id"]]
+    return first_error(list(row["steps"]), p["quantities"], p["answer"])
+
+
 def measure(name: str, rows: list[dict], wall: float, calls: int, reference: list[dict] | None,
             problems: dict) -> dict:
     from pipelines.steps import (
@@ -141,7 +149,6 @@ def measure(name: str, rows: list[dict], wall: float, calls: int, reference: lis
         label_quality,
         prefix_truth,
     )
-    from pipelines.verify import first_error
 
     ok = [r for r in rows if not r["error"]]
     labelled = sum(len(r["hard_labels"]) for r in ok)
@@ -155,8 +162,7 @@ def measure(name: str, rows: list[dict], wall: float, calls: int, reference: lis
         ref = {r["sample_id"]: r for r in reference if not r["error"]}
         both = [r for r in ok if r["sample_id"] in ref]
         out.update(agreement([r["mc_hard"] for r in both], [ref[r["sample_id"]]["mc_hard"] for r in both]))
-    truths = [first_error(r["steps"], problems[r["problem_id"]]["quantities"], problems[r["problem_id"]]["answer"])
-              for r in ok]
+    truths = [true_first_error(r, problems) for r in ok]
     q = label_quality([r["mc_hard"] for r in ok], [prefix_truth(f, len(r["steps"])) for f, r in zip(truths, ok)])
     out.update({"f1_wrong_step": q["f1"], "precision_wrong_step": q["precision"], "recall_wrong_step": q["recall"],
                 "first_error_accuracy": first_error_accuracy([first_error_of(r["mc_hard"]) for r in ok], truths)})
@@ -355,12 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                 r["first_error_agreement_vs_naive_reuse"] = a2["first_error_agreement"]
         report["part1_labels"] = labels  # per variant, per sample: the hard labels (for analysis after the run)
         from pipelines.steps import prefix_truth
-        from pipelines.verify import first_error
 
         report["part1_truth"] = {  # per sample: the ground-truth prefix labels (True = right so far)
-            r["sample_id"]: prefix_truth(first_error(list(r["steps"]), problems[r["problem_id"]]["quantities"],
-                                                     problems[r["problem_id"]]["answer"]), len(r["steps"]))
-            for r in samples.to_pylist()}
+            r["sample_id"]: prefix_truth(true_first_error(r, problems), len(r["steps"])) for r in samples.to_pylist()}
         repeat = repeat_stats(labels, report["part1_truth"])
         for r in results:
             if r["variant"] in repeat:

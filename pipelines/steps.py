@@ -346,20 +346,21 @@ def agreement_vs_repeat(labels: Sequence[Sequence[int]], ref1: Sequence[Sequence
 
     per = [list(zip(m, a, b, strict=True)) for m, a, b in zip(labels, ref1, ref2, strict=True)]
 
-    def stats(samples: list[list[tuple[int, int, int]]]) -> tuple[float, float, float]:
+    def stats(samples: list[list[tuple[int, int, int]]]) -> tuple[float, float, float, int, int]:
+        """agreement, floor, on_reproducible, reproducible steps, steps"""
         steps = sum(len(s) for s in samples)
-        if not steps:
-            return math.nan, math.nan, math.nan
         same = sum(a == b for s in samples for _, a, b in s)
+        if not steps:
+            return math.nan, math.nan, math.nan, 0, 0
         agree = sum((m == a) + (m == b) for s in samples for m, a, b in s) / (2 * steps)
         repro = sum(m == a for s in samples for m, a, b in s if a == b)
-        return agree, same / steps, repro / same if same else math.nan
+        return agree, same / steps, repro / same if same else math.nan, same, steps
 
-    agree, floor, repro = stats(per)
+    agree, floor, repro, same, steps = stats(per)
     rng = random.Random(seed)
     margins, repros = [], []
     for _ in range(boot if per else 0):
-        a, f, r = stats([per[rng.randrange(len(per))] for _ in per])
+        a, f, r, _, _ = stats([per[rng.randrange(len(per))] for _ in per])
         margins.append(a - f)
         if not math.isnan(r):
             repros.append(r)
@@ -370,8 +371,7 @@ def agreement_vs_repeat(labels: Sequence[Sequence[int]], ref1: Sequence[Sequence
 
     out = {"agreement_two_refs": agree, "noise_floor": floor, "margin": agree - floor,
            "margin_ci": ci(margins), "on_reproducible": repro, "on_reproducible_ci": ci(repros),
-           "reproducible_steps": sum(a == b for s in per for _, a, b in s),
-           "steps": sum(len(s) for s in per), "ceiling": (1 + floor) / 2}
+           "reproducible_steps": same, "steps": steps, "ceiling": (1 + floor) / 2}
     if truth is not None:
         with_m = with_ref = 0
         for s, t in zip(per, truth, strict=True):
