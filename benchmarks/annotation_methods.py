@@ -7,6 +7,7 @@
 
 Part 1: SmolLM2-135M-Instruct samples (T=0.7) of 2- and 3-step synthetic problems, each labelled by every variant
 (naive, naive+early_stop, binary, binary+reuse, binary+reuse+early_stop, scan, scan+reuse, scan+reuse+early_stop,
+the +grow forms of the early-stop plans (chunk doubling per round),
 and naive again as the noise floor: two naive runs differ only by sampling; naive+reuse on request, which adds a
 second reference column) with K rollouts at the samples' temperature, on ONE engine shared by all
 variants, samples fed in batches of --batch (rollouts of a round batched across a batch, as in the pipeline).
@@ -53,20 +54,25 @@ from pipelines.runtime import finite_json as _finite
 
 VARIANTS = {
     "naive": {"method": "naive"},
-    "naive+early_stop": {"method": "naive", "early_stop": True},
+    "naive+early_stop": {"method": "naive", "early_stop": True, "chunk_growth": 1.0},
     "binary": {"method": "binary"},
     "binary+reuse": {"method": "binary", "reuse": True},
-    "binary+reuse+early_stop": {"method": "binary", "reuse": True, "early_stop": True},
+    "binary+reuse+early_stop": {"method": "binary", "reuse": True, "early_stop": True, "chunk_growth": 1.0},
     "scan": {"method": "scan"},
     "scan+reuse": {"method": "scan", "reuse": True},
-    "scan+reuse+early_stop": {"method": "scan", "reuse": True, "early_stop": True},
+    "scan+reuse+early_stop": {"method": "scan", "reuse": True, "early_stop": True, "chunk_growth": 1.0},
+    # the +early_stop variants above ask a fixed --chunk every round (chunk_growth=1, as every early-stop run before
+    # 2026-12-03 13:20); +grow doubles the spent rollouts each round (chunk_growth=2, the config's default), so a
+    # bad prefix is decided in ~log2(K / chunk) + 1 engine rounds instead of K / chunk
+    "binary+reuse+early_stop+grow": {"method": "binary", "reuse": True, "early_stop": True, "chunk_growth": 2.0},
+    "scan+reuse+early_stop+grow": {"method": "scan", "reuse": True, "early_stop": True, "chunk_growth": 2.0},
     # not in the default run: the second reference. Naive spends K fresh rollouts on every prefix of a verified
     # sample and labels a good prefix 0 when all K fail; with reuse the sample's own success counts (hard label 1,
     # as the first-error search infers). Agreement with this reference separates what the search changes from
     # what counting the sample itself changes.
     "naive+reuse": {"method": "naive", "reuse": True},
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "naive+reuse"]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "naive+reuse" and not v.endswith("+grow")]
 SECOND_REFERENCE = "naive+reuse"
 
 
@@ -171,13 +177,13 @@ def measure(name: str, rows: list[dict], wall: float, calls: int, reference: lis
 
 def fmt_table(results: list[dict], naive: dict | None) -> str:
     second = any("step_agreement_vs_naive_reuse" in r for r in results)
-    head = (f"{'variant':<26}{'tok/step':>9}{'x naive':>8}{'roll/step':>10}{'calls':>7}{'wall s':>8}"
+    head = (f"{'variant':<30}{'tok/step':>9}{'x naive':>8}{'roll/step':>10}{'calls':>7}{'wall s':>8}"
             f"{'tok/s':>7}{'agree':>7}{'1st-err':>8}{'F1 wrong':>9}{'1st-acc':>8}"
             + (f"{'agree n+r':>10}" if second else ""))
     lines = [head, "-" * len(head)]
     for r in results:
         ratio = naive["tokens_per_step"] / r["tokens_per_step"] if naive and r["tokens_per_step"] else math.nan
-        lines.append(f"{r['variant']:<26}{r['tokens_per_step']:>9.1f}{ratio:>8.2f}{r['rollouts_per_step']:>10.2f}"
+        lines.append(f"{r['variant']:<30}{r['tokens_per_step']:>9.1f}{ratio:>8.2f}{r['rollouts_per_step']:>10.2f}"
                      f"{r['engine_calls']:>7}{r['wall_s']:>8.1f}{r['tokens_per_s']:>7.0f}"
                      f"{r.get('step_agreement', math.nan):>7.3f}{r.get('first_error_agreement', math.nan):>8.3f}"
                      f"{r['f1_wrong_step']:>9.3f}{r['first_error_accuracy']:>8.3f}"
@@ -207,7 +213,7 @@ def repeat_stats(labels: dict[str, dict[str, list[int]]], truth: dict[str, list[
 
 def fmt_repeat(repeat: dict[str, dict], rows: dict[str, dict], naive: dict | None) -> str:
     """The table against naive run twice: what each variant's agreement is once naive's own noise is taken out."""
-    head = (f"{'variant':<26}{'x naive':>8}{'agree':>7}{'floor':>7}{'ceiling':>8}{'margin [95% CI]':>24}"
+    head = (f"{'variant':<30}{'x naive':>8}{'agree':>7}{'floor':>7}{'ceiling':>8}{'margin [95% CI]':>24}"
             f"{'on reproducible [95% CI]':>31}{'disputed: truth with':>24}")
     lines = [head, "-" * len(head)]
     for name, s in repeat.items():
@@ -217,7 +223,7 @@ def fmt_repeat(repeat: dict[str, dict], rows: dict[str, dict], naive: dict | Non
         rlo, rhi = s["on_reproducible_ci"]
         disputed = (f"{s['disputed_truth_with_labels']} / {s['disputed_truth_with_reference']}"
                     if "disputed_truth_with_labels" in s else "-")
-        lines.append(f"{name:<26}{ratio:>8.2f}{s['agreement_two_refs']:>7.3f}{s['noise_floor']:>7.3f}"
+        lines.append(f"{name:<30}{ratio:>8.2f}{s['agreement_two_refs']:>7.3f}{s['noise_floor']:>7.3f}"
                      f"{s['ceiling']:>8.3f}{s['margin']:>+8.3f} [{lo:+.3f}, {hi:+.3f}]"
                      f"{s['on_reproducible']:>9.3f} [{rlo:.3f}, {rhi:.3f}] of {s['reproducible_steps']:<4}"
                      f"{disputed:>24}")
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                          "select=balanced` does (up to half verified, the rest wrong): the PRM training set's mix")
     ap.add_argument("--limit", type=int, default=0, help="with --select balanced: samples labelled (0 = all)")
     ap.add_argument("--rollouts", type=int, default=8, help="K for part 1")
-    ap.add_argument("--chunk", type=int, default=2, help="early stop: rollouts per prefix per round")
+    ap.add_argument("--chunk", type=int, default=2, help="early stop: rollouts per prefix in its first round")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma separated, from {list(VARIANTS)}")
     ap.add_argument("--no-repeat-naive", action="store_true", help="skip the second naive run (noise floor)")
     ap.add_argument("--long-problems", type=int, default=8, help="4-5 step problems for part 2 (0 = skip part 2)")
@@ -301,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             ap.error(f"--pool: no such report {missing}; give annotation_methods.json files of earlier runs")
         return pool(args.pool)
+    if args.chunk < 1:
+        ap.error(f"--chunk must be >= 1, got {args.chunk}")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad or "naive" not in names:

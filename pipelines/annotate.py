@@ -96,7 +96,9 @@ class AnnotateConfig:
     rollouts: int = help_field(8, "K: rollouts per prefix")
     reuse: bool = help_field(False, "count the sample itself and rollouts passing through a prefix as its rollouts")
     early_stop: bool = help_field(False, "stop a prefix's rollouts at its first success (decides the hard label)")
-    chunk: int = help_field(2, "early stop: rollouts per prefix per round")
+    chunk: int = help_field(2, "early stop: rollouts per prefix in its first round")
+    chunk_growth: float = help_field(2.0, "early stop: 2 = each round doubles the rollouts spent on the prefix "
+                                          "(2, 2, 4, 8: fewer, larger engine calls); 1 = `chunk` every round")
     temperature: float = help_field(0.7, "rollout temperature (the samples' own, for reuse to be unbiased)")
     top_p: float = help_field(1.0, "rollout nucleus sampling")
     max_tokens: int = help_field(128, "most new tokens per rollout")
@@ -124,6 +126,8 @@ class AnnotateConfig:
             raise ValueError(f"labels={self.labels} needs a judge: set judge.mode=local or judge.mode=endpoint")
         if self.rollouts < 1 or self.chunk < 1 or self.max_tokens < 1:
             raise ValueError("rollouts, chunk and max_tokens must be >= 1")
+        if not self.chunk_growth >= 1:
+            raise ValueError(f"chunk_growth must be >= 1 (1 = a fixed chunk), got {self.chunk_growth}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
         if not 0.0 <= self.min_soft_good <= 1.0:
@@ -133,7 +137,8 @@ class AnnotateConfig:
 
     def method_name(self) -> str:
         """What the `method` column says: the plan and its switches, and the judge when it takes part."""
-        mc = "+".join([self.method] + (["reuse"] if self.reuse else []) + (["early_stop"] if self.early_stop else []))
+        stop = (["early_stop"] + (["grow"] if self.chunk_growth > 1 else [])) if self.early_stop else []
+        mc = "+".join([self.method] + (["reuse"] if self.reuse else []) + stop)
         if self.labels == "judge":
             return "judge"
         if self.labels == "step_check_consensus":
@@ -325,7 +330,8 @@ class StepAnnotator:
         mc: dict[int, Any] = {}
         if cfg.labels != "judge":
             planners = [Planner(rows[s]["completion"], ends[s], verdicts[s], k=cfg.rollouts, method=cfg.method,
-                                reuse=cfg.reuse, early_stop=cfg.early_stop, chunk=cfg.chunk) for s in todo]
+                                reuse=cfg.reuse, early_stop=cfg.early_stop, chunk=cfg.chunk,
+                                chunk_growth=cfg.chunk_growth) for s in todo]
             # rows of the batch in `todo` order, so the oracle's sample index is the planner's index
             sub_rows = [rows[s] for s in todo]
             sub_err = [""] * len(todo)

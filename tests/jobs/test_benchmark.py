@@ -112,3 +112,13 @@ def test_rollout_length_rejects_bad_limits_before_starting(limits, capsys):
     with pytest.raises(SystemExit):
         rollout_length.main(["--limits", limits])
     assert "--limits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [(["--chunk", "0"], "--chunk"),
+                                         (["--variants", "naive,scan+grow"], "scan+grow")])
+def test_annotation_bench_rejects_bad_early_stop_settings_before_starting(argv, named, capsys):
+    from benchmarks import annotation_methods as A
+
+    with pytest.raises(SystemExit):
+        A.main(argv)
+    assert named in capsys.readouterr().err

@@ -178,7 +178,7 @@ def test_binary_reuse_early_stop_agrees_with_naive_and_consensus_with_a_judge(ra
         j = r["judge_labels"]
         assert len(j) == len(r["steps"]) and set(j) <= {-1, 0, 1}
         assert r["hard_labels"] == [h if jj == h else -1 for h, jj in zip(r["mc_hard"], j)]
-        assert r["method"] == "consensus(binary+reuse+early_stop,judge)"
+        assert r["method"] == "consensus(binary+reuse+early_stop+grow,judge)"  # chunk_growth=2 by default
         assert r["verifier"] == "pipelines.verify.grade+judge:tiny" and r["judge_tokens"] > 0
 
 
@@ -277,6 +277,7 @@ def test_judge_labels_through_an_openai_compatible_endpoint(tiny_model):
     (["judge.mode=endpoint"], "base_url"),
     (["min_soft_good=2"], "min_soft_good"),
     (["rollouts=0"], "rollouts"),
+    (["chunk_growth=0.5"], "chunk_growth"),
 ])
 def test_config_rejects_bad_combinations(overrides, message):
     with pytest.raises(ConfigError, match=message):

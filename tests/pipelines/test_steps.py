@@ -131,6 +131,37 @@ def test_binary_with_reuse_and_early_stop_arithmetic():
     assert lab.fresh == [0, 3, 3, 0] and lab.tokens == 60 and lab.rounds == 4
 
 
+@pytest.mark.parametrize("growth, reuse, asks", [
+    (1.0, False, [2] * 8),  # a fixed chunk: K / chunk = 8 rounds to decide a bad prefix
+    (2.0, False, [2, 2, 4, 8]),  # each round asks what was spent so far: totals 2, 4, 8, 16
+    (2.0, True, [2, 2, 4, 7]),  # the pool starts with the sample (K - 1 = 15 left): the last round takes what is left
+    (1.5, False, [2, 2, 2, 3, 5, 2]),  # max(2, ceil(0.5 * spent)): spent 0, 2, 4, 6, 9, 14 -> 16
+])
+def test_growing_chunk_decides_a_bad_prefix_in_fewer_rounds(growth, reuse, asks):
+    completion, steps = "a\nb", ["a", "b"]
+    oracle = ScriptedOracle({(0, 0): [(0, "x")] * 16})
+    p = Planner(completion, step_ends(completion, steps), verdict=False, k=16, method="scan", reuse=reuse,
+                early_stop=True, chunk=2, chunk_growth=growth)
+    lab = run_planners([p], oracle)[0]
+    assert [n for c in oracle.calls for _, _, n in c] == asks and lab.rounds == len(asks)
+    assert lab.hard == [0, 0] and lab.rollouts[0] == 16 and lab.tokens == 10 * sum(asks)
+
+
+def test_growing_chunk_still_stops_a_good_prefix_at_its_first_success():
+    completion, steps = "a\nb\nc", ["a", "b", "c"]
+    # prefix 0: fails twice, then its 3rd rollout succeeds (round 2 asks 2: "1" and one more that is still spent);
+    # prefix 1: fails 16 times -> first error at step 2 (index 1)
+    script = {(0, 0): [(0, "x"), (0, "x"), (1, "y"), (0, "x")], (0, 1): [(0, "z")] * 16}
+    oracle = ScriptedOracle(script)
+    p = Planner(completion, step_ends(completion, steps), verdict=False, k=16, method="scan", early_stop=True,
+                chunk=2, chunk_growth=2.0)
+    lab = run_planners([p], oracle)[0]
+    assert [[(i, n) for _, i, n in c] for c in oracle.calls] == [[(0, 2)], [(0, 2)], [(1, 2)], [(1, 2)], [(1, 4)],
+                                                               [(1, 8)]]
+    assert lab.outcomes == ["0010", "0" * 16, "0"] and lab.hard == [1, 0, 0] and lab.first_error == 1
+    assert lab.fresh == [4, 16, 0] and lab.rounds == 6
+
+
 def test_binary_jumps_over_prefixes_a_successful_rollout_passes_through():
     completion, steps = "a\nb\nc\nd\ne", ["a", "b", "c", "d", "e"]
     oracle = ScriptedOracle({(0, 1): [(1, "c\nd\n The answer is 3.")]})
@@ -188,7 +219,8 @@ def test_scan_probes_from_the_front():
 
 @pytest.mark.parametrize("method", ["binary", "scan"])
 @pytest.mark.parametrize("flags", [dict(), dict(reuse=True), dict(early_stop=True, chunk=1),
-                                   dict(reuse=True, early_stop=True, chunk=3)])
+                                   dict(reuse=True, early_stop=True, chunk=3),
+                                   dict(reuse=True, early_stop=True, chunk=2, chunk_growth=2.0)])
 def test_binary_finds_the_naive_first_error_when_rollouts_are_deterministic(flags, method):
     rng = random.Random(0)
     values, planners_n, planners_b = [], [], []
@@ -237,6 +269,8 @@ def test_binary_on_non_monotone_values_finds_a_drop():
 def test_planner_rejects_misuse():
     with pytest.raises(ValueError, match="method"):
         Planner("a", [1], verdict=True, method="ternary")
+    with pytest.raises(ValueError, match="chunk_growth >= 1"):
+        Planner("a", [1], verdict=True, early_stop=True, chunk_growth=0.5)
     p = Planner(COMPLETION, step_ends(COMPLETION, STEPS), verdict=False, k=2)
     want = p.requests()
     with pytest.raises(RuntimeError, match="before observe"):
