@@ -61,9 +61,9 @@ VARIANTS = {
     "scan": {"method": "scan"},
     "scan+reuse": {"method": "scan", "reuse": True},
     "scan+reuse+early_stop": {"method": "scan", "reuse": True, "early_stop": True, "chunk_growth": 1.0},
-    # the +early_stop variants above ask a fixed --chunk every round (chunk_growth=1, as every early-stop run before
-    # 2026-12-03 13:20); +grow doubles the spent rollouts each round (chunk_growth=2, the config's default), so a
-    # bad prefix is decided in ~log2(K / chunk) + 1 engine rounds instead of K / chunk
+    # the +early_stop variants above ask a fixed --chunk every round (chunk_growth=1, the config's default); +grow
+    # doubles the spent rollouts each round (chunk_growth=2), so a bad prefix is decided in ~log2(K / chunk) + 1
+    # engine rounds instead of K / chunk
     "binary+reuse+early_stop+grow": {"method": "binary", "reuse": True, "early_stop": True, "chunk_growth": 2.0},
     "scan+reuse+early_stop+grow": {"method": "scan", "reuse": True, "early_stop": True, "chunk_growth": 2.0},
     # not in the default run: the second reference. Naive spends K fresh rollouts on every prefix of a verified

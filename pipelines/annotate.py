@@ -97,8 +97,9 @@ class AnnotateConfig:
     reuse: bool = help_field(False, "count the sample itself and rollouts passing through a prefix as its rollouts")
     early_stop: bool = help_field(False, "stop a prefix's rollouts at its first success (decides the hard label)")
     chunk: int = help_field(2, "early stop: rollouts per prefix in its first round")
-    chunk_growth: float = help_field(2.0, "early stop: 2 = each round doubles the rollouts spent on the prefix "
-                                          "(2, 2, 4, 8: fewer, larger engine calls); 1 = `chunk` every round")
+    chunk_growth: float = help_field(1.0, "early stop: 1 = `chunk` every round (fewest tokens); 2 = each round "
+                                          "doubles the rollouts spent on the prefix (2, 2, 4, 8: fewer, larger "
+                                          "engine calls, less wall time)")
     temperature: float = help_field(0.7, "rollout temperature (the samples' own, for reuse to be unbiased)")
     top_p: float = help_field(1.0, "rollout nucleus sampling")
     max_tokens: int = help_field(128, "most new tokens per rollout")

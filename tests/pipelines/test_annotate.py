@@ -178,7 +178,7 @@ def test_binary_reuse_early_stop_agrees_with_naive_and_consensus_with_a_judge(ra
         j = r["judge_labels"]
         assert len(j) == len(r["steps"]) and set(j) <= {-1, 0, 1}
         assert r["hard_labels"] == [h if jj == h else -1 for h, jj in zip(r["mc_hard"], j)]
-        assert r["method"] == "consensus(binary+reuse+early_stop+grow,judge)"  # chunk_growth=2 by default
+        assert r["method"] == "consensus(binary+reuse+early_stop,judge)"
         assert r["verifier"] == "pipelines.verify.grade+judge:tiny" and r["judge_tokens"] > 0
 
 
