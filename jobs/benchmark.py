@@ -32,7 +32,8 @@ BENCHMARKS = {
     "annotation": ("benchmarks.annotation_methods",
                    ["--model", "smollm2", "--problems", "192", "--samples-per-problem", "8", "--select", "balanced",
                     "--limit", "48", "--rollouts", "16", "--variants",
-                    "naive,naive+reuse,binary,binary+reuse,scan+reuse,scan+reuse+early_stop,scan+reuse+early_stop+grow"],
+                    "naive,naive+reuse,binary,binary+reuse,scan+reuse,scan+reuse+early_stop,"
+                    "scan+reuse+early_stop+grow"],
                    ["--model", "tiny", "--problems", "2", "--samples-per-problem", "1", "--rollouts", "2",
                     "--long-problems", "0", "--no-repeat-naive"]),
     "training": ("benchmarks.train_throughput", [],
