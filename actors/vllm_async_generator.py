@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from actors.vllm_generator import VLLMGenerator, completion_dicts
+from actors.vllm_generator import VLLMGenerator, completion_dicts, size_cpu_kv_cache
 
 
 class AsyncVLLMGenerator(VLLMGenerator):
@@ -28,8 +28,7 @@ class AsyncVLLMGenerator(VLLMGenerator):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = {"enforce_eager": True, "seed": 0}
-        kwargs.update(engine_kwargs or {})
+        kwargs = size_cpu_kv_cache({"enforce_eager": True, "seed": 0, **(engine_kwargs or {})})
         t0 = time.time()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **kwargs))
         self.load_s = time.time() - t0

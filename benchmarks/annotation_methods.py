@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-max-tokens", type=int, default=128, help="most tokens per sample")
     ap.add_argument("--batch", type=int, default=32, help="samples per annotator call")
     ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="CPU: share of RAM for the KV cache")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.25, help="CPU: share of RAM for the KV cache")
     ap.add_argument("--num-gpus", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="problems use seed (part 1) and seed + 1 (part 2)")

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         RewardModel.from_base(model_path, kind="prm").save(prm_path, tok)
     questions = (QUESTIONS * 10)[: args.requests]
     pcfg = PromptConfig()
-    engine_kwargs = {"max_model_len": 1024, "dtype": "bfloat16", "gpu_memory_utilization": 0.3, "seed": 0}
+    engine_kwargs = {"max_model_len": 1024, "dtype": "bfloat16", "gpu_memory_utilization": 0.1, "seed": 0}
     scfg = SearchConfig(max_tokens=args.max_tokens, fmt=pcfg.format, logprobs=0)
     ray_ = init_ray()
 

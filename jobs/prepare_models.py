@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_vllm:
         import vllm
 
-        llm = vllm.LLM(model=str(path), enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.3)
+        from actors.vllm_generator import size_cpu_kv_cache
+
+        llm = vllm.LLM(model=str(path), **size_cpu_kv_cache({"enforce_eager": True, "max_model_len": 512,
+                                                              "gpu_memory_utilization": 0.05}))
         out = llm.generate(["2 + 3 ="], vllm.SamplingParams(max_tokens=8, temperature=0))
         print(f"vLLM generated: {out[0].outputs[0].text!r}")
     return 0

