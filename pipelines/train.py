@@ -845,6 +845,11 @@ def train_loop_per_worker(config: dict) -> None:
                                      if ckpt is not None else None)
                 report_s = time.time() - now
                 if cfg.crash_after_step and step == cfg.crash_after_step and resumed_from == 0:
+                    # "After this step's report" = after Ray Train registered it. report() returns once the
+                    # checkpoint is uploaded; the controller registers it asynchronously, and a failure it sees first
+                    # leaves the previous checkpoint as the latest (seen on a slow machine: 4 instead of 8).
+                    ray.train.get_all_reported_checkpoints(
+                        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
                     raise RuntimeError(f"crash_after_step={step}: simulated failure after this step's report "
                                        f"(re-run the same command to resume)")
             if step < total and seen < per_epoch:  # the shard ran dry early: the equal split failed
