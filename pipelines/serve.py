@@ -66,7 +66,7 @@ class ServeConfig:
     max_model_len: int = help_field(1024, "engine context length")
     dtype: str = help_field("bfloat16", "engine dtype")
     gpu_memory_utilization: float = help_field(0.15, "GPU memory share (CPU: share of RAM for the KV cache)")
-    threads: int = help_field(2, "CPU threads of the engine (0 = leave to Ray)")
+    threads: int = help_field(2, "CPU threads of the engine's model (0 = leave to Ray and vLLM)")
     device: str = help_field("cpu", "PRM device: cpu | cuda")
     prompt: PromptConfig = help_field(PromptConfig(), "step format of solutions (splitting, the step separator)")
     search: SearchConfig = help_field(SearchConfig(max_tokens=256), "search defaults; requests override some")
