@@ -15,18 +15,17 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from actors.vllm_generator import VLLMGenerator, completion_dicts, set_cpu_threads, size_cpu_kv_cache
+from actors.vllm_generator import VLLMGenerator, completion_dicts, engine_setup
 
 
 class AsyncVLLMGenerator(VLLMGenerator):
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
                  sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = ""):
-        set_cpu_threads(threads)
+        kwargs = engine_setup(engine_kwargs, threads)
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = size_cpu_kv_cache({"enforce_eager": True, "seed": 0, **(engine_kwargs or {})})
         t0 = time.time()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **kwargs))
         self.load_s = time.time() - t0

@@ -82,16 +82,22 @@ def set_cpu_threads(threads: int) -> None:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus)) if threads >= len(cpus) else "nobind"
 
 
+def engine_setup(engine_kwargs: dict[str, Any] | None, threads: int) -> dict[str, Any]:
+    """What every engine of ours does before vLLM starts: threads (set_cpu_threads), our defaults (eager, seed 0)
+    under the caller's kwargs, and on CPU the KV cache in bytes (size_cpu_kv_cache). Returns the vLLM kwargs."""
+    set_cpu_threads(threads)
+    return size_cpu_kv_cache({"enforce_eager": True, "seed": 0, **(engine_kwargs or {})})
+
+
 class VLLMGenerator:
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
                  sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = ""):
         """model: checkpoint path or hub id; engine_kwargs: passed to vllm.LLM (max_model_len, dtype, seed,
         enable_prefix_caching, gpu_memory_utilization, ...); sampling: default SamplingParams fields;
         threads: CPU threads for the engine (0 = leave as is); model_name: recorded in every output row."""
-        set_cpu_threads(threads)
+        kwargs = engine_setup(engine_kwargs, threads)
         import vllm  # imported here, never at module top: importing pipelines/ must not pull vllm
 
-        kwargs = size_cpu_kv_cache({"enforce_eager": True, "seed": 0, **(engine_kwargs or {})})
         t0 = time.time()
         self.llm = vllm.LLM(model=str(model), **kwargs)
         self.load_s = time.time() - t0

@@ -33,10 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_vllm:
         import vllm
 
-        from actors.vllm_generator import size_cpu_kv_cache
+        from actors.vllm_generator import engine_setup
 
-        llm = vllm.LLM(model=str(path), **size_cpu_kv_cache({"enforce_eager": True, "max_model_len": 512,
-                                                              "gpu_memory_utilization": 0.05}))
+        llm = vllm.LLM(model=str(path), **engine_setup({"max_model_len": 512, "gpu_memory_utilization": 0.05}, 0))
         out = llm.generate(["2 + 3 ="], vllm.SamplingParams(max_tokens=8, temperature=0))
         print(f"vLLM generated: {out[0].outputs[0].text!r}")
     return 0
