@@ -94,6 +94,9 @@ class SearchParams(BaseModel):
     max_steps: int | None = Field(None, ge=1, le=64)
     prm: Literal["default", "confidence"] = "default"
     timeout_s: float | None = Field(None, gt=0, description="cancel the request after this (capped by the server's)")
+    answer_kind: Literal["math", "numeric"] = Field(
+        "math", description="how answers group in a vote: math (math-verify: \\frac{1}{2} = 0.5 = 1/2, LaTeX "
+                            "expressions, sets) or numeric (GSM8K numbers: thousands commas, units)")
 
 
 class Message(BaseModel):
@@ -280,7 +283,7 @@ class SearchIngress:
         scorer_prompt = prompt
         if self.prm is not None and search.strategy in SCORED and search.prm == "default":
             scorer_prompt = render(self.tok, question, "numeric", await self._scorer_prompt_cfg())
-        problem = SearchProblem(prompt=prompt, question=scorer_prompt)
+        problem = SearchProblem(prompt=prompt, question=scorer_prompt, kind=search.answer_kind)
         fn = STRATEGIES[search.strategy]
         t0 = time.time()
         try:
@@ -299,7 +302,8 @@ class SearchIngress:
             "finish_reason": "length" if chosen_tokens >= max_tokens else "stop",
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": result.tokens_generated,
                       "total_tokens": n_prompt + result.tokens_generated},
-            "search": {"strategy": search.strategy, "budget": search.n, "answer": result.answer,
+            "search": {"strategy": search.strategy, "budget": search.n, "answer_kind": search.answer_kind,
+                       "answer": result.answer,
                        "steps": result.steps, "step_scores": [_num(v) for v in result.step_scores],
                        "score": _num(result.score), "scorer": "none" if score is None else
                        ("confidence" if score is CONFIDENCE else "prm"),

@@ -8,8 +8,14 @@ Extraction (`extract_answer`) tries, in order, and reports which one it used (`E
   answer_is / answer_line
                "The (final) answer is ..." or a line "(Final) Answer: ...", whichever comes last in the text;
                the answer ends at its $...$ / \\(...\\) delimiters, the end of the sentence or the end of the line
+  whole        the whole prediction is the answer: one line, optionally in one pair of math delimiters, that is
+               one number (up to two unit words), one word, or has no English word outside LaTeX commands and
+               \\text{} groups (`\\frac{1}{2}`, `(x-2)(x+2)`, `10, 4, -2`); an arithmetic chain "3 + 4 = 7" is not
   last_number  fallback: the last number in the text (reported as such, so callers can discount it)
   none         nothing found: a verdict of its own ("no_answer"), not an exception
+Kind "math" grading (`grade`) hands every completion that is not a bare answer to math-verify's own LaTeX and
+expression extraction first (method "math_verify" when it read something else than the markers above: several
+boxed answers, "$x \\geq 5$ is the solution"); a last number that math-verify does not read is no answer.
 
 Verdict reasons. Math and numeric (`grade`): correct, wrong, no_answer, timeout (the equivalence check ran past
 its time limit), error (bad gold, verifier failure; `detail` says which). Code (`grade_code` /
@@ -22,6 +28,12 @@ thousands commas (1,080), LaTeX wrappers (\\text{}, \\$, {,}), unit words (12 ap
 50, GSM8K's convention); simple fractions a/b and \\frac{a}{b} are numbers. Two numbers are equal exactly when
 either is an integer (1,000,000 vs 1,000,001 differ; 18 == 18.0), otherwise within rel_tol (0.333333 == 1/3).
 A string with zero or several numbers is compared as normalised text.
+
+Bare comma lists of single values ("10, 4, -2") compare item by item in order, as MATH's and PRM800K's graders do
+(math-verify alone reads them as sets); solution sets of tuples or equations, and enclosed sets, keep
+math-verify's rules. A bare number with thousands spaces or a decimal comma ("1 000", "1,22") goes to math-verify
+as written (its own reading of those); other bare answers are boxed. A set of several answers ("5, 6, 7",
+several boxes) is wrong against a single-valued gold even when one member matches: hedging is not rewarded.
 
 Math equivalence (`math_equal`) is math-verify (fractions, radicals, intervals, sets, matrices, units, \\text
 wrappers, percent, numeric rounding), run in a persistent worker process (`_MathWorker`) under a hard time limit:
@@ -81,7 +93,8 @@ KINDS = ("numeric", "math", "code")
 MATH_REASONS = ("correct", "wrong", "no_answer", "timeout", "error")
 CODE_REASONS = ("passed", "failed_test", "error:<ExceptionType>", "timeout", "memory", "process_limit",
                 "early_exit", "no_tests_ran", "killed", "sandbox_error")
-EXTRACTION_METHODS = ("boxed", "answer_is", "gsm8k", "answer_line", "last_number", "none")
+EXTRACTION_METHODS = ("boxed", "answer_is", "gsm8k", "answer_line", "whole", "math_verify", "last_number",
+                      "none")
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,19 @@ def _boxed(text: str) -> tuple[int, str] | None:
     return (bare[-1].start(), bare[-1].group(1)) if bare else None
 
 
+def _boxed_contents(text: str) -> set[str]:
+    """The distinct contents (white space dropped) of the balanced \\boxed{...} in `text` (the last 20)."""
+    found = set()
+    for m in list(_BOXED_RE.finditer(text))[-_MAX_MARKERS:]:
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            found.add("".join(text[m.end(): i - 1].split()))
+    return found
+
+
 def _trim(answer: str) -> str:
     """Cut an answer that runs on: keep a leading $...$ / \\(...\\) group, else stop at the sentence end."""
     s = answer.strip().strip("*").strip()
@@ -159,10 +185,58 @@ def extract_answer(text: str) -> Extraction:
         answer = _trim(text[end: end + _MAX_ANSWER_CHARS])
         if answer:
             return Extraction(answer, method)
+    whole = _whole_answer(text)
+    if whole is not None:
+        return Extraction(whole, "whole")
     numbers = _NUMBER_RE.findall(text)
     if numbers:
         return Extraction(numbers[-1], "last_number")
     return Extraction(None, "none")
+
+
+_OUTER_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+_TEXT_GROUP_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{[^{}]*\}")
+_WORD_RE = re.compile(r"[A-Za-z]{2,}")
+_ARITHMETIC_CHAIN_RE = re.compile(r"[\d\s.,+\-*/×·÷()]*\d[\d\s.,+\-*/×·÷()]*(?:=[\d\s.,+\-*/×·÷()]+)+")
+_MAX_WHOLE_CHARS = 300
+_MAX_UNIT_WORDS_WHOLE = 2  # "12 apples", "1080 dollars"
+
+
+def _strip_outer(s: str) -> str:
+    """`s` without one pair of math delimiters around all of it ($...$, $$...$$, \\(...\\), \\[...\\])."""
+    s = s.strip()
+    for left, right in _OUTER_DELIMITERS:
+        if len(s) > len(left) + len(right) and s.startswith(left) and s.endswith(right):
+            inner = s[len(left): -len(right)]
+            if left.startswith("$") and _UNESCAPED_DOLLAR_RE.search(inner):
+                continue  # "$a$ or $b$" is two groups, not one
+            return inner.strip()
+    return s
+
+
+def _whole_answer(text: str) -> str | None:
+    """The whole prediction when it is a bare answer and not prose: MATH-style data passes answers such as
+    `\\frac{1}{2}`, `(x-2)(x+2)` or `10, 4, -2` with no marker, and their last number is not the answer.
+
+    Bare means one line of at most 300 characters, optionally in one pair of math delimiters, that is one number
+    (up to two unit words: "12 apples"), or one word ("Evelyn"), or has no English word outside LaTeX commands and
+    \\text{} groups. An arithmetic chain ("3 + 4 = 7") is a computation, not an answer: its last number is.
+    """
+    s = text.strip().rstrip(".").strip()
+    if not s or "\n" in s or len(s) > _MAX_WHOLE_CHARS:
+        return None
+    inner = _strip_outer(s)
+    if not inner:
+        return None
+    if re.fullmatch(r"[A-Za-z]+", inner):
+        return inner
+    if _ARITHMETIC_CHAIN_RE.fullmatch(inner):
+        return None
+    words = len(_WORD_RE.findall(_LATEX_COMMAND_RE.sub(" ", _TEXT_GROUP_RE.sub(" ", inner))))
+    if words == 0 or (words <= _MAX_UNIT_WORDS_WHOLE and parse_number(inner) is not None):
+        return inner
+    return None
 
 
 _FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -266,6 +340,10 @@ def math_equal(pred: str, gold: str, timeout_s: float = 5.0, **math_verify_optio
     float_rounding, numeric_precision, strict, allow_set_relation_comp (as in math_verify.verify).
     Raises RuntimeError when the worker fails for another reason (it is restarted for the next call).
     """
+    return _math_check(pred, gold, timeout_s, **math_verify_options)["result"]
+
+
+def _math_check(pred: str, gold: str, timeout_s: float = 5.0, **math_verify_options: Any) -> dict:
     unknown = set(math_verify_options) - set(MATH_OPTIONS)
     if unknown:
         raise TypeError(f"math_equal got unknown option(s) {sorted(unknown)}; known: {MATH_OPTIONS}")
@@ -308,6 +386,17 @@ def _math_worker_main() -> None:  # pragma: no cover - runs in the worker proces
                        else ExprExtractionConfig() for m in match_types]
         return parse(text, configs, parsing_timeout=None)
 
+    from sympy import Eq, Expr, FiniteSet
+
+    def is_set(parsed_answer) -> bool:  # several different values, as math-verify read them
+        return bool(parsed_answer) and isinstance(parsed_answer[0], FiniteSet) and len(parsed_answer[0]) > 1
+
+    def is_single(parsed_answer) -> bool:  # one value ("7", "x + 1", "x = 7"): not a set, interval, tuple, matrix
+        if not parsed_answer:
+            return False
+        value = parsed_answer[0].rhs if isinstance(parsed_answer[0], Eq) else parsed_answer[0]
+        return isinstance(value, Expr) and not getattr(value, "is_Matrix", False)
+
     armed = [False]
 
     def on_alarm(signum, frame):
@@ -325,17 +414,19 @@ def _math_worker_main() -> None:  # pragma: no cover - runs in the worker proces
         try:
             armed[0] = True
             signal.setitimer(signal.ITIMER_REAL, max(float(req["timeout_s"]), 0.001))
+            pred = parsed(req["pred"], types, priority)
             result = verify(
-                parsed(req["gold"], types, priority), parsed(req["pred"], types, priority),
+                parsed(req["gold"], types, priority), pred,
                 float_rounding=int(opts.get("float_rounding", 6)),
                 numeric_precision=int(opts.get("numeric_precision", 15)),
                 strict=bool(opts.get("strict", True)),
                 allow_set_relation_comp=bool(opts.get("allow_set_relation_comp", False)),
                 timeout_seconds=None,
             )
-            answer = {"result": bool(result)}
+            answer = {"result": bool(result), "extracted": str(pred[-1]) if len(pred) > 1 else None,
+                      "pred_set": is_set(pred), "gold_single": is_single(parsed(req["gold"], types, priority))}
         except _Deadline:
-            answer = {"result": None}
+            answer = {"result": None, "extracted": None}
         except Exception as e:  # noqa: BLE001 - reported to the caller with its type
             answer = {"error": f"{type(e).__name__}: {e}"[:500]}
         finally:
@@ -417,7 +508,9 @@ class _MathWorker:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
-    def check(self, pred: str, gold: str, options: dict, timeout_s: float) -> bool | None:
+    def check(self, pred: str, gold: str, options: dict, timeout_s: float) -> dict:
+        """The worker's answer: {"result": bool | None (None: timed out), "extracted": what it read in pred,
+        "pred_set": whether it read several different values in pred, "gold_single": one value in gold}."""
         if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
             self._start()  # after a fork the parent's worker belongs to the parent: start our own
         try:
@@ -435,11 +528,11 @@ class _MathWorker:
         if line is None:  # stuck in C code: kill, and start the replacement now so its imports overlap
             self.close()
             self._start()
-            return None
+            return {"result": None, "extracted": None}
         answer = json.loads(line)
         if "error" in answer:
             raise RuntimeError(f"math-verify raised {answer['error']}")
-        return answer["result"]
+        return answer
 
 
 _local = threading.local()  # one worker per thread; dropped (and its process killed) when the thread ends
@@ -473,12 +566,17 @@ def _gold_answer(gold: str) -> str:
     return gold.rsplit("####", 1)[1].strip() if "####" in gold else gold.strip()
 
 
-def grade(completion: str, gold: str, kind: str = "numeric", timeout_s: float = 5.0) -> Verdict:
-    """Extract the completion's answer and compare it with `gold` (an answer, or a GSM8K solution with ####)."""
+def grade(completion: str, gold: str, kind: str = "numeric", timeout_s: float = 5.0,
+          **math_options: Any) -> Verdict:
+    """Extract the completion's answer and compare it with `gold` (an answer, or a GSM8K solution with ####).
+
+    math_options (kind "math" only) go to math-verify as in `math_equal`."""
     if kind not in ("numeric", "math"):
         raise ValueError(f"grade handles kind 'numeric' or 'math', got {kind!r}; code goes through grade_code")
     if not isinstance(gold, str):
         raise TypeError(f"gold must be a str, got {type(gold).__name__}: {gold!r:.80}")
+    if math_options and kind != "math":
+        raise ValueError(f"math_options {sorted(math_options)} apply to kind 'math' only, got {kind!r}")
     ext = extract_answer(completion)
     if ext.answer is None:
         return Verdict(False, "no_answer", None, ext.method, "no answer found in the completion")
@@ -490,18 +588,106 @@ def grade(completion: str, gold: str, kind: str = "numeric", timeout_s: float = 
         return Verdict(ok, "correct" if ok else "wrong", ext.answer, ext.method)
     if not gold_answer:
         return Verdict(False, "error", ext.answer, ext.method, "gold is empty")
-    if ext.answer.strip() == gold_answer:
+    # Several different boxed answers go to math-verify, which reads them as a set (a hedge, see below).
+    several = ext.method == "boxed" and len(_boxed_contents(completion)) > 1
+    if ext.answer.strip() == gold_answer and not several:
         return Verdict(True, "correct", ext.answer, ext.method, "identical text")
-    if _PLAIN_NUMBER_RE.fullmatch(ext.answer.strip()) and _PLAIN_NUMBER_RE.fullmatch(gold_answer):
+    if (not math_options and ext.method != "last_number" and not several and _PLAIN_NUMBER_RE.fullmatch(ext.answer.strip())
+            and _PLAIN_NUMBER_RE.fullmatch(gold_answer)):
         ok = numeric_equal(ext.answer, gold_answer)  # no sympy needed for two plain numbers
         return Verdict(ok, "correct" if ok else "wrong", ext.answer, ext.method)
+    answer, method = ext.answer, ext.method
+    box = "latex" in (math_options.get("match_types") or ("latex",))
+    as_gold = _as_latex(gold_answer) if box and not _DIGITS_ONLY_RE.fullmatch(gold_answer) else gold_answer
     try:
-        result = math_equal(_as_latex(ext.answer), _as_latex(gold_answer), timeout_s=timeout_s)
+        if method != "whole":
+            # Not a bare answer: math-verify's own LaTeX / expression extraction reads the whole completion
+            # ("Therefore $x \\geq 5$ is the solution.", several boxed answers). Ours is the answer only when
+            # math-verify finds nothing there and ours came from a marker: a last number it did not read is none.
+            checked = _math_check(completion, as_gold, timeout_s, **math_options)
+            read = checked.get("extracted")
+            if read and (method == "last_number" or "".join(read.split()) != "".join(answer.split())):
+                answer, method = read, "math_verify"  # it read something else than our extraction did
+            elif not read and method == "last_number" and checked["result"] is not None:
+                return Verdict(False, "no_answer", None, method,
+                               f"math-verify reads no answer; the last number {answer!r:.40} is not taken as one")
+            elif not read:
+                checked = _math_check(_as_latex(answer), as_gold, timeout_s, **math_options)
+        else:  # a bare answer: as written when it came in math delimiters, else boxed (see _as_latex)
+            delimited = _strip_outer(completion) != completion.strip().rstrip(".").strip()
+            pred = completion if delimited or not box or _DIGITS_ONLY_RE.fullmatch(answer) else _as_latex(answer)
+            checked = _math_check(pred, as_gold, timeout_s, **math_options)
+        result = checked["result"]
+        if result and checked.get("pred_set") and checked.get("gold_single"):
+            # math-verify counts a set of answers ("5, 6, 7", several boxes) as right when one member matches a
+            # single-valued gold; a generator learns to hedge that way, so a set is right only against a set.
+            return Verdict(False, "wrong", answer, method, "several different answers to a single-valued gold")
+        if result and not _same_order(answer, gold_answer, timeout_s):
+            return Verdict(False, "wrong", answer, method, "the same items in another order")
     except RuntimeError as e:
-        return Verdict(False, "error", ext.answer, ext.method, str(e))
+        return Verdict(False, "error", answer, method, str(e))
     if result is None:
-        return Verdict(False, "timeout", ext.answer, ext.method, f"math-verify over {timeout_s:g}s")
-    return Verdict(result, "correct" if result else "wrong", ext.answer, ext.method)
+        return Verdict(False, "timeout", answer, method, f"math-verify over {timeout_s:g}s")
+    return Verdict(result, "correct" if result else "wrong", answer, method)
+
+
+# One number written with thousands spaces or a decimal comma ("1 000", "1,22", "1000,99"): math-verify's own
+# number reading applies to it as written; anything else is boxed (see _as_latex), lists ("10, 4, -2") included.
+_DIGITS_ONLY_RE = re.compile(r"[-+]?(?:\d{1,3}(?: \d{3})+|\d+)(?:[.,]\d+)?")
+_OPENERS, _CLOSERS = "([{", ")]}"
+_LIST_JOINER_RE = re.compile(r"^(?:\\text\s*\{\s*and\s*\}|and\b)\s*")
+
+
+def _list_items(answer: str) -> list[str] | None:
+    """The items of a bare comma-separated list ("10, 4, -2"), or None for anything else: a single item, or a
+    list enclosed in brackets or braces (a tuple, interval or set, which math-verify compares by its own rules).
+    "and" before the last item is dropped ("19, 46, and 82")."""
+    s = _strip_outer(answer)
+    boxed = _boxed(s)
+    if boxed is not None and boxed[0] == 0 and s.endswith("}"):
+        s = boxed[1].strip()
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\{", "{").replace("\\}", "}")
+    s = _THOUSANDS_RE.sub("", s.replace(",\\!", ",").replace("{,}", ""))  # "14,916" is one number, not two
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        if c in _OPENERS:
+            depth += 1
+        elif c in _CLOSERS:
+            depth -= 1
+        elif c == "," and depth == 0:
+            items.append(s[start:i])
+            start = i + 1
+    items.append(s[start:])
+    items = [_LIST_JOINER_RE.sub("", item.strip()) for item in items]
+    if len(items) < 2 or not all(items):
+        return None
+    return items
+
+
+def _is_scalar(item: str) -> bool:
+    """A list item that is one value: no tuple, interval or set inside it and no equation ("a_3 = 2")."""
+    return not any(c in item for c in "()[]{}=;") or bool(re.fullmatch(r"[^=;]*\\[a-z]+\{[^=;]*", item))
+
+
+def _same_order(pred: str, gold: str, timeout_s: float) -> bool:
+    """False when both answers are bare lists of as many single values and one differs from the one at its place.
+
+    math-verify reads "10, 4, -2" as a set, so "4, 10, -2" matches it; MATH's own grader (and PRM800K's)
+    compares such answers item by item in order, and so do we. Lists of different lengths, enclosed tuples and
+    sets, and lists of tuples or equations (solution sets: "(1, 2), (2, 1)", "a = 1, b = 2") are left to
+    math-verify."""
+    a, b = _list_items(pred), _list_items(gold)
+    if a is None or b is None or len(a) != len(b) or not all(_is_scalar(x) for x in (*a, *b)):
+        return True
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        if _PLAIN_OR_FRACTION_RE.fullmatch(x) and _PLAIN_OR_FRACTION_RE.fullmatch(y):
+            if not numeric_equal(x, y):
+                return False
+        elif _math_check(_as_latex(x), _as_latex(y), timeout_s=timeout_s)["result"] is not True:
+            return False
+    return True
 
 
 def grade_code(completion: str, tests: str, entry_point: str | None = None, timeout_s: float = 10.0,
@@ -525,7 +711,7 @@ def answers_equivalent(a: str, b: str, kind: str) -> bool:
     if _PLAIN_OR_FRACTION_RE.fullmatch(a.strip()) and _PLAIN_OR_FRACTION_RE.fullmatch(b.strip()):
         return numeric_equal(a, b)  # "1/2" vs "0.5": no sympy needed
     try:
-        return math_equal(_as_latex(a), _as_latex(b)) is True
+        return math_equal(_as_latex(a), _as_latex(b)) is True and _same_order(a, b, 5.0)
     except RuntimeError:
         return False
 

@@ -26,6 +26,9 @@ HALF = ["1/2", "0.5", "\\frac{1}{2}"]
     ([None, None, "5"], "numeric", "5"),  # None is no vote
     ([None, None], "numeric", None),
     ([], "math", None),
+    # LaTeX spellings of one value group under "math" (the Serve default), not under "numeric"
+    (["\\frac{\\sqrt{2}}{2}", "1", "\\sqrt{2}/2", "\\tfrac{\\sqrt2}{2}", "1"], "math", "\\frac{\\sqrt{2}}{2}"),
+    (["\\frac{\\sqrt{2}}{2}", "1", "\\sqrt{2}/2", "\\tfrac{\\sqrt2}{2}", "1"], "numeric", "1"),
 ])
 def test_majority_vote_table(answers, kind, expected):
     assert majority_vote(answers, kind=kind) == expected

@@ -81,7 +81,7 @@ def test_every_strategy_answers_in_openai_shape(client, strategy, n, extra):
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
     s = resp.search
-    assert s["strategy"] == strategy and s["budget"] == n
+    assert s["strategy"] == strategy and s["budget"] == n and s["answer_kind"] == "math"
     # usage counts every generated token of the search; the chosen solution is part of it
     assert resp.usage.completion_tokens == s["tokens_generated"] > 0
     if strategy != "reflection":  # a reflection's text also holds the cue, which was not generated
@@ -127,6 +127,7 @@ def test_streaming_greedy_matches_the_unstreamed_answer(client):
     ({"messages": MSG, "stream": True, "search": {"strategy": "majority", "n": 2}}, 400, "stream"),
     ({"messages": MSG, "model": "gpt-9"}, 404, "model"),
     ({"messages": MSG, "search": {"strategy": "greedy", "n": 2}}, 400, "search.n"),
+    ({"messages": MSG, "search": {"strategy": "majority", "n": 2, "answer_kind": "code"}}, 400, "search.answer_kind"),
 ])
 def test_bad_requests_get_4xx_naming_the_field(server, body, status, param):
     import httpx

@@ -226,6 +226,94 @@ def test_numeric_equal_beyond_float_range(pred, gold, equal):
     assert numeric_equal(pred, gold) is equal
 
 
+# ------------------------------------------------------------------------------------------- bare answers
+
+# MATH's own answer-equivalence cases (hendrycks/math, modeling/math_equivalence_test.py: all 16), passed as
+# bare predictions the way MATH-style data gives them; each is also checked with the sides swapped.
+MATH_EQUIVALENCE_CASES = [
+    ("\\tfrac{1}{2} + \\frac1{72}", "\\\\frac{1}{2} + 2/3", False),
+    ("10, 4, -2", "4, 10, -2", False),  # a bare list compares in order, as MATH's grader does
+    ("10, 4, 2", "4, 12, 2", False),
+    ("\\tfrac{1}{2} +\\! \\frac1{72}", "\\\\dfrac{1}{2} +\\frac{1}{72}", True),
+    ("10\\text{ units}", "10 ", True),
+    ("10\\text{ units}", "100 ", False),
+    ("10", "\\$10", True),
+    ("\\left(x-2\\right)\\left(x+2\\right)", "(x-2)(x+2)", True),
+    ("0.1, 4, 2", "4, .1, 2", False),
+    ("0.1", ".1", True),
+    ("10\\%", "10", True),
+    ("10\\sqrt{3} + \\sqrt4", "10\\sqrt3 + \\sqrt{4}", True),
+    ("\\frac34i", "\\frac{3}{4}i", True),
+    ("\\tfrac83", "\\frac{8}{3}", True),
+    ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", False),
+    ("1/2", "\\frac{1}{2}", True),
+]
+
+
+@pytest.mark.parametrize("pred, gold, equal", MATH_EQUIVALENCE_CASES + [(g, p, e) for p, g, e in MATH_EQUIVALENCE_CASES])
+def test_math_repository_equivalence_cases_as_bare_answers(pred, gold, equal):
+    v = grade(pred, gold, kind="math")
+    assert v.correct is equal, v
+    assert v.method == "whole", v  # never the last number of a bare answer
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("\\frac{1}{2}", "\\frac{1}{2}"),
+    ("$\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("\\(3\\sqrt{13}\\)", "3\\sqrt{13}"),
+    ("(x-2)(x+2).", "(x-2)(x+2)"),
+    ("10, 4, -2", "10, 4, -2"),
+    ("x = 5", "x = 5"),
+    ("1/2", "1/2"),
+    ("12 apples", "12 apples"),
+    ("Evelyn", "Evelyn"),
+    ("\\text{The midpoints form a regular hexagon}", "\\text{The midpoints form a regular hexagon}"),
+])
+def test_a_bare_answer_is_the_whole_prediction(text, answer):
+    assert extract_answer(text) == Extraction(answer, "whole")
+
+
+@pytest.mark.parametrize("text", [
+    "so 5 + 13 = 18",  # prose
+    "3 + 4 = 7",  # an arithmetic chain: its result is the answer, not the chain
+    "It costs $1,234.50 in total",
+    "We get 3 apples, then 4.5 more, total -2.25",
+    "x = 1\ny = 2",  # more than one line
+])
+def test_prose_and_computations_are_not_bare_answers(text):
+    assert extract_answer(text).method == "last_number"
+
+
+@pytest.mark.parametrize("completion, gold, kind, correct, method", [
+    # bare answers that the last-number fallback misread
+    ("\\frac{1}{2}", "1/2", "math", True, "whole"),
+    ("\\tfrac83", "\\frac{8}{3}", "math", True, "whole"),
+    ("1/2", "0.5", "numeric", True, "whole"),
+    ("\\frac{1}{2}", "0.5", "numeric", True, "whole"),
+    ("3\\sqrt{13}", "\\sqrt{117}", "math", True, "whole"),
+    ("\\pi/2", "\\frac{\\pi}{2}", "math", True, "whole"),
+    ("1 000", "1000", "math", True, "whole"),
+    # no marker, but math-verify reads the answer in the text
+    ("Therefore $x \\geq 5$ is the solution.", "$x >= 5$", "math", True, "math_verify"),
+    ("The identity matrix is $ \\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix} $.",
+     "\\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix}", "math", True, "math_verify"),
+    # hedges: several answers against a single-valued gold are wrong even when one of them matches
+    ("5, 6, 7", "7", "math", False, "whole"),
+    ("\\boxed{5, 6, 7}", "7", "math", False, "boxed"),
+    ("\\boxed{5} \\boxed{6} \\boxed{7}", "7", "math", False, "math_verify"),
+    ("\\boxed{7}\\boxed{8}", "8", "math", False, "math_verify"),
+    ("\\boxed{7} or \\boxed{8}", "7", "math", False, "math_verify"),
+    # ... while a list against a list, and a repeated answer, are fine
+    ("\\boxed{1, 2, 3}", "\\{3, 2, 1\\}", "math", True, "boxed"),
+    ("\\boxed{(1, 2)}, \\boxed{(2, 1)}", "(2, 1), (1, 2)", "math", True, "math_verify"),
+    ("\\boxed{7} and so \\boxed{7}", "7", "math", True, "boxed"),
+    ("14,916", "14916", "math", True, "whole"),  # thousands, not a list
+])
+def test_extraction_holes(completion, gold, kind, correct, method):
+    v = grade(completion, gold, kind=kind)
+    assert (v.correct, v.method) == (correct, method), v
+
+
 # ------------------------------------------------------------------------------------- math-verify's cases
 
 # Rows of math_verify_test_cases.jsonl (by source line) where our math_equal differs from the expected value,
@@ -256,6 +344,28 @@ def test_agreement_with_math_verify_cases():
     agreement = 1 - len(disagreements) / len(rows)
     assert agreement >= 0.97, disagreements
     assert set(disagreements) == set(KNOWN_DISAGREEMENTS), disagreements
+
+
+# What grade() (our extraction, then math-verify) gets wrong on the same cases with its default options: each
+# case's expected value depends on an option the library's own test set (precision 2 or 4, strict=False,
+# match_types=["latex"] only, allow_set_relation_comp=True, the expression reader's decimal comma).
+GRADE_DEFAULT_DISAGREEMENTS = {("tests/test_all.py", line) for line in (87, 132, 133, 553, 586, 605, 901)} | {
+    ("tests/test_strict.py", 8)}
+
+
+@pytest.mark.data
+def test_grade_agrees_with_math_verify_cases_on_whole_predictions():
+    # The cases as `stepray verify --kind math` rows: pred is the whole prediction, gold the answer.
+    rows = [json.loads(line) for line in _data("math_verify/math_verify_test_cases.jsonl").read_text().splitlines()]
+    with ThreadPoolExecutor(2) as pool:
+        with_options = list(pool.map(lambda r: grade(r["pred"], r["gold"], kind="math", timeout_s=10,
+                                                     **_math_verify_options(r["options"])).correct, rows))
+        defaults = list(pool.map(lambda r: grade(r["pred"], r["gold"], kind="math", timeout_s=10).correct, rows))
+    missed = [(r["source_file"], r["line"]) for r, g in zip(rows, with_options) if g is not r["expected_equal"]]
+    assert missed == []  # with each case's own options: every case
+    missed = {(r["source_file"], r["line"]) for r, g in zip(rows, defaults) if g is not r["expected_equal"]}
+    assert 1 - len(missed) / len(rows) >= 0.97, missed
+    assert missed <= GRADE_DEFAULT_DISAGREEMENTS, missed - GRADE_DEFAULT_DISAGREEMENTS
 
 
 # ------------------------------------------------------------------------------------------------ time limit
@@ -484,7 +594,7 @@ def test_verdict_reasons_are_documented():
     for reason in (*verify.MATH_REASONS, *verify.CODE_REASONS):
         assert reason.split(":")[0] in doc, reason
     assert Counter(verify.EXTRACTION_METHODS) == Counter(
-        ["boxed", "answer_is", "gsm8k", "answer_line", "last_number", "none"])
+        ["boxed", "answer_is", "gsm8k", "answer_line", "whole", "math_verify", "last_number", "none"])
     assert Verdict(True, "correct").detail == ""
 
 
