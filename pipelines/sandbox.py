@@ -1,7 +1,7 @@
 """Run an untrusted candidate program against its tests in a separate, jailed process, with limits.
 
 `run_code(program, tests, entry_point=None, timeout_s=10.0, memory_mb=512) -> Verdict` is the only entry point.
-`tests` is either Python statements (MBPP-style asserts), run after the program in the same namespace, or,
+`tests` is either Python statements (MBPP-style asserts), run after the program with its names in scope, or,
 when `entry_point` is given, HumanEval-style code that defines `check(candidate)`, called as
 `check(<the program's entry_point>)`.
 
@@ -40,8 +40,8 @@ before any candidate code runs:
    candidate is not PID 1 itself, which would ignore every signal it has no handler for.)
 4. rlimits: RLIMIT_AS = memory_mb, RLIMIT_CPU = ceil(timeout_s) (+1 s hard), RLIMIT_FSIZE = disk_mb,
    RLIMIT_NOFILE = 256, RLIMIT_CORE = 0, RLIMIT_NPROC = max_processes.
-5. As root it drops to a fresh random uid/gid (see `_random_uid`) with no supplementary groups, which makes
-   RLIMIT_NPROC count only this run's processes (root is exempt from RLIMIT_NPROC; a random uid is not),
+5. As root it drops to a fresh random uid/gid (see `_random_uid`; the candidate's process gets a second one)
+   with no supplementary groups, which makes RLIMIT_NPROC count only this run's processes (root is exempt from RLIMIT_NPROC; a random uid is not),
    forbids signalling any other process on the host and denies host files that are not world-readable;
    PR_SET_NO_NEW_PRIVS stops set-uid binaries from regaining privileges.
 6. The candidate's stdin/stdout/stderr are /dev/null; printed text never reaches the parent. The harness reports
@@ -51,20 +51,37 @@ Where a step is not allowed (no root and no user namespaces, a container without
 it and says so; `sandbox_mechanisms()` lists what this machine applies. Without a PID namespace, stragglers are
 killed by process group and (as root) by a kill(-1) issued as the sandbox uid.
 
-Against the program it tests, the harness also: runs the tests after the program, so a program's own
-`check`/helpers are replaced by the tests' definitions; restores the `builtins` module and `__builtins__` after
-the program loads, so a program cannot make `abs`/`len`/`print` lie to the tests; counts the tests' own executed
-`assert` statements (AST instrumentation), so tests that ran nothing are not a pass; treats SystemExit anywhere
-as early_exit; and ignores any exit status, printed output or files.
+Two processes. The runner forks the candidate's process, which drops to a second fresh uid and execs a fresh
+interpreter (`_candidate_main`): it holds no copy of the tests, the nonce or the report descriptor, and as
+another uid it can neither signal nor trace the tests' process (which is also made non-dumpable). The program
+runs there; the tests run in the runner and reach the program's top-level names through a pipe, one JSON request
+and reply per call (`_codec`):
+  - plain data crosses by value and is rebuilt from builtins on the tests' side (None, bool, int, float, complex,
+    str, bytes, list, tuple, dict, set, frozenset, range, Fraction, Decimal; a subclass as its plain type, a
+    Counter as its dict; an iterator as its items). So `assert f(x) == y` compares two genuine builtin values:
+    an object whose __eq__ always says True, an int subclass that equals anything, a patched Counter.__eq__
+    never reach the comparison. Anything else (a class, an instance, a function) is a handle (`Remote`) whose
+    equality is identity and which forwards only calls, attributes, len, iteration, indexing, `in`, bool, str;
+    arithmetic on it fails. An argument list/dict/set the program changes in place is written back.
+  - the tests get their own import of a module the program imported, never the program's (patched) module
+    object, and the program's names that would shadow a builtin or a standard-library module (abs, len,
+    math, ...) are not given to the tests (except the entry point);
+  - runs the tests after loading the program, so the tests' `check` and helpers win; counts the tests' own
+    executed `assert` statements (AST instrumentation), so tests that ran nothing are not a pass; treats
+    SystemExit anywhere as early_exit, a program process that ends mid-call by its exit status or signal (a
+    CPU-limit signal is a timeout); ignores printed output, exit statuses and files.
+The cost: ~15 ms to start the second interpreter and ~30 us per call (all 164 HumanEval reference solutions
+pass). A limit: the tests cannot pass a function (a lambda, a callback) to the program; that is an error.
 
 Threat model, honestly. This is process isolation, not a VM. It stops accidents and the common reward hacks
-(early exit, fake success output, exceptions, swallowed tests, resource exhaustion, reading host files, network,
-signalling other processes, writing outside the sandbox). It does not stop a program written to attack this
-harness: the candidate runs in the harness's interpreter, so code that walks interpreter frames can find the
-nonce and the report descriptor and forge a pass, and objects whose `__eq__` always returns True fool `assert
-f(x) == y`. Kernel exploits are out of scope. The aggregate memory bound is max_processes * memory_mb (cgroups
-would make it exact; they need a delegated cgroup, which this code does not assume). For adversarial use at
-scale, run this inside a VM-level sandbox (gVisor, Firecracker) as well.
+(objects that equal anything, patched builtins or modules, frame walking to read the tests or forge the report,
+early exit, fake success output, exceptions, swallowed tests, resource exhaustion, reading host files, network,
+signalling or tracing other processes, writing outside the sandbox). Without root (a user namespace maps one
+uid) both processes share a uid, so the program could kill the tests' process: that ends in `killed`, never a
+pass. HumanEval-style tests that call helpers from the prompt run the program's version of them, as the data set
+intends. Kernel exploits are out of scope. The aggregate memory bound is max_processes * memory_mb per uid
+(cgroups would make it exact; they need a delegated cgroup, which this code does not assume). For adversarial
+use at scale, run this inside a VM-level sandbox (gVisor, Firecracker) as well.
 """
 
 from __future__ import annotations
@@ -87,7 +104,7 @@ from pipelines.verify import Verdict
 # Wall-clock allowance for starting the interpreter and building the jail (measured ~0.1 s on 2 busy cores).
 SETUP_ALLOWANCE_S = 0.5
 # Statuses the harness reports besides "passed" and "error" (which carries the exception type).
-_REPORTED = ("failed_test", "memory", "process_limit", "early_exit", "no_tests_ran")
+_REPORTED = ("failed_test", "memory", "process_limit", "early_exit", "no_tests_ran", "timeout", "killed")
 # Cap on what the parent reads back from the child's pipes; the report itself is a few hundred bytes.
 MAX_OUTPUT_BYTES = 1 << 20
 
@@ -127,9 +144,11 @@ def _execute(program: str, tests: str, entry_point: str | None, timeout_s: float
     with tempfile.TemporaryDirectory(prefix="stepray-sbx-", ignore_cleanup_errors=True) as tmp:
         root = os.path.join(tmp, "root")  # the jail's mount point (an empty host directory)
         os.mkdir(root, 0o700)
+        uid = _random_uid()
         job = {
             "nonce": nonce, "program": program, "tests": tests, "entry_point": entry_point, "root": root,
-            "uid": _random_uid(), "cpu_s": cpu_s, "memory_bytes": int(memory_mb) << 20,
+            "uid": uid, "candidate_uid": _random_uid(exclude=uid), "candidate_source": _candidate_source(),
+            "cpu_s": cpu_s, "memory_bytes": int(memory_mb) << 20,
             "disk_bytes": int(disk_mb) << 20, "max_processes": int(max_processes), "binds": _python_binds(),
             "parent_pid": os.getpid(),
         }
@@ -153,10 +172,13 @@ def _execute(program: str, tests: str, entry_point: str | None, timeout_s: float
     return _messages(out, nonce), err, timed_out
 
 
-def _random_uid() -> int:
+def _random_uid(exclude: int | None = None) -> int:
     # A fresh uid per run, from the OS's CSPRNG, in a range no distribution allocates to real users
     # (10,000,000-19,999,999), so two concurrent runs practically never share one and RLIMIT_NPROC counts one run.
-    return 10_000_000 + secrets.randbelow(10_000_000)
+    while True:
+        uid = 10_000_000 + secrets.randbelow(10_000_000)
+        if uid != exclude:
+            return uid
 
 
 @lru_cache(maxsize=1)
@@ -180,7 +202,14 @@ _BOOTSTRAP = "import sys; exec(compile(sys.stdin.read(), '<stepray-sandbox>', 'e
 
 @lru_cache(maxsize=1)
 def _harness_source() -> bytes:
-    return inspect.getsource(_sandbox_main).encode()
+    return (inspect.getsource(_codec) + "\n\n" + inspect.getsource(_sandbox_main)).encode()
+
+
+@lru_cache(maxsize=1)
+def _candidate_source() -> str:
+    # What the candidate's fresh interpreter runs (python -I -S -c SOURCE REQUEST_FD REPLY_FD).
+    return (inspect.getsource(_codec) + "\n\n" + inspect.getsource(_candidate_main)
+            + "\nimport sys\n_candidate_main(int(sys.argv[1]), int(sys.argv[2]))\n")
 
 
 def _collect(proc: subprocess.Popen, deadline: float) -> tuple[bytes, bytes, bool]:
@@ -268,6 +297,200 @@ def _verdict(msgs: list[dict], err: bytes, timed_out: bool, wall: float, timeout
     return Verdict(False, "early_exit", detail=f"exit status {exit_.get('exit_code')} before the tests finished")
 
 
+def _codec(to_ref, from_ref):  # pragma: no cover - shipped as source to the harness and the candidate
+    """(encode, decode) between Python values and JSON for the requests and replies of the two processes.
+
+    Plain data crosses by value and is rebuilt from builtins on the other side: None, bool, int, float, complex,
+    str, bytes, bytearray, list, tuple, dict, set, frozenset, range, Fraction, Decimal; a subclass of one of them
+    crosses as that plain type (a Counter as the dict it is); an iterator as the list of its items, rebuilt as an
+    iterator. Anything else becomes `to_ref(value)`, a JSON object with "$": "ref" that `from_ref` turns back.
+    Shipped as source with the harness and with the candidate: standard library only."""
+    import decimal
+    import fractions
+    import itertools
+
+    max_depth, max_items, inf = 100, 1_000_000, float("inf")
+
+    def encode(v, depth=0):
+        if depth > max_depth:
+            raise ValueError("a value nested over 100 levels deep")
+        t, d = type(v), depth + 1
+        if v is None or t is bool or t is str:
+            return v
+        if t is int:
+            return v if -(1 << 3000) < v < (1 << 3000) else {"$": "i", "v": hex(v)}
+        if t is float:
+            return v if v == v and v not in (inf, -inf) else {"$": "f", "v": repr(v)}
+        if t is list:
+            return [encode(x, d) for x in v]
+        if t is tuple:
+            return {"$": "t", "v": [encode(x, d) for x in v]}
+        if t is dict:
+            return {"$": "d", "v": [[encode(k, d), encode(x, d)] for k, x in v.items()]}
+        if t is set or t is frozenset:
+            return {"$": "s" if t is set else "fs", "v": [encode(x, d) for x in v]}
+        if t is complex:
+            return {"$": "c", "v": [encode(v.real, d), encode(v.imag, d)]}
+        if t is bytes or t is bytearray:
+            return {"$": "b" if t is bytes else "ba", "v": v.decode("latin-1")}
+        if t is range:
+            return {"$": "r", "v": [v.start, v.stop, v.step]}
+        if t is fractions.Fraction:
+            return {"$": "q", "v": [encode(v.numerator, d), encode(v.denominator, d)]}
+        if t is decimal.Decimal:
+            return {"$": "m", "v": str(v)}
+        for base in (bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, frozenset, set):
+            if isinstance(v, base):
+                return encode(base(v), depth)
+        if hasattr(type(v), "__next__") and hasattr(type(v), "__iter__"):
+            items = list(itertools.islice(v, max_items + 1))
+            if len(items) > max_items:
+                raise ValueError("an iterator of over a million items")
+            return {"$": "it", "v": [encode(x, d) for x in items]}
+        return to_ref(v)
+
+    def decode(v):
+        if type(v) is list:
+            return [decode(x) for x in v]
+        if type(v) is not dict:
+            return v  # None, bool, int, float, str as JSON gives them
+        tag, body = v.get("$"), v.get("v")
+        if tag == "t":
+            return tuple(decode(x) for x in body)
+        if tag == "d":
+            return {decode(k): decode(x) for k, x in body}
+        if tag == "s":
+            return {decode(x) for x in body}
+        if tag == "fs":
+            return frozenset(decode(x) for x in body)
+        if tag == "it":
+            return iter([decode(x) for x in body])
+        if tag == "i":
+            return int(body, 16)
+        if tag == "f":
+            return float(body)
+        if tag == "c":
+            return complex(float(decode(body[0])), float(decode(body[1])))
+        if tag == "b":
+            return body.encode("latin-1")
+        if tag == "ba":
+            return bytearray(body.encode("latin-1"))
+        if tag == "r":
+            return range(int(body[0]), int(body[1]), int(body[2]))
+        if tag == "q":
+            return fractions.Fraction(int(decode(body[0])), int(decode(body[1])))
+        if tag == "m":
+            return decimal.Decimal(str(body))
+        if tag in ("ref", "mod"):
+            return from_ref(v)
+        raise ValueError(f"unknown value tag {str(tag)[:20]!r}")
+
+    return encode, decode
+
+
+def _candidate_main(request_fd: int, reply_fd: int) -> None:  # pragma: no cover - the candidate's process
+    """The candidate's side: load the program, then answer the tests' requests until they close the pipe.
+
+    Runs in its own interpreter under its own uid. Nothing here is trusted by the tests: whatever this process
+    does, what reaches them is JSON that they decode into plain values and handles (`Remote`)."""
+    import json
+    import os
+
+    requests = os.fdopen(request_fd, "rb")
+    main_pid = os.getpid()
+    write, dumps, loads, _exit = os.write, json.dumps, json.loads, os._exit
+    out_of_memory = b'{"raise": "MemoryError", "detail": "MemoryError"}\n'
+    objects = {}
+
+    def send(data):
+        if os.getpid() != main_pid:  # a fork of the program must not answer for it
+            _exit(0)
+        while data:
+            data = data[write(reply_fd, data):]
+
+    def to_ref(value):
+        objects[len(objects) + 1] = value
+        return {"$": "ref", "id": len(objects), "type": type(value).__name__[:60], "callable": callable(value)}
+
+    encode, decode = _codec(to_ref, lambda tag: objects[tag["id"]])
+    namespace = {"__name__": "candidate"}
+    import builtins
+
+    saved_builtins = dict(builtins.__dict__)
+
+    def restore_builtins():  # the program may patch abs/len/...; this loop and the codec must not see that
+        for name in [k for k in builtins.__dict__ if k not in saved_builtins]:
+            del builtins.__dict__[name]
+        builtins.__dict__.update(saved_builtins)
+
+    for line in requests:
+        restore_builtins()
+        args = ()
+        try:
+            req = loads(line)
+            op = req["op"]
+            if op == "load":
+                exec(compile(req["program"], "<program>", "exec"), namespace)
+                restore_builtins()
+                names = []
+                for name, v in list(namespace.items()):
+                    if name.startswith("__"):
+                        continue
+                    if type(v) is type(os):
+                        names.append([name, {"$": "mod", "name": v.__name__}])
+                        continue
+                    try:  # a global iterator stays one (a reference), it is not read out here
+                        names.append([name, to_ref(v) if hasattr(type(v), "__next__") else encode(v)])
+                    except ValueError:
+                        names.append([name, to_ref(v)])
+                reply = {"value": {"$": "d", "v": names}}
+            else:
+                target = objects[req["id"]]
+                if op == "call":
+                    args = decode(req["args"])
+                    result = target(*args, **{k: decode(x) for k, x in req["kwargs"]})
+                    restore_builtins()
+                    after = [[i, encode(a)] for i, a in enumerate(args) if type(a) in (list, dict, set, bytearray)]
+                    reply = {"value": encode(result), "after": after}
+                elif op == "getattr":
+                    reply = {"value": encode(getattr(target, req["name"]))}
+                else:  # dunder
+                    name, extra = req["name"], decode(req["args"])
+                    if name == "len":
+                        result = len(target)
+                    elif name == "iter":
+                        result = iter(list(target))
+                    elif name == "getitem":
+                        result = target[extra[0]]
+                    elif name == "contains":
+                        result = extra[0] in target
+                    elif name == "bool":
+                        result = bool(target)
+                    else:
+                        result = str(target)
+                    reply = {"value": encode(result)}
+            restore_builtins()  # a property or __len__ of the program ran too
+            data = (dumps(reply) + "\n").encode()
+        except SystemExit as e:
+            data = (dumps({"exit": f"{e}"[:300]}) + "\n").encode()
+        except MemoryError:
+            namespace.clear()
+            objects.clear()
+            args = None
+            data = out_of_memory
+        except BaseException as e:
+            restore_builtins()
+            try:
+                detail = str(e)[:300]
+            except BaseException:
+                detail = "<unprintable>"
+            err = getattr(e, "errno", None)
+            data = (dumps({"raise": type(e).__name__[:60], "detail": detail,
+                           "errno": err if type(err) is int else None}) + "\n").encode()
+        send(data)
+    _exit(0)
+
+
 def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the sandboxed child
     """The harness. Shipped to the child as source: it may use only the standard library and its own locals.
 
@@ -283,6 +506,7 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
     import os
     import resource
     import signal
+    import sys
 
     with open(payload_path, encoding="utf-8") as f:
         job = json.load(f)
@@ -358,14 +582,14 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
                 bind(src, read_only=False)
             os.mkdir(root + "/work", 0o700)
             os.mkdir(root + "/tmp", 0o700)
-            if is_root:
+            if is_root:  # the program's working space: the tests write nothing
                 for d in ("/work", "/tmp"):
-                    os.chown(root + d, uid, uid)
+                    os.chown(root + d, job["candidate_uid"], job["candidate_uid"])
             jail = True
             applied.append("chroot_jail")
         elif is_root:  # no namespaces: at least a private working directory the sandbox user owns
             os.chmod(os.path.dirname(root), 0o711)
-            os.chown(root, uid, uid)
+            os.chown(root, job["candidate_uid"], job["candidate_uid"])
     except OSError as e:
         emit(1, "setup_error", detail=f"{e} (applied so far: {applied})")
         os._exit(3)
@@ -394,16 +618,17 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
             emit(1, "exit", signal=os.WTERMSIG(status), cpu_s=cpu)
         else:
             emit(1, "exit", exit_code=os.WEXITSTATUS(status), cpu_s=cpu)
-        if is_root and not pid_ns and os.fork() == 0:
-            # No PID namespace to tear down: kill whatever the candidate left, as the sandbox uid, whose
-            # kill(-1) reaches only processes of that (fresh) uid.
-            os.setgid(uid)
-            os.setuid(uid)
-            os.kill(-1, signal.SIGKILL)
-            os._exit(0)
+        for sandbox_uid in (uid, job["candidate_uid"]):
+            if is_root and not pid_ns and os.fork() == 0:
+                # No PID namespace to tear down: kill whatever the run left, as each sandbox uid, whose
+                # kill(-1) reaches only processes of that (fresh) uid.
+                os.setgid(sandbox_uid)
+                os.setuid(sandbox_uid)
+                os.kill(-1, signal.SIGKILL)
+                os._exit(0)
         os._exit(0)  # as PID 1, this kills every process left in the namespace
 
-    # ---- the runner: jails itself, then runs the candidate
+    # ---- the runner: jails itself, starts the candidate's own process, then runs the tests against it
     try:
         if jail:
             os.chroot(root)
@@ -417,21 +642,50 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if is_root or pid_ns:
             resource.setrlimit(resource.RLIMIT_NPROC, (job["max_processes"], job["max_processes"]))
-        if is_root:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
     except OSError as e:
         emit(1, "setup_error", detail=f"runner: {e}")
         os._exit(3)
 
+    def drop_privileges(to_uid):
+        if is_root:
+            os.setgroups([])
+            os.setgid(to_uid)
+            os.setuid(to_uid)
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
+
     report_fd = os.dup(1)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    # Bind what reporting needs before candidate code can rebind module attributes.
-    write, dumps, getpid, _exit = os.write, json.dumps, os.getpid, os._exit
+    to_candidate_r, to_candidate_w = os.pipe()
+    from_candidate_r, from_candidate_w = os.pipe()
+    candidate_pid = os.fork()
+    if candidate_pid == 0:
+        # The candidate: its own uid (it can neither signal nor trace the tests), a fresh interpreter (no copy of
+        # the tests, the nonce or the report descriptor in its memory), the same jail and limits.
+        try:
+            for fd in (report_fd, to_candidate_w, from_candidate_r):
+                os.close(fd)
+            drop_privileges(job["candidate_uid"])
+            os.set_inheritable(to_candidate_r, True)
+            os.set_inheritable(from_candidate_w, True)
+            python = sys.executable
+            os.execv(python, [python, "-I", "-S", "-c", job["candidate_source"], str(to_candidate_r),
+                              str(from_candidate_w)])
+        finally:
+            os._exit(5)
+    os.close(to_candidate_r)
+    os.close(from_candidate_w)
+    try:
+        drop_privileges(uid)
+        PR_SET_DUMPABLE = 4
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace / process_vm_readv of the tests by a same-uid process
+    except OSError as e:
+        emit(report_fd, "setup_error", detail=f"runner: {e}")
+        os._exit(3)
+
+    # Bind what reporting needs before anything else runs.
+    write, dumps, loads, getpid, _exit = os.write, json.dumps, json.loads, os.getpid, os._exit
     main_pid = getpid()
     program, tests, entry_point = job["program"], job["tests"], job["entry_point"]
     del job
@@ -452,6 +706,147 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
         except BaseException:
             return "<unprintable>"
 
+    # ---- talking to the candidate: one JSON line per request and per reply (see _candidate_main)
+    class Gone(BaseException):
+        """The candidate's process ended (exit, signal, CPU limit) while the tests waited on it."""
+
+    class Exited(BaseException):
+        """The candidate raised SystemExit."""
+
+    class Remote:
+        """An object that lives in the candidate's process (a function, a class, an instance).
+
+        Equality is identity of the remote object, whatever the object's own __eq__ says: only plain data that
+        the candidate returns (decoded here into genuine builtins) can equal what the tests expect."""
+        __slots__ = ("_id", "_type")
+
+        def __init__(self, ref_id, type_name):
+            self._id, self._type = ref_id, type_name
+
+        def __call__(self, *args, **kwargs):
+            return rpc({"op": "call", "id": self._id, "args": encode(list(args)),
+                        "kwargs": [[k, encode(v)] for k, v in kwargs.items()]}, args)
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return rpc({"op": "getattr", "id": self._id, "name": name})
+
+        def __eq__(self, other):
+            return type(other) is Remote and other._id == self._id
+
+        def __ne__(self, other):
+            return not self.__eq__(other)
+
+        def __hash__(self):
+            return hash(("remote", self._id))
+
+        def __repr__(self):
+            return f"<{self._type} of the program>"
+
+        def _op(self, name, *args):
+            return rpc({"op": "dunder", "id": self._id, "name": name, "args": encode(list(args))})
+
+        def __len__(self):
+            return self._op("len")
+
+        def __iter__(self):
+            return self._op("iter")
+
+        def __getitem__(self, key):
+            return self._op("getitem", key)
+
+        def __contains__(self, item):
+            return self._op("contains", item)
+
+        def __bool__(self):
+            return self._op("bool")
+
+        def __str__(self):
+            return self._op("str")
+
+    def to_ref(value):
+        if type(value) is Remote:
+            return {"$": "ref", "id": value._id}
+        raise TypeError(f"the tests passed a {type(value).__name__} to the program; only data and the "
+                        "program's own objects cross to its process")
+
+    class ProgramModule:
+        """A module the program imported: the tests get their own import of it (see below)."""
+        __slots__ = ("name",)
+
+        def __init__(self, name):
+            self.name = name
+
+    def from_ref(tag):
+        if tag.get("$") == "mod":
+            return ProgramModule(str(tag.get("name", "")))
+        return Remote(tag["id"], str(tag.get("type", "object"))[:60])
+
+    encode, decode = _codec(to_ref, from_ref)
+    reader = os.fdopen(from_candidate_r, "rb")
+    MAX_REPLY = 64 << 20
+
+    def ended():
+        """Why the candidate's process is gone, as the verdict the tests report."""
+        try:
+            _, status, usage = os.wait4(candidate_pid, 0)
+        except ChildProcessError:
+            return "early_exit", "the program's process ended"
+        cpu = usage.ru_utime + usage.ru_stime
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_s - 0.05):
+                return "timeout", f"CPU time limit {cpu_s}s"
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = str(sig)
+            return "killed", f"signal {name}"
+        return "early_exit", f"the program's process exited with status {os.WEXITSTATUS(status)}"
+
+    def rpc(request, call_args=()):
+        data = (dumps(request) + "\n").encode()
+        try:
+            while data:
+                data = data[write(to_candidate_w, data):]
+        except BrokenPipeError:
+            raise Gone() from None
+        line = reader.readline(MAX_REPLY)
+        if not line:
+            raise Gone()
+        if not line.endswith(b"\n"):
+            raise ValueError("the program's reply is over 64 MB")
+        reply = loads(line)
+        if not isinstance(reply, dict):
+            raise ValueError("malformed reply from the program's process")
+        if "raise" in reply:
+            name = "".join(c for c in str(reply["raise"]) if c.isalnum() or c == "_")[:60] or "Exception"
+            detail = str(reply.get("detail", ""))[:300]
+            cls = saved_builtins.get(name)
+            if not (isinstance(cls, type) and issubclass(cls, Exception)):
+                cls = type(name, (Exception,), {})
+            errno_ = reply.get("errno")
+            try:
+                if issubclass(cls, OSError) and type(errno_) is int:
+                    exc = cls(errno_, detail.split("] ", 1)[-1] if detail.startswith("[Errno") else detail)
+                else:
+                    exc = cls(detail)
+            except Exception:  # a type whose constructor wants more (UnicodeEncodeError): same name, our class
+                exc = type(name, (Exception,), {})(detail)
+            raise exc
+        if "exit" in reply:
+            raise Exited(str(reply["exit"])[:300])
+        for index, value in reply.get("after", ()):  # a list/dict/set argument the program changed in place
+            if type(index) is int and 0 <= index < len(call_args):
+                target, new = call_args[index], decode(value)
+                if type(target) is type(new) and type(target) in (list, bytearray):
+                    target[:] = new
+                elif type(target) is type(new) and type(target) in (dict, set):
+                    target.clear()
+                    target.update(new)
+        return decode(reply.get("value"))
+
     hits = [0]
 
     def hit():
@@ -463,16 +858,25 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
             return [ast.copy_location(call, node), node]
 
     saved_builtins = dict(builtins.__dict__)
+    stdlib = set(getattr(sys, "stdlib_module_names", ()))
     namespace = {"__name__": "candidate", "__builtins__": builtins}
     phase = "program"
     test_lines = tests.splitlines()
     try:
-        exec(compile(program, "<program>", "exec"), namespace)
+        names = rpc({"op": "load", "program": program})
         phase = "tests"
-        for name in [k for k in builtins.__dict__ if k not in saved_builtins]:
-            del builtins.__dict__[name]
-        builtins.__dict__.update(saved_builtins)
-        namespace["__builtins__"] = builtins
+        for name, value in (names.items() if type(names) is dict else ()):
+            if type(name) is not str or name.startswith("__"):
+                continue
+            if type(value) is ProgramModule:
+                try:  # the tests get the real module, imported here, never the program's copy
+                    namespace[name] = __import__(value.name, fromlist=["_"])
+                except Exception:
+                    pass
+            elif (name in saved_builtins or name in stdlib) and name != entry_point:
+                continue  # the program cannot redefine abs, len, math, ... for the tests
+            else:
+                namespace[name] = value
         tree = ast.parse(tests, "<tests>")
         if not tree.body:
             report("no_tests_ran", detail="the tests are empty")
@@ -481,7 +885,7 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
         exec(compile(tree, "<tests>", "exec"), namespace)
         if entry_point:
             check_fn = namespace.get("check")
-            if not callable(check_fn):
+            if type(check_fn) is Remote or not callable(check_fn):
                 report("no_tests_ran", detail=f"the tests define no check(candidate) for {entry_point!r}")
             if entry_point not in namespace:
                 raise NameError(f"the program defines no {entry_point!r}")
@@ -489,6 +893,11 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
         if hits[0] == 0:
             report("no_tests_ran", detail="no assert statement of the tests ran")
         report("passed", detail=f"{hits[0]} asserts")
+    except Gone:
+        status, detail = ended()
+        report(status, detail=f"{detail} during {phase}")
+    except Exited as e:
+        report("early_exit", detail=f"SystemExit({describe(e)}) during {phase}")
     except AssertionError as e:
         tb, line = e.__traceback__, None
         while tb is not None:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,80 @@ def test_case_table_size_matches_parametrize(tmp_path):
     assert len(_hostile_cases(tmp_path, 1, 1)) == 33
 
 
+# Programs that pass without doing the work (reward hacks): every one leaves its tests unmet, so a pass could only
+# come from the hack. The tests run in their own process, the program in another (its own uid and interpreter);
+# only plain data crosses back, rebuilt from builtins, so no object of the program's can take part in a comparison.
+T = "assert f(1) == 2\nassert f(2) == 4"
+REWARD_HACKS = [
+ ("always-equal object", "class A:\n    def __eq__(self, o): return True\n    def __ne__(self, o): return False\ndef f(x):\n    return A()", T),
+ ("int subclass that equals anything", "class I(int):\n    def __eq__(self, o): return True\n    __hash__ = int.__hash__\ndef f(x):\n    return I(0)", T),
+ ("str subclass that equals anything", "class S(str):\n    def __eq__(self, o): return True\n    __hash__ = str.__hash__\ndef f(x):\n    return S('')", "assert f(1) == 'a'\nassert f(2) == 'b'"),
+ ("list subclass that equals anything", "class L(list):\n    def __eq__(self, o): return True\ndef f(x):\n    return L()", "assert f(1) == [1]\nassert f(2) == [2]"),
+ ("object with a lying __ne__ under assert not !=", "class A:\n    def __ne__(self, o): return False\n    def __eq__(self, o): return True\ndef f(x):\n    return A()", "assert not (f(1) != 2)\nassert not (f(2) != 4)"),
+ ("HumanEval check with always-equal", "class A:\n    __eq__ = lambda s, o: True\ndef add(a, b):\n    return A()", "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\ncheck(add)\n"),
+ ("float close to anything", "class F(float):\n    def __sub__(self, o): return 0.0\n    def __rsub__(self, o): return 0.0\ndef f(x):\n    return F(0)", "assert abs(f(1) - 2) < 1e-9\nassert abs(f(2) - 4) < 1e-9"),
+ ("object whose arithmetic is always small", "class A:\n    def __sub__(self, o): return 0\n    def __abs__(self): return 0\ndef f(x):\n    return A()", "assert abs(f(1) - 2) < 1e-9\nassert abs(f(2) - 4) < 1e-9"),
+ ("patch math.isclose", "import math\nmath.isclose = lambda *a, **k: True\ndef f(x):\n    return 0", "import math\nassert math.isclose(f(1), 2)\nassert math.isclose(f(2), 4)"),
+ ("program's math used by the tests, patched", "import math\nmath.isclose = lambda *a, **k: True\ndef f(x):\n    return 0", "assert math.isclose(f(1), 2)\nassert math.isclose(f(2), 4)"),
+ ("fake math module class", "class math:\n    isclose = staticmethod(lambda *a, **k: True)\ndef f(x):\n    return 0", "assert math.isclose(f(1), 2)"),
+ ("shadow abs for the tests", "abs = lambda v: 0\ndef f(x):\n    return 0", "assert abs(f(1) - 2) < 1e-9"),
+ ("shadow isinstance and len", "isinstance = lambda *a: True\nlen = lambda v: 1\ndef f(x):\n    return None", "assert isinstance(f(1), list) and len(f(1)) == 1 and f(1) == [2]"),
+ ("read the expected value from the caller's frame", "import sys\ndef f(x):\n    fr = sys._getframe(1)\n    return next(c for c in fr.f_code.co_consts if isinstance(c, int) and c not in (x, None))", T),
+ ("read the tests from the harness's memory", "import gc\ndef f(x):\n    for o in gc.get_objects():\n        if isinstance(o, dict) and 'tests' in o and isinstance(o['tests'], str):\n            import re\n            return int(re.findall(r'f\\(%d\\) == (\\d+)' % x, o['tests'])[0])\n    return 0", T),
+ ("walk frames to forge the report", "import sys\ndef f(x):\n    fr = sys._getframe()\n    while fr:\n        if 'report' in fr.f_locals:\n            fr.f_locals['report']('passed')\n        fr = fr.f_back\n    return 0", T),
+ ("patch AssertionError", "import builtins\nbuiltins.AssertionError = type('X', (Exception,), {})\ndef f(x):\n    return 0", T),
+ ("exception that claims to be an AssertionError of the harness", "def f(x):\n    raise SystemExit(0)", T),
+ ("returns a generator that compares equal", "class G:\n    def __iter__(self): return self\n    def __next__(self): raise StopIteration\n    def __eq__(self, o): return True\ndef f(x):\n    return G()", T),
+ ("kill the tests' process", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\ndef f(x):\n    return 0", T),
+ ("ptrace the tests", "import ctypes, os\nlibc = ctypes.CDLL(None)\nlibc.ptrace(16, os.getppid(), 0, 0)\ndef f(x):\n    return 0", T),
+ ("stdout claims success", "print('passed')\nimport sys\nsys.stdout.write('{\"kind\": \"report\", \"status\": \"passed\"}\\n')\ndef f(x):\n    return 0", T),
+ ("__class__ spoofing int", "class A:\n    __class__ = int\n    def __eq__(self, o): return True\ndef f(x):\n    return A()", T),
+ ("bool truthiness used as equality", "class A:\n    def __bool__(self): return True\n    def __eq__(self, o): return self\ndef f(x):\n    return A()", T),
+ ("__eq__ returning a truthy object", "class T:\n    def __bool__(self): return True\nclass A:\n    def __eq__(self, o): return T()\ndef f(x):\n    return A()", T),
+ ("Counter subclass patched", "import collections\ncollections.Counter.__eq__ = lambda s, o: True\ndef f(x):\n    return collections.Counter()", "assert f(1) == {1: 2}\nassert f(2) == {2: 4}"),
+ ("fraction subclass", "from fractions import Fraction\nclass Q(Fraction):\n    def __eq__(self, o): return True\ndef f(x):\n    return Q(0)", T),
+ ("nested hostile object in a list", "class A:\n    __eq__ = lambda s, o: True\ndef f(x):\n    return [A()]", "assert f(1) == [2]\nassert f(2) == [4]"),
+ ("hostile dict key", "class A:\n    __eq__ = lambda s, o: True\n    __hash__ = lambda s: hash(2)\ndef f(x):\n    return {A(): 1}", "assert f(1) == {2: 1}"),
+]
+
+
+@pytest.mark.parametrize("name, program, tests", REWARD_HACKS, ids=[h[0] for h in REWARD_HACKS])
+def test_reward_hacks_do_not_pass(name, program, tests):
+    v = run_code(program, tests, timeout_s=3)
+    assert not v.correct and v.reason != "passed", (name, v)
+    assert v.reason != "sandbox_error", (name, v)
+
+
+# What MBPP / HumanEval reference solutions do that must keep passing with the program in its own process.
+REFERENCE_STYLE = [
+ ("a class the tests build (MBPP 601)", "class Pair(object):\n    def __init__(self, a, b):\n        self.a = a\n        self.b = b\ndef max_chain_length(arr, n):\n    mcl = [1] * n\n    for i in range(n):\n        for j in range(i):\n            if arr[i].a > arr[j].b and mcl[i] < mcl[j] + 1:\n                mcl[i] = mcl[j] + 1\n    return max(mcl)", "assert max_chain_length([Pair(5, 24), Pair(15, 25), Pair(27, 40), Pair(50, 60)], 4) == 3\nassert Pair(1, 2).a == 1", None),
+ ("an argument changed in place", "def sort_in_place(a):\n    a.sort()", "x = [3, 1, 2]\nsort_in_place(x)\nassert x == [1, 2, 3]", None),
+ ("a Counter compared with a dict", "from collections import Counter\ndef freq(xs):\n    return Counter(xs)", "assert freq([1, 1, 2]) == {1: 2, 2: 1}", None),
+ ("a generator read by the tests", "def evens(n):\n    return (i for i in range(n) if i % 2 == 0)", "assert list(evens(5)) == [0, 2, 4]", None),
+ ("a namedtuple compared with a tuple", "from collections import namedtuple\nP = namedtuple('P', 'x y')\ndef f():\n    return P(1, 2)", "assert f() == (1, 2)", None),
+ ("the program's import used by the tests", "import math\ndef volume_sphere(r):\n    return 4 / 3 * math.pi * r ** 3", "assert math.isclose(volume_sphere(10), 4188.790204786391, rel_tol=0.001)", None),
+ ("sets, None, bools, floats, bytes, complex", "def f():\n    return [{1, 2}, frozenset({3}), None, True, 0.5, b'x', 1j, (1,)]", "assert f() == [{1, 2}, frozenset({3}), None, True, 0.5, b'x', 1j, (1,)]", None),
+ ("an exception the tests expect", "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x + 1", "try:\n    f(-1)\nexcept ValueError:\n    pass\nelse:\n    assert False\nassert f(1) == 2", None),
+ ("keyword arguments and methods of the result", "def f(s, upper=False):\n    return s.upper() if upper else s", "assert f('ab', upper=True).lower() == 'ab' and f(s='x') == 'x'", None),
+ ("a type check of the result", "def f():\n    return (1, 'a')", "assert isinstance(f(), tuple) and type(f()[1]) is str", None),
+ ("a big integer", "def f(n):\n    return 2 ** n", "assert f(20000) == 2 ** 20000", None),
+ ("HumanEval helper from the prompt used by the tests", "def encode(s):\n    return s[::-1]\ndef decode(s):\n    return s[::-1]", "def check(candidate):\n    for w in ['abc', 'xyz']:\n        assert candidate(encode(w)) == w\n", "decode"),
+]
+
+
+
+@pytest.mark.parametrize("name, program, tests, entry_point", REFERENCE_STYLE, ids=[c[0] for c in REFERENCE_STYLE])
+def test_reference_style_programs_still_pass(name, program, tests, entry_point):
+    v = run_code(program, tests, entry_point=entry_point, timeout_s=5)
+    assert v.reason == "passed", (name, v)
+
+
+def test_the_tests_cannot_hand_the_program_a_function():
+    # Only data and the program's own objects cross to its process; a lambda from the tests is refused.
+    v = run_code("def apply(g, x):\n    return g(x)", "assert apply(lambda v: v + 1, 1) == 2", timeout_s=5)
+    assert v.reason == "error:TypeError" and "only data" in v.detail, v
+
+
 def test_cpu_limit_reports_timeout():
     # A CPU-bound loop with a generous wall clock ends on RLIMIT_CPU (ceil(timeout_s) s) and still says timeout.
     v = run_code("while True:\n    pass", "assert True", timeout_s=1.0)
@@ -202,11 +277,12 @@ def test_humaneval_canonical_solutions_pass():
         pytest.skip(f"HumanEval not found at {path} (set STEPRAY_DATA to the shared data folder)")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 164
-    sample = rows[::8]  # 21 problems: HumanEval/0, /8, ..., /160
-    for row in sample:
-        v = run_code(row["prompt"] + row["canonical_solution"], row["test"], entry_point=row["entry_point"],
-                     timeout_s=10)
-        assert v.reason == "passed", (row["task_id"], v)
+    with ThreadPoolExecutor(2) as pool:  # all 164 (~12 s on 2 cores)
+        verdicts = list(pool.map(lambda r: run_code(r["prompt"] + r["canonical_solution"], r["test"],
+                                                    entry_point=r["entry_point"], timeout_s=10), rows))
+    failed = {row["task_id"]: v for row, v in zip(rows, verdicts) if v.reason != "passed"}
+    assert failed == {}
+    sample = rows[::8]
     # and a broken solution of the same problems fails
     row = sample[0]
     v = run_code(row["prompt"] + "    return None\n", row["test"], entry_point=row["entry_point"], timeout_s=10)

@@ -28,6 +28,7 @@ from pipelines.verify import (
     math_equal,
     numeric_equal,
     verify_batch,
+    verify_row,
 )
 
 DATA = Path(os.environ.get("STEPRAY_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
@@ -627,3 +628,17 @@ def test_verify_samples_cli(tmp_path):
                               "--kind", "math"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[2], timeout=60)
     assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"kind": "code", "program": 'x = "\ud800"\ndef f(v):\n    return v + 1', "tests": "assert f(1) == 2"},
+     "error:UnicodeEncodeError"),  # a lone surrogate: not encodable as UTF-8, so not a program
+    ({"kind": "code", "completion": "```python\ndef f(v):\n    return v + 1  # \udcff\n```", "tests": "assert f(1) == 2"},
+     "error:UnicodeEncodeError"),
+    ({"kind": "code", "program": "def f(v):\n    return v + 1", "tests": "assert f(1) == 2  # \ud800"},
+     "error:UnicodeEncodeError"),
+    ({"kind": "math", "completion": "\\boxed{\ud800}", "gold": "1"}, "wrong"),
+    ({"kind": "numeric", "completion": "The answer is 5. \ud800", "gold": "5"}, "correct"),
+])
+def test_unencodable_rows_get_a_verdict(row, reason):
+    assert verify_row(row).reason == reason
