@@ -12,7 +12,7 @@ What it runs, each step as the job a user would run (subprocesses, so each start
    loss on completion tokens, AdamW at --lr, --epochs epochs, from the base model (ReST-EM);
 3. the job's evaluation hook: greedy accuracy on --heldout synthetic problems of the same kind from another seed
    (1; any held-out question found inside a training prompt is left out and counted), before and after, via vLLM.
-The defaults reproduce the calibration run of notes/cpu-vllm.md (400 problems, n=8, T=0.7, 128 tokens, k=2,
+The defaults reproduce the calibration run in docs/cpu-engine.md (400 problems, n=8, T=0.7, 128 tokens, k=2,
 lr 2e-5, global batch 8, 2 epochs, 200 held-out problems; it went 14.5% -> 36.0% with a plain PyTorch loop).
 --phrasings 1 draws every sentence from one phrasing (the calibration's problems had "a few sentence shapes", the
 generator's default has 4-6 per sentence kind): the same pipeline on a narrower wording.

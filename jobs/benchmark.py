@@ -7,7 +7,7 @@ Each benchmark is its own module under benchmarks/ (run alone with `python -m be
 measures its comparison side by side in one run: generation (pipeline vs raw vLLM), annotation (naive vs binary
 vs binary+reuse vs early stop), training (Ray Train vs a plain PyTorch loop), serving (endpoint vs direct best-of-4,
 plus a load test) and verification throughput. They run one after another (2 cores: never two at once). Writes
-<out>/latest.json, <out>/latest.md and each benchmark's log; the README's table is latest.md.
+<out>/latest.json, <out>/latest.md and each benchmark's log; docs/results/bench.md holds the latest table.
 `--quick` runs each at a smoke-test size (numbers not meaningful; checks that everything runs).
 """
 

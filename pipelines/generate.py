@@ -36,7 +36,7 @@ class EngineConfig:
     model: str = help_field("smollm2", "checkpoint: smollm2 | tiny | a local path | a hub id (where reachable)")
     max_model_len: int = help_field(1024, "context length of the engine (prompt + completion tokens)")
     dtype: str = help_field("bfloat16", "weights/activations dtype given to vLLM")
-    seed: int = help_field(0, "engine seed; on CPU seed the engine, not each request (see cpu-vllm.md)")
+    seed: int = help_field(0, "engine seed; on CPU seed the engine, not each request (see docs/cpu-engine.md)")
     enable_prefix_caching: bool = help_field(True, "vLLM automatic prefix caching")
     gpu_memory_utilization: float = help_field(0.15, "GPU: share of GPU memory; CPU: share of RAM for the KV cache "
                                                "(0.15 of 24 GiB holds ~160k tokens of SmolLM2 KV cache)")

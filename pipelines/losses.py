@@ -1,5 +1,5 @@
 """Training losses (torch only): SFT on completion tokens, PRM binary cross-entropy at step ends, ORM at the last
-token. Formulas as in notes/methods.md; every function takes already-computed logits, so each is testable with
+token. Formulas as in docs/methods.md; every function takes already-computed logits, so each is testable with
 hand-built tensors and no model.
 
 - SFT: L = sum_b w_b sum_t m_{b,t} * -log p(x_{b,t+1} | x_{b,<=t}) / sum_b w_b sum_t m_{b,t}: a weighted mean over

@@ -115,7 +115,7 @@ class SyntheticConfig:
 
 
 # Scenes: (who, pronoun, possessive, item, container-verb). Many scenes x many phrasings per operation, so the
-# model does not learn a single sentence shape (the calibration run in cpu-vllm.md saw that).
+# model does not learn a single sentence shape (the calibration run in docs/cpu-engine.md saw that).
 _NAMES = [("Tom", "he", "his"), ("Mia", "she", "her"), ("Ravi", "he", "his"), ("Lena", "she", "her"),
           ("Omar", "he", "his"), ("Sofia", "she", "her"), ("Ken", "he", "his"), ("Ada", "she", "her"),
           ("Luis", "he", "his"), ("Zoe", "she", "her")]
