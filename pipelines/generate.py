@@ -146,18 +146,16 @@ class FormatPrompts:
 
 def grade_batch(batch: pa.Table, fmt: str = "lines", timeout_s: float = 5.0) -> pa.Table:
     """Completions -> Sample rows: steps split, answer extracted, verdict from the automatic verifier."""
-    from pipelines.verify import grade, grade_code
+    from pipelines.verify import verify_row
 
     out = []
     for r in batch.to_pylist():
         steps = split_steps(r["completion"], fmt, r["kind"])
         if r["error"]:
             answer, method, correct, reason = None, "none", False, "error"
-        elif r["kind"] == "code":
-            v = grade_code(r["completion"], r["tests"], entry_point=r["entry_point"] or None)
-            answer, method, correct, reason = None, v.method, v.correct, v.reason
-        else:
-            v = grade(r["completion"], r["gold"], kind=r["kind"], timeout_s=timeout_s)
+        else:  # the one row grader (`stepray verify` uses it too): a row it cannot grade gets reason "error"
+            v = verify_row({"kind": r["kind"], "completion": r["completion"], "gold": r["gold"], "tests": r["tests"],
+                            "entry_point": r["entry_point"]}, math_timeout_s=timeout_s)
             answer, method, correct, reason = v.answer, v.method, v.correct, v.reason
         suffix = "greedy" if r["mode"] == "greedy" else f"s{r['sample_idx']}"
         out.append({

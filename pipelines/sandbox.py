@@ -646,13 +646,15 @@ def _sandbox_main(payload_path: str) -> None:  # pragma: no cover - runs in the 
         emit(1, "setup_error", detail=f"runner: {e}")
         os._exit(3)
 
+    memory_bytes = job["memory_bytes"]
+
     def drop_privileges(to_uid):
         if is_root:
             os.setgroups([])
             os.setgid(to_uid)
             os.setuid(to_uid)
         libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
     report_fd = os.dup(1)
     for fd in (0, 1, 2):
