@@ -237,7 +237,9 @@ def test_mcts_prefers_the_right_step_and_runs_exactly_budget_simulations():
 def test_mcts_with_rollout_values_and_ministeps_counts_every_token():
     cfg = SearchConfig(max_tokens=64, step_tokens=16, max_steps=6, expansions=2, mcts_value="rollout")
     res, world, prm = run("mcts", 3, cfg)
-    assert res.meta["simulations"] == 3 and res.answer is not None
+    # hand-derived: with 2 expansions the root's children are its first two samples, both "3 + 4 = 8", so every
+    # path (and every rollout from it) ends in 17; one simulation expands the root, the other two visit a child each
+    assert res.meta["simulations"] == 3 and res.answer == "17" and res.meta["root_visits"] == [1, 1]
     expansions = [c for c in world.calls if c[2]]
     rollouts = [c for c in world.calls if not c[2]]
     assert expansions and all(c[:2] == (1, 2) for c in expansions)
@@ -246,8 +248,9 @@ def test_mcts_with_rollout_values_and_ministeps_counts_every_token():
     cfg = SearchConfig(max_tokens=24, expansions=2, action="ministep", ministep_tokens=5)
     res, world, prm = run("mcts", 4, cfg)
     assert res.meta["simulations"] == 4
-    assert all(c == (1, 2, False, 5) for c in world.calls[:-1])
-    assert world.calls[-1] == (1, 2, False, 5) or world.calls[-1][1] == 1  # or the final rollout
+    # one 2-child expansion per simulation, no final rollout: the most-visited path reaches the answer step
+    assert world.calls == [(1, 2, False, 5)] * 4
+    assert res.completion.endswith("The answer is 17.") and res.meta["depth"] == 3
 
 
 def test_reflection_appends_the_cue_and_continues():
