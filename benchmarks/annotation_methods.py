@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     sampled = {"samples": samples.num_rows,
                "accuracy": sum(samples.column("correct").to_pylist()) / max(samples.num_rows, 1)}
     if args.select == "balanced":
-        from jobs.annotate_steps import select_samples
+        from pipelines.annotate import select_samples
 
         samples = select_samples(samples, args.limit or samples.num_rows, "balanced")
     steps = samples.column("steps").to_pylist()

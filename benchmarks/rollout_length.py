@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from benchmarks.annotation_methods import make_samples, start_engine
-    from jobs.annotate_steps import select_samples
+    from pipelines.annotate import select_samples
     from pipelines.models import resolve_model
     from pipelines.prompts import separator
     from pipelines.runtime import init_ray

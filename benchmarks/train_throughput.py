@@ -11,7 +11,7 @@ and the same global batch:
    each with the real worker loop (Ray Data shard iterators, `ray.train.report`), no checkpoint but the final one
    (deleted afterwards unless `--keep`);
 2. plain: one process, torch threads = `--workers` (the same cores), AdamW, `compute_loss` and `collate_batch`
-   from pipelines/train.py, `--steps` optimizer steps; with `--plain-runs 2` (default) once before Ray Train and once
+   from pipelines/train/, `--steps` optimizer steps; with `--plain-runs 2` (default) once before Ray Train and once
    after, the reference being the mean of the two (their spread is printed: it is the drift of the machine).
 Tokens counted: non-padding input tokens of every optimizer step. Throughput is steady state: the first `--warmup`
 steps of each side are left out (first-batch and allocator costs). Ray Train reports metrics every `--warmup`

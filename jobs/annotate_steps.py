@@ -42,11 +42,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import config as C
-from pipelines import schema
-from pipelines.annotate import DIAGNOSTICS, AnnotateConfig, build_annotation
+from pipelines import inputs, schema
+from pipelines.config import InputError
+from pipelines.annotate import DIAGNOSTICS, AnnotateConfig, build_annotation, select_samples
 from pipelines.models import resolve_model
 from pipelines.problems import SyntheticConfig, load_problems
-from pipelines.runtime import finite_json, init_ray, mlflow_ui_command, mlflow_uri
+from pipelines.runtime import cli_main, finite_json, init_ray, mlflow_ui_command, mlflow_uri
 from pipelines.steps import (
     first_error_accuracy,
     first_error_of,
@@ -88,8 +89,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, AnnotateConf
     cfg = C.load_config(AnnotateConfig, args.config, overrides)
     if not cfg.samples:
         raise C.ConfigError("samples: give the Sample parquet folder, e.g. --samples runs/gen/samples")
-    if not Path(cfg.samples).exists():
-        raise C.ConfigError(f"samples: {cfg.samples} does not exist; give the samples/ folder of a generate run")
     return args, cfg
 
 
@@ -109,7 +108,7 @@ def find_problems(cfg: AnnotateConfig, log=print) -> tuple[dict[str, dict], str]
         return {p["id"]: p for p in loaded.problems}, f"{run_cfg} (problems={gen['problems']})"
     path = Path(spec)
     if path.suffix == ".parquet" and path.exists():
-        table = pq.read_table(path)
+        table = inputs.read_parquet(path, "problems")
         if "quantities" in table.column_names:
             rows = schema.check_table(table, "problem", where=str(path)).to_pylist()
             return {p["id"]: p for p in rows}, str(path)
@@ -235,35 +234,29 @@ def format_summary(s: dict) -> str:
 
 # -------------------------------------------------------------------------------------------------- run
 
-def select_samples(samples: pa.Table, limit: int, how: str) -> pa.Table:
-    """`limit` samples: the first ones, or balanced (up to half verified, the rest wrong), deterministic."""
-    if how == "first":
-        return samples.slice(0, limit)
-    import hashlib
-
-    ids = samples.column("sample_id").to_pylist()
-    correct = samples.column("correct").to_pylist()
-    order = sorted(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())
-    good = [i for i in order if correct[i]]
-    bad = [i for i in order if not correct[i]]
-    n_good = min(len(good), (limit + 1) // 2)
-    n_bad = min(len(bad), limit - n_good)
-    n_good = min(len(good), limit - n_bad)  # top up with verified ones when the wrong ones run out
-    take = good[:n_good] + bad[:n_bad]
-    return samples.take(pa.array(sorted(take), pa.int64()))
-
-
 def run(cfg: AnnotateConfig, use_mlflow: bool = True, log=print) -> dict:
+    # inputs first: a user's mistake ends here, before any output, Ray or engine
+    samples = inputs.read_parquet(cfg.samples, "samples", "sample",
+                                  hint="give the samples/ folder of a `stepray generate` run")
+    if not samples.num_rows:
+        raise InputError(f"samples: {cfg.samples} holds no sample rows; give the samples/ folder of a "
+                         f"`stepray generate` run that finished")
+    samples = samples.filter(pa.compute.is_in(samples.column("mode"), pa.array(list(cfg.modes))))
+    if not samples.num_rows:
+        raise InputError(f"samples: {cfg.samples} holds no rows of mode {list(cfg.modes)}; set modes= to the modes "
+                         f"it holds (sample, greedy)")
+    if cfg.limit:
+        samples = select_samples(samples, cfg.limit, cfg.select)
+    problems, source = find_problems(cfg, log)
+    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
+    judge_path = None
+    if cfg.judge.mode == "local" and cfg.judge.model != "same":
+        judge_path = str(resolve_model(cfg.judge.model))
+
     out = Path(cfg.out)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     (out / "diagnostics").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1, default=str))
-
-    samples = schema.check_table(pq.read_table(cfg.samples), "sample", where=cfg.samples)
-    samples = samples.filter(pa.compute.is_in(samples.column("mode"), pa.array(list(cfg.modes))))
-    if cfg.limit:
-        samples = select_samples(samples, cfg.limit, cfg.select)
-    problems, source = find_problems(cfg, log)
     log(f"[annotate] {samples.num_rows} samples (modes {list(cfg.modes)}) from {cfg.samples}; problems: "
         f"{len(problems)} from {source or 'nowhere'}")
     missing = len(set(samples.column("problem_id").to_pylist()) - set(problems))
@@ -283,10 +276,6 @@ def run(cfg: AnnotateConfig, use_mlflow: bool = True, log=print) -> dict:
 
     wall = 0.0
     if samples.num_rows:
-        model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
-        judge_path = None
-        if cfg.judge.mode == "local" and cfg.judge.model != "same":
-            judge_path = str(resolve_model(cfg.judge.model))
         ray = init_ray()
         ds = build_annotation(ray.data.from_arrow(samples), cfg, model_path, _generator_cls(), judge_path)
         wall = stream_labels(ds, out, samples.num_rows, log)
@@ -358,12 +347,9 @@ def _log_mlflow(cfg: AnnotateConfig, summary: dict, out: Path, log) -> None:
     log(f"[annotate] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")
 
 
+@cli_main("stepray annotate")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, cfg = parse_args(argv)
-    except C.ConfigError as e:
-        print(f"stepray annotate: {e}", file=sys.stderr)
-        return 2
+    args, cfg = parse_args(argv)
     run(cfg, use_mlflow=not args.no_mlflow)
     return 0
 

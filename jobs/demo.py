@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     prepare_smollm2()
-    from jobs import iterate
-
-    rc = iterate.main(["--config", str(CONFIG), "--out", args.out, *args.overrides])
+    # the loop as its own process, as `ray job submit` would run it (a job does not import another job)
+    rc = subprocess.run([sys.executable, "-m", "jobs.iterate", "--config", str(CONFIG), "--out", args.out,
+                         *args.overrides]).returncode
     if rc:
         return rc
     rounds = json.loads((Path(args.out) / "summary.json").read_text())["rounds"]

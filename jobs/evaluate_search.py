@@ -22,11 +22,13 @@ import sys
 from pathlib import Path
 
 from pipelines import config as C
+from pipelines import inputs
+from pipelines.config import InputError
 from pipelines.evaluate import EvalConfig, accuracy_table, evaluate, format_table, write_outputs
 from pipelines.models import resolve_model
 from pipelines.problems import load_problems, write_rejects
 from pipelines.prompts import PromptConfig, render
-from pipelines.runtime import init_ray, mlflow_ui_command, mlflow_uri
+from pipelines.runtime import cli_main, init_ray, mlflow_ui_command, mlflow_uri
 from pipelines.search import orm_as_step_scorer
 
 
@@ -58,22 +60,26 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EvalConfig]:
 
 
 def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
+    # inputs first: a user's mistake ends here, before any output, Ray or engine.
+    # Code problems are graded by tests, not answers, so search evaluation sets them aside.
+    loaded = load_problems(cfg.problems, synthetic=cfg.synthetic, limit=cfg.limit or None)
+    problems = [p for p in loaded.problems if p["kind"] in ("numeric", "math")]
+    if not problems:
+        raise InputError(f"problems: {cfg.problems} holds no numeric or math problems to evaluate "
+                         f"({loaded.summary()})")
+    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
+    for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
+        if path:
+            inputs.reward_model_folder(path, f"--{kind}", kind)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1, default=str))
-
-    # problems: code problems are graded by tests, not answers, so search evaluation sets them aside
-    loaded = load_problems(cfg.problems, synthetic=cfg.synthetic, limit=cfg.limit or None)
-    problems = [p for p in loaded.problems if p["kind"] in ("numeric", "math")]
     rejects = loaded.rejects + [{"source": p["source"], "line": None, "reason": "code_problem: search evaluation "
                                  "grades answers (numeric, math)", "row": {"id": p["id"]}}
                                 for p in loaded.problems if p["kind"] not in ("numeric", "math")]
     write_rejects(rejects, out / "rejects.jsonl")
-    if not problems:
-        raise RuntimeError(f"{cfg.problems}: no numeric or math problems to evaluate ({loaded.summary()})")
     log(f"[evaluate] {cfg.problems}: {len(problems)} problems, {len(rejects)} set aside (rejects.jsonl)")
 
-    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -164,12 +170,9 @@ def _log_mlflow(cfg: EvalConfig, summary: dict, rows: list[dict], paths: dict, l
     log(f"[evaluate] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")
 
 
+@cli_main("stepray evaluate")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, cfg = parse_args(argv)
-    except C.ConfigError as e:
-        print(f"stepray evaluate: {e}", file=sys.stderr)
-        return 2
+    args, cfg = parse_args(argv)
     run(cfg, use_mlflow=not args.no_mlflow)
     return 0
 

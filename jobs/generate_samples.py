@@ -20,7 +20,7 @@ from pipelines.generate import (GenerationConfig, build_generation, done_keys, f
                                 stream_to_parquet, summarize)
 from pipelines.models import resolve_model
 from pipelines.problems import load_problems, write_rejects
-from pipelines.runtime import init_ray, mlflow_ui_command, mlflow_uri
+from pipelines.runtime import cli_main, init_ray, mlflow_ui_command, mlflow_uri
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GenerationConfig]:
@@ -45,14 +45,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GenerationCo
 
 
 def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
+    # inputs first: a user's mistake ends here, before any output, Ray or engine
+    loaded = load_problems(cfg.problems, synthetic=cfg.synthetic, limit=cfg.limit or None)
+    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1, default=str))
-
-    loaded = load_problems(cfg.problems, synthetic=cfg.synthetic, limit=cfg.limit or None)
     write_rejects(loaded.rejects, out / "rejects.jsonl")
     log(f"[generate] {cfg.problems}: {loaded.summary()}")
-    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
 
     existing = read_samples(out / "samples")
     skip = done_keys(existing)
@@ -103,12 +103,9 @@ def _log_mlflow(cfg: GenerationConfig, summary: dict, out: Path, log) -> None:
     log(f"[generate] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")
 
 
+@cli_main("stepray generate")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, cfg = parse_args(argv)
-    except C.ConfigError as e:
-        print(f"stepray generate: {e}", file=sys.stderr)
-        return 2
+    args, cfg = parse_args(argv)
     run(cfg, use_mlflow=not args.no_mlflow)
     return 0
 

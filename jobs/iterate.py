@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipelines import config as C
 from pipelines.iterate import IterateConfig, Manifest, synthetic_overrides
-from pipelines.runtime import PARENT_RUN_ENV, mlflow_ui_command, mlflow_uri
+from pipelines.runtime import PARENT_RUN_ENV, cli_main, mlflow_ui_command, mlflow_uri
 
 PY = sys.executable
 
@@ -140,20 +140,17 @@ def eval_rows(eval_dir: Path) -> list[dict]:
     return accuracy_table(pq.read_table(eval_dir / "records.parquet").to_pylist())
 
 
+@cli_main("stepray iterate")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-        check_stage_configs(cfg)
-    except C.ConfigError as e:
-        print(f"stepray iterate: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_args(argv)
+    check_stage_configs(cfg)
     from pipelines.models import resolve_model
 
+    base = str(resolve_model(cfg.base_model, prepare=cfg.base_model in ("smollm2", "tiny")))
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
     manifest = Manifest(out / "manifest.json")
-    base = str(resolve_model(cfg.base_model, prepare=cfg.base_model in ("smollm2", "tiny")))
     t_start = time.time()
 
     import mlflow

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from pipelines import schema
 from pipelines.problems import SyntheticConfig, load_problems, write_rejects
+from pipelines.runtime import cli_main
 
 
+@cli_main("stepray problems")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="stepray problems", description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default="synthetic", help="synthetic | gsm8k | gsm8k:train | math500 | humaneval | FILE")

@@ -16,30 +16,38 @@ import shutil
 import sys
 from pathlib import Path
 
+from pipelines import config as C
+from pipelines import inputs
+from pipelines.config import InputError
+from pipelines.runtime import cli_main
 
+
+@cli_main("stepray serve")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="stepray serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="Ray Serve config YAML (import_path pipelines.serve:build_app)")
     args = ap.parse_args(argv)
-    path = Path(args.config)
-    if not path.exists():
-        print(f"stepray serve: config {path} does not exist", file=sys.stderr)
-        return 2
+    path = inputs.input_file(args.config, "serve config", "give a Ray Serve config YAML, e.g. configs/serve/cpu.yaml")
+    import pydantic
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines import config as C
     from pipelines.models import resolve_model
     from pipelines.serve import ServeConfig
 
     try:
-        schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-        for app in schema.applications:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_bytes()))
+    except (yaml.YAMLError, UnicodeDecodeError, pydantic.ValidationError) as e:
+        raise InputError(f"serve config {path}: not a Ray Serve config ({inputs.first_line(e)}); see "
+                         f"configs/serve/cpu.yaml") from None
+    for app in schema.applications:  # what the deployments will load, checked before Serve starts
+        try:
             cfg = C.load_config(ServeConfig, base=dict(app.args))
-            resolve_model(cfg.model, prepare=cfg.model in ("smollm2", "tiny"))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"stepray serve: {path}: {e}", file=sys.stderr)
-        return 2
+        except C.ConfigError as e:
+            raise InputError(f"serve config {path}: {e}") from None
+        resolve_model(cfg.model, prepare=cfg.model in ("smollm2", "tiny"))
+        if cfg.prm:
+            inputs.reward_model_folder(cfg.prm, f"serve config {path}: prm")
     serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # `serve run` is what honours the config's per-deployment options; hand over to it.

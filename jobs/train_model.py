@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 from pipelines import config as C
+from pipelines.config import InputError, MissingInput
 from pipelines.models import resolve_model
 from pipelines.problems import data_root, load_problems, write_rejects
 from pipelines.prompts import render
-from pipelines.runtime import init_ray, mlflow_ui_command, mlflow_uri
+from pipelines.runtime import cli_main, init_ray, mlflow_ui_command, mlflow_uri
 from pipelines.train import (TrainConfig, auc, build_trainer, export_model, flag_all_f1, greedy_accuracy,
                              latest_checkpoint_step, mlflow_run, predicted_first_error, problems_by_id,
                              processbench_f1, read_examples, read_rows, scored_rows, step_f1, step_truth,
@@ -78,26 +79,26 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     return args, cfg
 
 
+@cli_main("stepray train")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, cfg = parse_args(argv)
-    except C.ConfigError as e:
-        print(f"stepray train: {e}", file=sys.stderr)
-        return 2
+    args, cfg = parse_args(argv)
     return run(cfg)
 
 
 def run(cfg: TrainConfig, log=print) -> int:
     t0 = time.time()
+    # --- inputs first (a user's mistake ends here, before any output, Ray or trainer)
+    examples = read_examples(cfg)
+    log(f"[train {cfg.task}] {cfg.data}: {examples.summary()}")
+    if cfg.task == "prm" and cfg.eval.enabled and cfg.eval.truth_data:
+        truth_samples(cfg.eval.truth_data)  # a bad eval.truth_data is the user's to fix now, not after training
+    init_name = cfg.init_model()
+    init_path = str(resolve_model(init_name, prepare=init_name.lower() in ("smollm2", "tiny")))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1, default=str))
 
-    # --- data: rows -> examples (selection, labels, hold-out) -> token rows
-    examples = read_examples(cfg)
-    log(f"[train {cfg.task}] {cfg.data}: {examples.summary()}")
-    init_name = cfg.init_model()
-    init_path = str(resolve_model(init_name, prepare=init_name.lower() in ("smollm2", "tiny")))
+    # --- examples -> token rows
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(init_path)
@@ -110,9 +111,9 @@ def run(cfg: TrainConfig, log=print) -> int:
         f"{len(rejects)} rows set aside (see {out / 'rejects.jsonl'}); starting from {init_path} "
         f"({cfg.round_mode if cfg.task == 'sft' else 'base'})")
     if not rows:
-        log(f"[train {cfg.task}] nothing to train on: every row was set aside; reasons: "
-            f"{sorted({r['reason'].split(':')[0] for r in rejects}) or list(examples.dropped)}")
-        return 1
+        raise InputError(f"training data {cfg.data}: nothing to train on, every row was set aside (reasons: "
+                         f"{sorted({r['reason'].split(':')[0] for r in rejects}) or list(examples.dropped)}; rows in "
+                         f"{out / 'rejects.jsonl'})")
 
     # --- Ray, MLflow, the trainer
     init_ray()
@@ -296,13 +297,13 @@ def truth_samples(path: str) -> tuple[list[dict], dict[str, dict], dict[str, int
     run = Path(path)
     conf = run / "config.json"
     if not conf.exists():
-        raise FileNotFoundError(f"eval.truth_data={path}: no config.json there; give a `stepray generate` run folder "
+        raise MissingInput(f"eval.truth_data={path}: no config.json there; give a `stepray generate` run folder "
                                 f"made on synthetic problems")
     gen = json.loads(conf.read_text())
     synthetic = C.load_config(SyntheticConfig, base=gen.get("synthetic") or {})
     kind, rows = read_rows(run)
     if kind != "sample":
-        raise ValueError(f"eval.truth_data={path}: expected Sample rows (a generate run), found {kind} rows")
+        raise InputError(f"eval.truth_data={path}: expected Sample rows (a generate run), found {kind} rows")
     problems = problems_by_id([r["problem_id"] for r in rows], synthetic)
     samples, left_out = [], {}
     for r in rows:  # what is not scored is counted by reason (reported in eval.json), never silently dropped
@@ -313,7 +314,7 @@ def truth_samples(path: str) -> tuple[list[dict], dict[str, dict], dict[str, int
         else:
             samples.append(r)
     if not samples:
-        raise ValueError(f"eval.truth_data={path}: no finished samples of synthetic problems (ids "
+        raise InputError(f"eval.truth_data={path}: no finished samples of synthetic problems (ids "
                          f"syn-{synthetic.key()}-<i>) to score")
     return samples, problems, left_out
 

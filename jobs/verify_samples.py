@@ -10,9 +10,11 @@ with an `entry_point`. A row's own `kind` field overrides --kind.
 
 Output: every input line becomes one JSON line, in order, on stdout (or --out), with its fields kept (an `id`
 passes through) and `correct` (bool), `reason`, `answer`, `answer_method` and `detail` added (see
-pipelines/verify.py for the reasons). A line that is not a JSON object is written as
-{"line": N, "correct": false, "reason": "unreadable", "detail": ...} and reported on stderr with its line number.
-Progress and a summary (counts per reason, accuracy, rows/s) go to stderr. Exit status 0; 2 when FILE is missing.
+pipelines/verify/ for the reasons). A line that is not UTF-8 or not a JSON object is written as
+{"line": N, "correct": false, "reason": "unreadable", "detail": ...} and reported on stderr with its line number; a
+row whose text UTF-8 cannot encode (a lone surrogate) is graded and written with JSON escapes. Progress and a
+summary (counts per reason, accuracy, rows/s) go to stderr. Exit status 0; 2 (one line on stderr, nothing graded)
+when FILE is missing, a folder, another format, or holds no JSON object at all.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipelines import inputs
+from pipelines.config import InputError
+from pipelines.runtime import cli_main
 from pipelines.verify import KINDS, verify_row
 
 
@@ -41,8 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def grade_line(number: int, line: str, kind: str, timeout: float | None) -> tuple[dict, str | None]:
-    """(output row, error message or None) for one input line."""
+def grade_line(number: int, line: str | None, why: str, kind: str, timeout: float | None) -> tuple[dict, str | None]:
+    """(output row, error message or None) for one input line (None with `why`: the line could not be decoded)."""
+    if line is None:
+        return {"line": number, "correct": False, "reason": "unreadable", "detail": why}, why
     try:
         row = json.loads(line)
     except ValueError as e:
@@ -64,24 +71,44 @@ def grade_line(number: int, line: str, kind: str, timeout: float | None) -> tupl
             "detail": v.detail}, None
 
 
+def read_lines(path: Path) -> list[tuple[int, str | None, str]]:
+    """(line number, text or None, why not) for every non-blank line; a line that is not UTF-8 is kept as a row
+    error, so it gets a verdict like any other row."""
+    path = inputs.input_file(path, "verify input", "give a JSON lines file (one object per line)")
+    if path.suffix.lower() in (".parquet", ".csv", ".tsv", ".json"):
+        raise InputError(f"verify input {path}: stepray verify reads JSON lines (.jsonl, one object per line with "
+                         f"pred/gold, or program/tests for code), not {path.suffix} files")
+    return list(inputs.text_lines(path))
+
+
+def write_row(out, row: dict) -> None:
+    """One verdict line; a row holding text UTF-8 cannot encode (a lone surrogate) is written with JSON escapes."""
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(row)  # \udXXX escapes: the same row, readable back by any JSON parser
+    out.write(text + "\n")
+
+
+@cli_main("stepray verify")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.file.is_file():
-        print(f"stepray verify: {args.file} does not exist or is not a file", file=sys.stderr)
-        return 2
-    lines = [(n, line) for n, line in enumerate(args.file.read_text(encoding="utf-8").splitlines(), 1)
-             if line.strip()]
+    lines = read_lines(args.file)
+    if lines and not any(text is not None and text.lstrip().startswith("{") for _, text, _ in lines):
+        raise InputError(f"verify input {args.file}: none of its {len(lines)} lines is a JSON object; stepray verify "
+                         f"reads JSON lines (one object per line with pred/gold, or program/tests for code)")
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     reasons: Counter[str] = Counter()
     correct = 0
     start = last_report = time.monotonic()
     try:
         with ThreadPoolExecutor(max(1, args.workers)) as pool:
-            results = pool.map(lambda item: grade_line(item[0], item[1], args.kind, args.timeout), lines)
-            for done, ((number, _), (row, error)) in enumerate(zip(lines, results), 1):
+            results = pool.map(lambda item: grade_line(item[0], item[1], item[2], args.kind, args.timeout), lines)
+            for done, ((number, _, _), (row, error)) in enumerate(zip(lines, results), 1):
                 if error is not None:
                     print(f"stepray verify: {args.file}:{number}: unreadable row ({error})", file=sys.stderr)
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                write_row(out, row)
                 reasons[row["reason"]] += 1
                 correct += bool(row["correct"])
                 now = time.monotonic()

@@ -39,6 +39,7 @@ engine refused) comes out with empty labels and `error` saying why; the job sets
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -442,3 +443,19 @@ def annotate_table(samples: pa.Table, annotator: StepAnnotator, batch_size: int)
     t0 = time.time()
     parts = [annotator(samples.slice(i, batch_size)) for i in range(0, samples.num_rows, batch_size)]
     return pa.concat_tables(parts), time.time() - t0
+
+
+def select_samples(samples: pa.Table, limit: int, how: str) -> pa.Table:
+    """`limit` samples: the first ones, or balanced (up to half verified, the rest wrong), deterministic."""
+    if how == "first":
+        return samples.slice(0, limit)
+    ids = samples.column("sample_id").to_pylist()
+    correct = samples.column("correct").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())
+    good = [i for i in order if correct[i]]
+    bad = [i for i in order if not correct[i]]
+    n_good = min(len(good), (limit + 1) // 2)
+    n_bad = min(len(bad), limit - n_good)
+    n_good = min(len(good), limit - n_bad)  # top up with verified ones when the wrong ones run out
+    take = good[:n_good] + bad[:n_bad]
+    return samples.take(pa.array(sorted(take), pa.int64()))

@@ -22,7 +22,19 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the dotted key."""
+    """A config key or value that cannot be used; the message names the dotted key.
+
+    The user-error class of the CLI: `pipelines.runtime.cli_main` prints it as one line and exits 2.
+    """
+
+
+class InputError(ConfigError):
+    """A user's input that cannot be used (a path of the wrong kind, a file that is not what its name says, rows of
+    another schema, a folder that is not a model); the message names the input and says what to do."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """An input path that does not exist (also a FileNotFoundError, for callers that catch that)."""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -153,9 +165,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict = dict(base or {})
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        if not p.is_file():
+            raise ConfigError(f"config file {p} {'is a folder' if p.is_dir() else 'does not exist'}; give a YAML "
+                              f"file (see configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_bytes()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: not YAML ({' '.join(str(e).split())})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
         data = _merge(data, loaded)

@@ -17,9 +17,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
+
+from pipelines.config import MissingInput
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -146,7 +149,7 @@ def resolve_model(name: str, prepare: bool = False) -> Path | str:
     """"smollm2" / "tiny" -> the prepared local checkpoint; a local path -> itself; anything else -> a hub id.
 
     With prepare=True a missing SmolLM2 or tiny checkpoint is built; otherwise a missing one is an error that says
-    which command builds it. Hub ids only work where the machine can reach a hub.
+    which command builds it. A hub id must be in the local cache unless HF_HUB_OFFLINE=0 (our jobs run offline).
     """
     key = ALIASES.get(name.lower())
     if key is not None:
@@ -155,12 +158,23 @@ def resolve_model(name: str, prepare: bool = False) -> Path | str:
             return path
         if prepare:
             return prepare_smollm2(path) if key == SMOLLM2 else make_tiny_model(path)
-        raise FileNotFoundError(f"model {name!r} is not prepared at {path}; run `stepray models prepare`")
+        raise MissingInput(f"model {name!r} is not prepared at {path}; run `stepray models prepare`")
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model path {path} has no config.json; give a transformers checkpoint folder")
+            raise MissingInput(f"model path {path} has no config.json; give a transformers checkpoint folder "
+                               f"(e.g. the model/ folder of `stepray train sft`), or smollm2 / tiny")
         return path.resolve()
-    if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model path {path} does not exist")
+    missing = (f"model path {path} does not exist; give a transformers checkpoint folder, smollm2 / tiny, or a "
+               f"hub id (org/name) that is in the local Hugging Face cache")
+    hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name.split("/")[0]).is_dir()
+    if not hub_like:
+        raise MissingInput(missing)
+    if os.environ.get("HF_HUB_OFFLINE", "1") == "1":  # our jobs run offline unless the user says otherwise
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise MissingInput(f"model {name!r} is not a local folder and not in the Hugging Face cache, and this "
+                               f"machine runs offline (HF_HUB_OFFLINE=1); download it where a hub is reachable, or "
+                               f"set HF_HUB_OFFLINE=0")
     return name  # a hub id

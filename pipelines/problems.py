@@ -9,8 +9,9 @@ Source names (`load_problems(spec)`):
 - "gsm8k" / "gsm8k:train"      ../shared/data/gsm8k/{test,train}.jsonl; answer after "####", commas stripped.
 - "math500"                    ../shared/data/math500/test.jsonl
 - "humaneval"                  ../shared/data/code/HumanEval.jsonl (code problems with check(candidate) tests)
-- a path to .jsonl/.json/.parquet with `id`, `question`, `answer` columns (or a column mapping), or code rows
-  in HumanEval (`task_id`, `prompt`, `test`, `entry_point`) or MBPP (`text`, `code`, `test_list`) shape.
+- a path to .jsonl/.json/.parquet/.csv/.tsv with `id`, `question`, `answer` columns (or a column mapping), or code
+  rows in HumanEval (`task_id`, `prompt`, `test`, `entry_point`) or MBPP (`text`, `code`, `test_list`) shape.
+  A file that yields no problem at all (not its format, no rows, no row with the fields) is an InputError.
 The data root is $STEPRAY_DATA, else ../shared/data beside the repository.
 """
 
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipelines.config import help_field
+from pipelines import inputs
+from pipelines.config import InputError, MissingInput, help_field
 from pipelines.schema import Problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -237,31 +239,72 @@ def synthetic_problems(cfg: SyntheticConfig) -> list[Problem]:
 # Files
 # ----------------------------------------------------------------------------------------------------------
 
-def _read_rows(path: Path) -> Iterable[tuple[int, dict | None, str]]:
-    """(line number, row or None, parse error) for jsonl / json array / parquet files."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+FILE_FORMATS = ".jsonl (JSON lines), .json (an array of objects), .parquet, .csv or .tsv (a header row)"
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+
+def _read_rows(path: Path) -> Iterable[tuple[int, dict | None, str]]:
+    """(line number, row or None, parse error) for jsonl / json array / parquet / csv / tsv files.
+
+    A line that is not UTF-8 or not a JSON object is a row error (set aside with its reason); a file that cannot be
+    read as its format at all is an InputError naming it. Other suffixes are read as JSON lines.
+    """
+    path = inputs.input_file(path, "problem file", f"problem files are {FILE_FORMATS}")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".csv", ".tsv"):
+        import pyarrow as pa
+
+        try:
+            if suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(path)
+            else:
+                import pyarrow.csv as pcsv
+
+                # every column as text: an answer "007" or "1/2" stays what the file says (numbers parse later)
+                parse = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+                names = pcsv.open_csv(path, parse_options=parse).schema.names
+                table = pcsv.read_csv(path, parse_options=parse, convert_options=pcsv.ConvertOptions(
+                    column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=False))
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"problem file {path}: not a readable {suffix[1:]} file ({inputs.first_line(e)}); "
+                             f"problem files are {FILE_FORMATS}") from None
+        for i, row in enumerate(table.to_pylist(), start=1):
             yield i, row, ""
     elif suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_bytes())
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise InputError(f"problem file {path}: not JSON ({inputs.first_line(e)}); a .json file holds one array "
+                             f"of objects, a .jsonl file one object per line") from None
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON array of objects")
+            raise InputError(f"problem file {path}: expected a JSON array of objects, got a JSON "
+                             f"{type(data).__name__}; a .jsonl file holds one object per line")
         for i, row in enumerate(data, start=1):
             yield i, row if isinstance(row, dict) else None, "" if isinstance(row, dict) else "not an object"
     else:
-        with path.open() as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+        for i, line, why in inputs.text_lines(path):
+            if line is None:
+                yield i, None, why
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, None, f"invalid JSON: {e.msg}"
+                continue
+            yield i, row if isinstance(row, dict) else None, "" if isinstance(row, dict) else "not an object"
+
+
+def _unencodable(row: dict) -> str:
+    """The first text field that cannot be written as UTF-8 (a lone surrogate from a JSON escape), or ""."""
+    for key, value in row.items():
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str):
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i, None, f"invalid JSON: {e.msg}"
-                    continue
-                yield i, row if isinstance(row, dict) else None, "" if isinstance(row, dict) else "not an object"
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    return f"unencodable: {key!r} holds {e.object[e.start:e.end]!a}, which UTF-8 cannot encode"
+    return ""
 
 
 def _reject(rejects: list, source: str, line: int, reason: str, row: Any) -> None:
@@ -345,10 +388,8 @@ def load_file(path: str | Path, mapping: dict[str, str] | None = None, kind: str
 
     kind "auto": code rows (HumanEval/MBPP shape) are code, answers that parse as numbers are numeric, others math.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"problem file {path} does not exist; give a source name "
-                                f"(synthetic, gsm8k, math500, humaneval) or a .jsonl/.json/.parquet path")
+    path = inputs.existing(path, "problem file", "give a source name (synthetic, gsm8k, math500, humaneval) or a "
+                                                 f"file: {FILE_FORMATS}")
     mapping = mapping or {}
     source = f"file:{path.name}"
     problems, rejects = [], []
@@ -356,6 +397,10 @@ def load_file(path: str | Path, mapping: dict[str, str] | None = None, kind: str
     for line, row, err in _read_rows(path):
         if row is None:
             _reject(rejects, source, line, f"unreadable: {err}", None)
+            continue
+        bad_text = _unencodable(row)
+        if bad_text:
+            _reject(rejects, source, line, bad_text, {k: v for k, v in row.items() if isinstance(v, (int, float))})
             continue
         row = {ours: row.get(theirs) for ours, theirs in mapping.items()} | {
             k: v for k, v in row.items() if k not in mapping.values()}
@@ -388,7 +433,23 @@ def load_file(path: str | Path, mapping: dict[str, str] | None = None, kind: str
             continue
         seen.add(p["id"])
         problems.append(p)
+    if not problems:
+        _no_problems(path, rejects, "rows need `question` and `answer` (rename columns with --map "
+                     "question=COL,answer=COL), or HumanEval / MBPP fields for code")
     return LoadResult(problems, rejects)
+
+
+def _no_problems(path: Path, rejects: list[dict], need: str) -> None:
+    """A file that yields no problem at all is the wrong file, not a file of bad rows: say so (exit 2 in the CLI)."""
+    from collections import Counter
+
+    if not rejects:
+        raise InputError(f"problem file {path}: holds no rows; problem files are {FILE_FORMATS}")
+    reasons = Counter(r["reason"].split(":")[0] for r in rejects)
+    first = rejects[0]["reason"]
+    raise InputError(f"problem file {path}: none of its {len(rejects)} rows is a problem "
+                     f"({', '.join(f'{k}: {v}' for k, v in reasons.most_common())}; first: {first}); {need}. "
+                     f"Problem files are {FILE_FORMATS}")
 
 
 def load_problems(spec: str, synthetic: SyntheticConfig | None = None, limit: int | None = None,
@@ -399,7 +460,7 @@ def load_problems(spec: str, synthetic: SyntheticConfig | None = None, limit: in
 
     def need(p: Path) -> Path:
         if not p.exists():
-            raise FileNotFoundError(f"source {spec!r} reads {p}, which does not exist; set STEPRAY_DATA to the "
+            raise MissingInput(f"source {spec!r} reads {p}, which does not exist; set STEPRAY_DATA to the "
                                     f"folder holding gsm8k/, math500/, code/ (see README, 'Data')")
         return p
 
@@ -409,7 +470,7 @@ def load_problems(spec: str, synthetic: SyntheticConfig | None = None, limit: in
     elif name == "gsm8k":
         split = split or "test"
         if split not in ("train", "test"):
-            raise ValueError(f"source {spec!r}: GSM8K splits are train and test")
+            raise InputError(f"source {spec!r}: GSM8K splits are train and test")
         result = load_gsm8k(need(root / "gsm8k" / f"{split}.jsonl"), split)
     elif name == "math500":
         result = load_math500(need(root / "math500" / "test.jsonl"))

@@ -18,7 +18,7 @@ text tokenized as a whole:
     as it is generated, from the same text it was generated from;
   - per-segment encoding makes the step boundary a token boundary by construction: tokenizing the joined text
     could merge a step's last characters with the separator (e.g. ".\\n\\n" into one token) and lose the position.
-Training (`encode_steps` in pipelines/train.py's data path) and scoring (actors/prm_scorer.py) call the same
+Training (`encode_steps` in pipelines/train/data.py) and scoring (actors/prm_scorer.py) call the same
 `encode_steps`, so they agree. The ORM reads the head at the last token of `prompt + completion` (its segments
 encoded the same way), the PRM's last-step position when the completion ends with the separator.
 
@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipelines.inputs import REWARD_MODEL_META as META_FILE
+
 HEAD_FILE = "reward_head.safetensors"
-META_FILE = "reward_model.json"
 KINDS = ("prm", "orm")
 
 

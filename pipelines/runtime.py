@@ -2,13 +2,18 @@
 
 - `init_ray()` joins the cluster named by RAY_ADDRESS (set inside `ray job submit` jobs and on a cluster node),
   else starts a local one sized to this machine. Workers get the same MLFLOW_TRACKING_URI / STEPRAY_* variables.
+- `cli_main(prog)` is every job's one policy for user errors: a ConfigError / InputError (a bad key, a missing or
+  wrong-kind input) ends as one line `prog: message` on stderr and exit 2; anything else is our bug and keeps its
+  traceback.
 - `mlflow_uri()` is MLFLOW_TRACKING_URI when set (any tracking server), else a local SQLite store under the
   current folder (`mlruns.db`, view it with `mlflow ui --backend-store-uri sqlite:///mlruns.db`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
 
 PASS_ENV = ("MLFLOW_TRACKING_URI", "STEPRAY_HOME", "STEPRAY_DATA", "HF_HUB_OFFLINE", "RAY_AUTH_MODE",
@@ -33,6 +38,24 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True):
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  logging_level="WARNING" if quiet else "INFO", **kwargs)
     return ray
+
+
+def cli_main(prog: str):
+    """Decorates a job's `main(argv) -> int`: user errors become one line on stderr and exit code 2."""
+    from pipelines.config import ConfigError
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return int(main(argv) or 0)
+            except ConfigError as e:
+                cause = getattr(e, "cause", None)  # a Ray task error wraps the user error raised in a worker
+                message = " ".join(str(cause if isinstance(cause, ConfigError) else e).split())
+                print(f"{prog}: {message}", file=sys.stderr)
+                return 2
+        return run
+    return wrap
 
 
 def mlflow_uri() -> str:

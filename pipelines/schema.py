@@ -208,17 +208,21 @@ def to_table(rows: list[dict], kind: str) -> pa.Table:
 def check_table(table: pa.Table, kind: str, where: str = "input") -> pa.Table:
     """Check that `table` holds `kind` rows of this schema version; cast to the exact schema.
 
-    Raises ValueError naming `where` and the missing columns, or the version mismatch, with what to do.
+    Raises InputError (a ValueError) naming `where` and the missing columns, or the version mismatch, with what to do.
     """
+    from pipelines.config import InputError
+
     meta = table.schema.metadata or {}
     version = meta.get(META_VERSION)
     if version is not None and version.decode() != SCHEMA_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{where}: written with stepray schema version {version.decode()}, this stepray reads version "
             f"{SCHEMA_VERSION}; re-run the stage that produced it with this version."
         )
     schema = SCHEMAS[kind]
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
-        raise ValueError(f"{where}: not {kind} rows, missing columns {missing}; expected the columns {schema.names}.")
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise InputError(f"{where}: not {kind} rows, missing columns {shown} (it has {table.column_names[:8]}); "
+                         f"give {kind} rows as stepray writes them (pipelines/schema.py).")
     return table.select(schema.names).cast(versioned(kind))

@@ -285,6 +285,20 @@ def prefix_truth(first_error: int, n_steps: int) -> list[bool]:
     return [first_error < 0 or i < first_error for i in range(n_steps)]
 
 
+def wrong_step_scores(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """Precision / recall / F1 / accuracy of "step is wrong" (the positive class) from counts; the one convention for
+    every such F1 (labels here, a trained PRM's flags in pipelines/train/metrics.py)."""
+    labelled = tp + fp + fn + tn
+    precision = tp / (tp + fp) if tp + fp else math.nan
+    recall = tp / (tp + fn) if tp + fn else math.nan
+    if tp:
+        f1 = 2 * precision * recall / (precision + recall)
+    else:  # no true positive: F1 is 0 when anything was claimed or missed, undefined when there was nothing
+        f1 = 0.0 if fp + fn else math.nan
+    return {"precision": precision, "recall": recall, "f1": f1,
+            "accuracy": (tp + tn) / labelled if labelled else math.nan}
+
+
 def label_quality(pred_hard: Sequence[Sequence[int]], truth_ok: Sequence[Sequence[bool]]) -> dict[str, float]:
     """Precision / recall / F1 of "step is wrong" (prediction: hard label 0; truth: not ok) over all steps of all
     samples; labels of -1 are left out and counted in `coverage` (share of steps with a label)."""
@@ -301,16 +315,7 @@ def label_quality(pred_hard: Sequence[Sequence[int]], truth_ok: Sequence[Sequenc
             fp += wrong_pred and not wrong_true
             fn += (not wrong_pred) and wrong_true
             tn += (not wrong_pred) and not wrong_true
-    labelled = tp + fp + fn + tn
-    precision = tp / (tp + fp) if tp + fp else math.nan
-    recall = tp / (tp + fn) if tp + fn else math.nan
-    if tp:
-        f1 = 2 * precision * recall / (precision + recall)
-    else:  # no true positive: F1 is 0 when anything was claimed or missed, undefined when there was nothing
-        f1 = 0.0 if fp + fn else math.nan
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "accuracy": (tp + tn) / labelled if labelled else math.nan,
-            "coverage": labelled / total if total else math.nan,
+    return {**wrong_step_scores(tp, fp, fn, tn), "coverage": (tp + fp + fn + tn) / total if total else math.nan,
             "tp": tp, "fp": fp, "fn": fn, "tn": tn, "steps": total}
 
 

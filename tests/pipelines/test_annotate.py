@@ -287,7 +287,7 @@ def test_config_rejects_bad_combinations(overrides, message):
 def test_balanced_selection_takes_verified_and_wrong_samples():
     import pyarrow as pa
 
-    from jobs.annotate_steps import select_samples
+    from pipelines.annotate import select_samples
 
     t = pa.table({"sample_id": [f"p{i}/s0" for i in range(10)], "correct": [i < 2 for i in range(10)]})
     first = select_samples(t, 6, "first")

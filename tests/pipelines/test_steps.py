@@ -9,7 +9,8 @@ import pytest
 
 from pipelines.prompts import split_steps
 from pipelines.steps import (Planner, Rollout, agreement, agreement_vs_repeat, consensus, first_error_accuracy,
-                             first_error_of, hard_at_k, label_quality, mc_values, prefix_truth, run_planners, step_ends)
+                             first_error_of, hard_at_k, label_quality, mc_values, prefix_truth, run_planners, step_ends,
+                             wrong_step_scores)
 
 # ------------------------------------------------------------------------------------------------ prefix text
 
@@ -350,6 +351,19 @@ def test_label_quality_table():
     assert math.isnan(q["precision"]) and math.isnan(q["f1"]) and q["accuracy"] == 1.0
     # everything wrong predicted on right steps: F1 0
     assert label_quality([[0, 0]], [[True, True]])["f1"] == 0.0
+    # wrong steps all missed: F1 0
+    assert label_quality([[1, 1]], [[True, False]])["f1"] == 0.0
+
+
+@pytest.mark.parametrize("counts,f1", [
+    ((0, 0, 0, 3), math.nan),  # nothing wrong, nothing flagged: undefined
+    ((0, 0, 2, 1), 0.0),       # wrong steps all missed
+    ((0, 2, 0, 1), 0.0),       # false flags only
+    ((1, 1, 1, 2), 0.5),       # P = R = 1/2
+])
+def test_wrong_step_scores_no_true_positive_convention(counts, f1):
+    got = wrong_step_scores(*counts)["f1"]
+    assert (math.isnan(got) and math.isnan(f1)) or got == f1
 
 
 def test_prefix_truth_first_error_accuracy_and_agreement():

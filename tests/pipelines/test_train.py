@@ -2,9 +2,10 @@
 runs of sft / prm / orm on the tiny model with 2 CPU workers: the loss falls, checkpoints are written, a run that
 fails after step k is resumed from checkpoint k by re-running it with the same config, and FailureConfig retries.
 
-The failure is real: `crash_after_step` raises inside every worker after step k's checkpoint was reported, Ray Train
-tears the worker group down and `fit()` raises TrainingFailedError, as for any worker crash; the re-run is a new
-TorchTrainer with the same run name and storage path, exactly what re-running the job command does.
+The failure is real: the test-only loop extra `_test_crash_after_step` (`build_trainer(loop_extras=...)`) raises
+inside every worker after step k's checkpoint was reported, Ray Train tears the worker group down and `fit()`
+raises TrainingFailedError, as for any worker crash; the re-run is a new TorchTrainer with the same run name and
+storage path, exactly what re-running the job command does.
 """
 
 from __future__ import annotations
@@ -261,6 +262,16 @@ def test_step_f1_positive_class_is_wrong_step():
     assert T.flag_all_f1(got["wrong_share"]) == pytest.approx(2 * 0.4 / 1.4)
 
 
+@pytest.mark.parametrize("pred_ok,truth_ok,f1", [
+    ([[True, True]], [[True, True]], math.nan),  # nothing wrong, nothing flagged: undefined (as label_quality)
+    ([[True, True]], [[True, False]], 0.0),      # the wrong step missed
+    ([[False, True]], [[True, True]], 0.0),      # a false flag only
+])
+def test_step_f1_without_true_positives(pred_ok, truth_ok, f1):
+    got = T.step_f1(pred_ok, truth_ok)["f1"]
+    assert (math.isnan(got) and math.isnan(f1)) or got == f1
+
+
 def test_step_truth_and_synthetic_lookup():
     from pipelines.problems import SyntheticConfig, synthetic_problem
 
@@ -421,20 +432,22 @@ def test_train_crash_and_resume_through_ray_train(task, tmp_path, ray_session, t
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder (./mlruns) lands in tmp_path
-    cfg, rows = _prepare(task, tmp_path, tiny_model, crash_after_step=8, mlflow=use_mlflow)
+    cfg, rows = _prepare(task, tmp_path, tiny_model, mlflow=use_mlflow)
+    crash = {"_test_crash_after_step": 8}
     out = Path(cfg.out)
     out.mkdir(parents=True)
     run_id = T.mlflow_run(cfg, out, {"task": task}) if use_mlflow else None
     meta = {"prompt": {"format": "lines", "system": "", "few_shot": False}}
 
     with pytest.raises(TrainingFailedError, match="crash_after_step=8"):
-        T.build_trainer(cfg, rows, tiny_model, tiny_model, uri, run_id, meta).fit()
+        T.build_trainer(cfg, rows, tiny_model, tiny_model, uri, run_id, meta, loop_extras=crash).fit()
     assert T.latest_checkpoint_step(cfg) == 8
     ckpt = Path(cfg.resolved_storage()) / cfg.resolved_run_name() / "checkpoint_step_000008"
     assert (ckpt / T.STATE_FILE).exists() and not (ckpt / "model").exists()
 
     total = T.plan_steps(len(rows), cfg)[1]
-    result = T.build_trainer(cfg, rows, tiny_model, tiny_model, uri, run_id, meta).fit()  # the same command again
+    # the same command again (the crash extra too: it only fires in a run that did not resume)
+    result = T.build_trainer(cfg, rows, tiny_model, tiny_model, uri, run_id, meta, loop_extras=crash).fit()
     assert result.metrics["resumed_from"] == 8 and result.metrics["step"] == total
     assert result.metrics["malloc_tuned"] == 1  # tune_malloc (default): the workers started with MALLOC_ENV
     summary = T.export_model(result, out)
@@ -471,9 +484,9 @@ def test_train_crash_and_resume_through_ray_train(task, tmp_path, ray_session, t
 
 @pytest.mark.slow
 def test_failure_config_retries_from_the_latest_checkpoint(tmp_path, ray_session, tiny_model):
-    cfg, rows = _prepare("orm", tmp_path, tiny_model, crash_after_step=4, max_failures=1, epochs=1,
-                         tune_malloc=False)
-    result = T.build_trainer(cfg, rows, tiny_model, tiny_model).fit()  # one fit: fails at 4, retried, finishes
+    cfg, rows = _prepare("orm", tmp_path, tiny_model, max_failures=1, epochs=1, tune_malloc=False)
+    crash = {"_test_crash_after_step": 4}
+    result = T.build_trainer(cfg, rows, tiny_model, tiny_model, loop_extras=crash).fit()  # fails at 4, retried, ends
     assert result.metrics["resumed_from"] == 4 and result.metrics["step"] == 6
     assert result.metrics["malloc_tuned"] == 0  # tune_malloc=False: glibc as it is
     assert T.export_model(result, Path(cfg.out))["resumed_from"] == 4

@@ -1,0 +1,333 @@
+"""The data path (driver side, pure): reading rows, selecting samples, mapping labels to targets, hold-out,
+examples and token rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipelines import inputs, schema
+from pipelines.config import InputError
+from pipelines.prompts import render
+from pipelines.train.config import SelectConfig, TrainConfig
+
+DATA_HINT = ("give a parquet file or folder (the samples/ of `stepray generate`, the labels/ of `stepray annotate`), "
+             "or a .json/.jsonl label file")
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The files behind --data: a file, or a folder's *.parquet (a generate run's `samples/`, an annotate run's
+    `labels/`). A missing path or a folder without parquet files is an InputError naming it."""
+    p = inputs.existing(path, "training data", DATA_HINT)
+    if p.is_file():
+        return [p]
+    for sub in ("samples", "labels"):  # a `stepray generate` or a `stepray annotate` output folder
+        if (p / sub).is_dir() and not list(p.glob("*.parquet")):
+            p = p / sub
+            break
+    return inputs.parquet_files(p, "training data", DATA_HINT)
+
+
+def read_rows(path: str | Path) -> tuple[str, list[dict]]:
+    """(detected row kind, rows) from parquet files (schema-checked when they are a stepray kind) or json/jsonl.
+
+    A file that cannot be read as its format is an InputError naming it (checked before Ray or a trainer starts)."""
+    files = data_files(path)
+    rows: list[dict] = []
+    for f in files:
+        if f.suffix == ".parquet":
+            table = inputs.read_parquet(f, "training data", hint=DATA_HINT)
+            kind = detect_kind(table.column_names, {})
+            if kind in ("sample", "step_label", "trajectory"):
+                table = schema.check_table(table, kind, where=f"training data {f}")
+            rows.extend(table.to_pylist())
+        elif f.suffix in (".json", ".jsonl"):
+            try:
+                if f.suffix == ".json":
+                    data = json.loads(f.read_bytes())
+                    if not isinstance(data, list):
+                        raise InputError(f"training data {f}: expected a JSON array of rows (ProcessBench layout), "
+                                         f"got a JSON {type(data).__name__}")
+                else:
+                    data = [json.loads(line) for line in f.read_bytes().splitlines() if line.strip()]
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError; an InputError passes as it is
+                if isinstance(e, InputError):
+                    raise
+                raise InputError(f"training data {f}: not {'JSON' if f.suffix == '.json' else 'JSON lines'} "
+                                 f"({inputs.first_line(e)}); {DATA_HINT}") from None
+            bad = next((i for i, r in enumerate(data, 1) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise InputError(f"training data {f}: row {bad} is not a JSON object; {DATA_HINT}")
+            rows.extend(data)
+        else:
+            raise InputError(f"training data {f}: unsupported file type {f.suffix!r}; {DATA_HINT}")
+    if not rows:
+        raise InputError(f"training data {path}: holds no rows; {DATA_HINT}")
+    return detect_kind(list(rows[0].keys()), rows[0]), rows
+
+
+def detect_kind(columns: Sequence[str], first: dict) -> str:
+    cols = set(columns)
+    if "soft_labels" in cols and "steps" in cols:
+        return "step_label"
+    if {"correct", "completion", "prompt"} <= cols:
+        return "sample"
+    if {"completion", "prompt", "weight"} <= cols:
+        return "trajectory"
+    if "steps" in cols and "label" in cols and isinstance(first.get("label"), int):
+        return "processbench"
+    if "steps" in cols and "ratings" in cols:
+        return "prm800k"
+    if isinstance(first.get("label"), dict) and "steps" in first["label"]:
+        return "prm800k"
+    return "unknown"
+
+
+_ACCEPTS = {"sft": ("sample", "trajectory"), "prm": ("step_label", "prm800k", "processbench"), "orm": ("sample",)}
+
+
+def _norm_text(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def select_sft(samples: Sequence[dict], cfg: SelectConfig) -> tuple[list[dict], dict[str, int]]:
+    """Verified samples -> Trajectory rows (module docstring). Returns (rows, counts of why the others were left)."""
+    why: dict[str, int] = {}
+    by_problem: dict[str, list[dict]] = {}
+    for s in samples:
+        reason = ("error" if s.get("error") else "not_correct" if not s.get("correct")
+                  else "no_stop" if cfg.require_stop and s.get("finish_reason") != "stop"
+                  else "empty" if not str(s.get("completion") or "").strip() else "")
+        if reason:
+            why[reason] = why.get(reason, 0) + 1
+            continue
+        by_problem.setdefault(s["problem_id"], []).append(s)
+    kept: list[dict] = []
+    for pid, rows in by_problem.items():
+        rows = sorted(rows, key=lambda r: (r.get("mode") != "sample", r.get("sample_idx") or 0, r["sample_id"]))
+        seen: set[str] = set()
+        mine = []
+        for r in rows:
+            key = _norm_text(r["completion"])
+            if cfg.dedup and key in seen:
+                why["duplicate"] = why.get("duplicate", 0) + 1
+                continue
+            seen.add(key)
+            if cfg.k and len(mine) >= cfg.k:
+                why["over_k"] = why.get("over_k", 0) + 1
+                continue
+            mine.append(r)
+        weight = 1.0 / len(mine) if cfg.balance else 1.0
+        kept += [{"problem_id": pid, "sample_id": r["sample_id"], "prompt": r["prompt"],
+                  "completion": r["completion"], "weight": weight} for r in mine]
+    return kept, why
+
+
+def targets_from_step_label(soft: Sequence[float | None], hard: Sequence[int | None], target: str) -> list[float]:
+    """StepLabel -> targets; NaN where there is no label (soft NaN/None, hard -1/None)."""
+    if target == "soft":
+        return [float("nan") if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in soft]
+    return [float("nan") if v is None or v < 0 else float(v) for v in hard]
+
+
+def targets_from_ratings(ratings: Sequence[int], neutral: float, after_error: str) -> list[float]:
+    """PRM800K ratings (-1 / 0 / 1) -> prefix values: 1 (good), `neutral` (0), 0 from the first -1 on."""
+    out: list[float] = []
+    failed = False
+    for r in ratings:
+        if failed:
+            out.append(0.0 if after_error == "zero" else float("nan"))
+        elif r is None:
+            out.append(float("nan"))
+        elif r < 0:
+            out.append(0.0)
+            failed = True
+        else:
+            out.append(1.0 if r > 0 else float(neutral))
+    return out
+
+
+def targets_from_first_error(first_error: int, n_steps: int, after_error: str) -> list[float]:
+    """ProcessBench label (first wrong step, -1 = none) -> prefix values 1 ... 1, 0, then 0 or no label."""
+    if first_error < 0:
+        return [1.0] * n_steps
+    after = 0.0 if after_error == "zero" else float("nan")
+    return [1.0 if i < first_error else 0.0 if i == first_error else after for i in range(n_steps)]
+
+
+def _prm800k_native(row: dict) -> tuple[str, list[str], list[int | None]] | None:
+    """PRM800K's own jsonl row -> (question, steps, ratings) along the chosen path; None when unusable."""
+    question = (row.get("question") or {}).get("problem")
+    steps, ratings = [], []
+    for st in (row.get("label") or {}).get("steps") or []:
+        comps = st.get("completions") or []
+        chosen = st.get("chosen_completion")
+        if chosen is not None and 0 <= chosen < len(comps):
+            c = comps[chosen]
+        elif st.get("human_completion"):
+            c = {"text": st["human_completion"].get("text", ""), "rating": 1}  # written by the labeller
+        else:  # no choice: the labeller stopped here, at a wrong step if one was rated -1
+            c = next((c for c in comps if c.get("rating") == -1), comps[0] if comps else None)
+            if c is None:
+                break
+            steps.append(c.get("text", ""))
+            ratings.append(c.get("rating"))
+            break
+        steps.append(c.get("text", ""))
+        ratings.append(c.get("rating"))
+    if not question or not steps:
+        return None
+    return question, steps, ratings
+
+
+def in_holdout(problem_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a problem is held out: sha1(f"{seed}:{problem_id}") as a number in [0, 1) below `fraction`."""
+    if fraction <= 0:
+        return False
+    h = int(hashlib.sha1(f"{seed}:{problem_id}".encode()).hexdigest()[:8], 16)
+    return h / 2**32 < fraction
+
+
+@dataclass
+class Examples:
+    kind: str  # the row kind that was read
+    train: list[dict]
+    holdout: list[dict]  # PRM/ORM rows of held-out problems (evaluation)
+    rejects: list[dict]  # {"row": id, "reason": ...}: rows set aside, with why
+    dropped: dict[str, int]  # SFT: samples not selected, by reason
+
+    def summary(self) -> str:
+        s = f"{len(self.train)} training examples ({self.kind} rows)"
+        if self.holdout:
+            s += f", {len(self.holdout)} held out"
+        if self.dropped:
+            s += ", not selected: " + ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items()))
+        if self.rejects:
+            s += f", {len(self.rejects)} rejected"
+        return s
+
+
+def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig) -> Examples:
+    """Rows of a detected kind -> the task's examples (see the module docstring for every source)."""
+    if cfg.labels.source not in ("auto", kind):
+        raise InputError(f"labels.source={cfg.labels.source} but {cfg.data} holds {kind} rows")
+    if kind not in _ACCEPTS[cfg.task]:
+        found = f"{kind} rows" if kind != "unknown" else f"rows of no stepray kind (columns {list(rows[0])[:8]})"
+        raise InputError(f"`stepray train {cfg.task}` needs {' or '.join(_ACCEPTS[cfg.task])} rows, but {cfg.data} "
+                         f"holds {found}")
+    rejects: list[dict] = []
+    dropped: dict[str, int] = {}
+    out: list[dict] = []
+    if cfg.task == "sft":
+        if kind == "sample":
+            out, dropped = select_sft(rows, cfg.select)
+        else:
+            out = [{k: r[k] for k in ("problem_id", "sample_id", "prompt", "completion", "weight")} for r in rows]
+    elif cfg.task == "orm":
+        seen: set[tuple[str, str]] = set()
+        for r in rows:
+            if r.get("error"):
+                rejects.append({"row": r.get("sample_id"), "reason": "generation_error"})
+                continue
+            key = (r["problem_id"], _norm_text(r["completion"]))
+            if cfg.select.dedup and key in seen:
+                dropped["duplicate"] = dropped.get("duplicate", 0) + 1
+                continue
+            seen.add(key)
+            out.append({"problem_id": r["problem_id"], "sample_id": r["sample_id"], "prompt": r["prompt"],
+                        "completion": r["completion"], "target": 1.0 if r["correct"] else 0.0, "weight": 1.0})
+    else:
+        for i, r in enumerate(rows):
+            if kind == "step_label":
+                q, steps = r["question"], list(r["steps"] or [])
+                tg = targets_from_step_label(r["soft_labels"] or [], r["hard_labels"] or [], cfg.labels.target)
+                pid, sid = r["problem_id"], r["sample_id"]
+            elif kind == "processbench":
+                q, steps = r["problem"], list(r["steps"])
+                tg = targets_from_first_error(int(r["label"]), len(steps), cfg.labels.after_error)
+                pid = sid = str(r.get("id", i))
+            else:
+                if "ratings" in r:
+                    parsed = (r.get("question") or r.get("problem"), list(r["steps"]), list(r["ratings"]))
+                else:
+                    parsed = _prm800k_native(r)
+                if parsed is None or not parsed[0]:
+                    rejects.append({"row": i, "reason": "prm800k: no question or no rated step"})
+                    continue
+                q, steps, ratings = parsed
+                tg = targets_from_ratings(ratings, cfg.labels.neutral, cfg.labels.after_error)
+                pid = str(r.get("id") or hashlib.sha1(q.encode()).hexdigest()[:12])
+                sid = f"{pid}/{i}"
+            if len(tg) != len(steps):
+                rejects.append({"row": sid if kind != "prm800k" else i,
+                                "reason": f"label_length: {len(tg)} labels for {len(steps)} steps"})
+                continue
+            if not steps or all(math.isnan(t) for t in tg):
+                rejects.append({"row": sid, "reason": "no_labelled_step"})
+                continue
+            out.append({"problem_id": pid, "sample_id": sid, "question": q, "steps": steps, "targets": tg,
+                        "weight": 1.0})
+    train, holdout = out, []
+    if cfg.task in ("prm", "orm") and cfg.eval.enabled and cfg.eval.holdout_fraction > 0:
+        train = [e for e in out if not in_holdout(e["problem_id"], cfg.eval.holdout_fraction, cfg.seed)]
+        holdout = [e for e in out if in_holdout(e["problem_id"], cfg.eval.holdout_fraction, cfg.seed)]
+    return Examples(kind, train, holdout, rejects, dropped)
+
+
+def read_examples(cfg: TrainConfig) -> Examples:
+    kind, rows = read_rows(cfg.data)
+    return build_examples(kind, rows, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizing (driver side; collating is on the workers, worker.py)
+# ----------------------------------------------------------------------------------------------------------
+
+def encode_sft(tokenizer, prompt: str, completion: str, max_len: int) -> tuple[list[int], int] | None:
+    """prompt + completion + eos -> (ids, number of prompt tokens); the completion is cut at max_len.
+
+    None when the prompt leaves no room for a completion token (the row is set aside by the caller).
+    """
+    p = tokenizer.encode(prompt, add_special_tokens=False)
+    c = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+    if len(p) >= max_len:
+        return None
+    return (p + c)[:max_len], len(p)
+
+
+def tokenize_examples(task: str, examples: Sequence[dict], tokenizer, cfg: TrainConfig
+                      ) -> tuple[list[dict], list[dict]]:
+    """Examples -> token rows for Ray Data and rejects. Columns: input_ids, weight, and per task
+    sft: n_prompt (prompt tokens, no loss); prm: positions (step-end token indices), targets (NaN = no label);
+    orm: target."""
+    rows, rejects = [], []
+    for e in examples:
+        row: dict[str, Any] = {"weight": float(e.get("weight", 1.0))}  # only the task's columns (no empty lists)
+        if task == "sft":
+            enc = encode_sft(tokenizer, e["prompt"], e["completion"], cfg.max_len)
+            if enc is None:
+                rejects.append({"row": e["sample_id"], "reason": f"prompt_too_long: max_len={cfg.max_len}"})
+                continue
+            row["input_ids"], row["n_prompt"] = enc
+        elif task == "prm":
+            from pipelines.reward_model import encode_steps
+
+            prompt = render(tokenizer, e["question"], "numeric", cfg.prompt)
+            ids, pos = encode_steps(tokenizer, prompt, e["steps"], cfg.step_sep, cfg.max_len)
+            targets = e["targets"][: len(pos)]
+            if not pos or all(math.isnan(t) for t in targets):
+                rejects.append({"row": e["sample_id"], "reason": f"no_labelled_step_within max_len={cfg.max_len}"})
+                continue
+            row["input_ids"], row["positions"], row["targets"] = ids, pos, targets
+        else:
+            from pipelines.reward_model import encode_outcome
+
+            ids, _ = encode_outcome(tokenizer, e["prompt"], e["completion"], cfg.max_len)
+            row["input_ids"], row["target"] = ids, float(e["target"])
+        rows.append(row)
+    return rows, rejects

@@ -1,0 +1,120 @@
+"""Evaluation metrics (pure) and the runners that take the engine or scorer they use."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from pipelines.problems import SyntheticConfig
+from pipelines.steps import wrong_step_scores
+
+def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """ROC AUC by the Mann-Whitney statistic (ties count 1/2); NaN when one class is absent."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return float("nan")
+    ranked = sorted([(s, 1) for s in pos] + [(s, 0) for s in neg])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        mean_rank = (i + 1 + j) / 2  # ranks i+1..j share their mean
+        rank_sum += mean_rank * sum(lab for _, lab in ranked[i:j])
+        i = j
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def predicted_first_error(step_scores: Sequence[float], threshold: float) -> int:
+    """The first step whose score is below threshold, -1 if none (unscored steps, NaN, are not flagged)."""
+    for i, s in enumerate(step_scores):
+        if not math.isnan(s) and s < threshold:
+            return i
+    return -1
+
+
+def processbench_f1(pred: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
+    """ProcessBench: accuracy on erroneous solutions (predicted index == label), on correct ones (predicted -1),
+    and their harmonic mean (the paper's F1)."""
+    err = [p == y for p, y in zip(pred, labels) if y >= 0]
+    ok = [p == -1 for p, y in zip(pred, labels) if y < 0]
+    acc_err = sum(err) / len(err) if err else float("nan")
+    acc_ok = sum(ok) / len(ok) if ok else float("nan")
+    if math.isnan(acc_err) or math.isnan(acc_ok):
+        f1 = float("nan")
+    else:
+        f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok > 0 else 0.0
+    return {"error_acc": acc_err, "correct_acc": acc_ok, "f1": f1, "n": len(pred)}
+
+
+def step_truth(problem: dict, steps: Sequence[str]) -> list[bool]:
+    """Ground truth for a synthetic problem's steps, prefix-level: step i is right while no step up to it is wrong."""
+    from pipelines.verify import first_error
+
+    fe = first_error(list(steps), problem["quantities"], problem["answer"])
+    return [fe < 0 or i < fe for i in range(len(steps))]
+
+
+def problems_by_id(ids: Sequence[str], synthetic: SyntheticConfig) -> dict[str, dict]:
+    """Synthetic problems for ids of the form syn-<key>-<index> whose key is synthetic.key() (others are left out)."""
+    from pipelines.problems import synthetic_problem
+
+    out = {}
+    prefix = f"syn-{synthetic.key()}-"
+    for pid in set(ids):
+        if pid.startswith(prefix) and pid[len(prefix):].isdigit():
+            out[pid] = synthetic_problem(synthetic, int(pid[len(prefix):]))
+    return out
+
+
+def greedy_accuracy(generator, problems: Sequence[dict], prompts: Sequence[str], max_tokens: int,
+                    timeout_s: float = 5.0) -> dict[str, Any]:
+    """Greedy decoding through a VLLMGenerator actor handle, graded by the verifier: accuracy and counts."""
+    import ray
+
+    from pipelines.verify import grade
+
+    outs = ray.get(generator.generate.remote(list(prompts), {"n": 1, "temperature": 0.0, "max_tokens": max_tokens}))
+    correct, tokens, errors = 0, 0, 0
+    for p, comps in zip(problems, outs):
+        c = comps[0]
+        errors += bool(c["error"])
+        tokens += len(c["token_ids"])
+        correct += grade(c["text"], p["answer"], kind=p["kind"], timeout_s=timeout_s).correct
+    return {"accuracy": correct / max(len(problems), 1), "correct": correct, "problems": len(problems),
+            "tokens": tokens, "errors": errors}
+
+
+def scored_rows(ds, model_path: str, scorer_cls: type, batch_size: int, max_len: int, num_gpus: float = 0.0,
+                device: str = "cpu") -> list[dict]:
+    """Score a Ray Dataset of {prompt, steps | completion} rows with a scorer pool (PRMScorer): rows + scores.
+    num_gpus and device come together from the caller (the job), which picks the accelerator."""
+    import ray.data
+
+    # threads=-1: a CPU scorer uses every core (it runs alone, after training)
+    return ds.map_batches(scorer_cls, fn_constructor_kwargs={"model_path": model_path, "max_len": max_len,
+                                                             "batch_size": batch_size, "device": device,
+                                                             "threads": -1 if device == "cpu" else 0},
+                          batch_format="pyarrow", batch_size=64, num_cpus=1, num_gpus=num_gpus or None,
+                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1)).take_all()
+
+
+def step_f1(pred_ok: Sequence[Sequence[bool]], truth_ok: Sequence[Sequence[bool]]) -> dict[str, float]:
+    """Precision / recall / F1 of "step is wrong" (the positive class) over all steps, plus accuracy; the
+    convention of `pipelines.steps.wrong_step_scores` (F1 NaN when nothing was wrong and nothing flagged)."""
+    tp = fp = fn = tn = 0
+    for pred, truth in zip(pred_ok, truth_ok, strict=True):
+        for p, t in zip(pred, truth, strict=True):
+            tp += (not p) and (not t)
+            fp += (not p) and t
+            fn += p and (not t)
+            tn += p and t
+    n = tp + fp + fn + tn
+    return {**wrong_step_scores(tp, fp, fn, tn),
+            "steps": n, "wrong_share": (tp + fn) / n if n else float("nan")}
+
+
+def flag_all_f1(wrong_share: float) -> float:
+    """The trivial baseline: F1 of "step is wrong" when every step is flagged (precision p, recall 1)."""
+    return 2 * wrong_share / (1 + wrong_share) if wrong_share == wrong_share else float("nan")
