@@ -15,8 +15,8 @@ Three ways to use it, one class:
   `reduce` of the step scores for a PRM, the last-token score for an ORM);
 - a Ray Serve deployment body (`serve.deployment(PRMScorer)`): no Ray imports, plain methods.
 
-It knows nothing about math: prompts and steps come in as text. The device comes from the caller ("cpu", or the
-device Ray assigned: pass device="cuda" from a GPU actor's options); weights load once, in `__init__`.
+It knows nothing about math: prompts and steps come in as text. The device comes from the caller ("cpu", "cuda",
+or "auto": the GPU Ray assigned to this actor if it asked for one, else the CPU); weights load once, in `__init__`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class PRMScorer:
             torch.set_num_threads(threads)
         t0 = time.time()
         self.torch = torch
+        if device == "auto":  # what Ray gave this actor: its GPUs if it asked for any (CUDA_VISIBLE_DEVICES is set)
+            import ray
+
+            device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
         self.device = torch.device(device)
         self.model = RewardModel.load(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -66,7 +70,7 @@ class PRMScorer:
 
     def ready(self) -> dict[str, Any]:
         return {"model": self.model_path, "kind": self.kind, "step_sep": self.step_sep, "load_s": self.load_s,
-                "prompt": self.meta.get("prompt")}
+                "prompt": self.meta.get("prompt"), "threshold": self.meta.get("threshold")}
 
     def _logits(self, seqs: list[list[int]], prefix_lens: list[int] | None = None) -> list[list[float]]:
         """Per-token sigmoid scores for each token sequence, in micro-batches of similar length.

@@ -21,14 +21,16 @@ import json
 import sys
 from pathlib import Path
 
+from actors.start import engine_actor, scorer_actor
 from pipelines import config as C
 from pipelines import inputs
 from pipelines.config import InputError
 from pipelines.evaluate import EvalConfig, accuracy_table, evaluate, format_table, write_outputs
-from pipelines.models import resolve_model
+from pipelines.models import load_path
 from pipelines.problems import load_problems, write_rejects
+from pipelines.runs import write_problems
 from pipelines.prompts import PromptConfig, render
-from pipelines.runtime import cli_main, init_ray, mlflow_ui_command, mlflow_uri
+from pipelines.runtime import cli_main, init_ray, log_stage
 from pipelines.search import orm_as_step_scorer
 
 
@@ -67,7 +69,7 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
     if not problems:
         raise InputError(f"problems: {cfg.problems} holds no numeric or math problems to evaluate "
                          f"({loaded.summary()})")
-    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
+    model_path = load_path(cfg.engine.model)
     for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
         if path:
             inputs.reward_model_folder(path, f"--{kind}", kind)
@@ -78,6 +80,7 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
                                  "grades answers (numeric, math)", "row": {"id": p["id"]}}
                                 for p in loaded.problems if p["kind"] not in ("numeric", "math")]
     write_rejects(rejects, out / "rejects.jsonl")
+    write_problems(problems, out)
     log(f"[evaluate] {cfg.problems}: {len(problems)} problems, {len(rejects)} set aside (rejects.jsonl)")
 
     from transformers import AutoTokenizer
@@ -86,44 +89,28 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
     prompts = {p["id"]: render(tok, p["question"], p["kind"], cfg.prompt) for p in problems}
 
     ray = init_ray()
-    from actors.vllm_generator import VLLMGenerator
-
     eng = cfg.engine
-    engine_opts = {"num_cpus": eng.num_cpus, **({"num_gpus": eng.num_gpus} if eng.num_gpus else {})}
-    engines = [ray.remote(**engine_opts)(VLLMGenerator).remote(model_path, eng.engine_kwargs(), {}, eng.threads,
-                                                               eng.model) for _ in range(eng.max_engines)]
+    engines = [engine_actor(eng, model_path, eng.model) for _ in range(eng.max_engines)]
     actors = list(engines)
     try:
         scorers, scorer_prompts, names = {}, {}, {"confidence": "confidence"}
-        if cfg.prm or cfg.orm:
-            try:
-                from actors.prm_scorer import PRMScorer
-            except ImportError as e:
-                raise RuntimeError(f"--prm/--orm need actors/prm_scorer.py (PRMScorer), which did not import: {e}")
-            # the device is chosen here, from the Ray resources the scorer asks for
-            opts = {"num_cpus": cfg.scorer_num_cpus, **({"num_gpus": cfg.scorer_num_gpus}
-                                                        if cfg.scorer_num_gpus else {})}
-            device = "cuda" if cfg.scorer_num_gpus else "cpu"
-            for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
-                if not path:
-                    continue
-                h = ray.remote(**opts)(PRMScorer).remote(path, device=device, threads=cfg.scorer_threads)
-                actors.append(h)
-                meta = ray.get(h.ready.remote())
-                if meta["kind"] != kind:
-                    raise RuntimeError(f"--{kind} {path} holds a {meta['kind'].upper()}, not a {kind.upper()}")
-                # the scorer reads the question as it was rendered in its training (reward_model.json "prompt")
-                pcfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else cfg.prompt
-                ptok = AutoTokenizer.from_pretrained(path)
-                scorer_prompts[kind] = {p["id"]: p["question"] if cfg.scorer_input == "question" else
-                                        render(ptok, p["question"], p["kind"], pcfg) for p in problems}
-                if kind == "prm":
-                    scorers["prm"] = lambda ps, ss, h=h: ray.get(h.score.remote(ps, ss))
-                else:
-                    scorers["orm"] = orm_as_step_scorer(lambda ps, cs, h=h: ray.get(h.score_outcome.remote(ps, cs)),
-                                                        cfg.prompt.format)
-                names[kind] = f"{kind}:{path}"
-        else:
+        for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
+            if not path:
+                continue
+            h, meta = scorer_actor(path, kind, cfg.scorer_num_cpus, cfg.scorer_num_gpus, cfg.scorer_threads)
+            actors.append(h)
+            # the scorer reads the question as it was rendered in its training (reward_model.json "prompt")
+            pcfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else cfg.prompt
+            ptok = AutoTokenizer.from_pretrained(path)
+            scorer_prompts[kind] = {p["id"]: p["question"] if cfg.scorer_input == "question" else
+                                    render(ptok, p["question"], p["kind"], pcfg) for p in problems}
+            if kind == "prm":
+                scorers["prm"] = lambda ps, ss, h=h: ray.get(h.score.remote(ps, ss))
+            else:
+                scorers["orm"] = orm_as_step_scorer(lambda ps, cs, h=h: ray.get(h.score_outcome.remote(ps, cs)),
+                                                    cfg.prompt.format)
+            names[kind] = f"{kind}:{path}"
+        if not (cfg.prm or cfg.orm):
             log("[evaluate] no --prm or --orm given: best_of_n, weighted, beam, dvts and mcts score solutions with "
                 "Marco-o1 confidence from token logprobs, not with a trained verifier")
         ready = ray.get([e.ready.remote() for e in engines])
@@ -148,26 +135,11 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
     log(f"[evaluate] engine generated {facts['engine_tokens']} tokens; records count {facts['record_tokens']} "
         f"(samples shared across strategies and budgets: {cfg.share_samples}); {facts['failed']} failed searches; "
         f"outputs in {out}")
-    if use_mlflow:
-        _log_mlflow(cfg, summary, rows, paths, log)
+    if use_mlflow:  # one curve per strategy, the budget as the step
+        curves = [(f"{name}.{r['strategy'].replace(':', '-')}", r[name], r["budget"]) for r in rows
+                  for name in ("accuracy", "tokens_generated", "tokens_scored")]
+        log_stage("evaluate", cfg, {k: v for k, v in summary.items() if k != "table"}, paths.values(), curves, log)
     return summary
-
-
-def _log_mlflow(cfg: EvalConfig, summary: dict, rows: list[dict], paths: dict, log) -> None:
-    import mlflow
-
-    from pipelines.runtime import stage_run
-
-    with stage_run("evaluate", cfg):
-        for r in rows:  # one curve per strategy, the budget as the step
-            key = r["strategy"].replace(":", "-")
-            mlflow.log_metric(f"accuracy.{key}", r["accuracy"], step=r["budget"])
-            mlflow.log_metric(f"tokens_generated.{key}", r["tokens_generated"], step=r["budget"])
-            mlflow.log_metric(f"tokens_scored.{key}", r["tokens_scored"], step=r["budget"])
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        for p in paths.values():
-            mlflow.log_artifact(str(p))
-    log(f"[evaluate] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")
 
 
 @cli_main("stepray evaluate")

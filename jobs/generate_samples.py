@@ -18,9 +18,10 @@ from pathlib import Path
 from pipelines import config as C
 from pipelines.generate import (GenerationConfig, build_generation, done_keys, format_summary, read_samples,
                                 stream_to_parquet, summarize)
-from pipelines.models import resolve_model
+from pipelines.models import load_path
 from pipelines.problems import load_problems, write_rejects
-from pipelines.runtime import cli_main, init_ray, mlflow_ui_command, mlflow_uri
+from pipelines.runs import write_problems
+from pipelines.runtime import cli_main, init_ray, log_stage
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GenerationConfig]:
@@ -47,11 +48,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GenerationCo
 def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
     # inputs first: a user's mistake ends here, before any output, Ray or engine
     loaded = load_problems(cfg.problems, synthetic=cfg.synthetic, limit=cfg.limit or None)
-    model_path = str(resolve_model(cfg.engine.model, prepare=cfg.engine.model in ("tiny",)))
+    model_path = load_path(cfg.engine.model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1, default=str))
     write_rejects(loaded.rejects, out / "rejects.jsonl")
+    write_problems(loaded.problems, out)  # what later stages read the questions and the ground truth from
     log(f"[generate] {cfg.problems}: {loaded.summary()}")
 
     existing = read_samples(out / "samples")
@@ -73,7 +75,7 @@ def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
     table = read_samples(out / "samples")
     if table is None:
         raise RuntimeError(f"no samples were written under {out / 'samples'}; see the log above")
-    from pipelines.search import majority_vote
+    from pipelines.votes import majority_vote
 
     summary = summarize(table, majority_vote)
     summary["rejected_problems"] = len(loaded.rejects)
@@ -82,7 +84,7 @@ def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log("\n" + format_summary(summary, wall))
     if use_mlflow:
-        _log_mlflow(cfg, summary, out, log)
+        log_stage("generate", cfg, summary, [out / "summary.json"], log=log)
     return summary
 
 
@@ -90,17 +92,6 @@ def _generator_cls():
     from actors.vllm_generator import VLLMGenerator
 
     return VLLMGenerator
-
-
-def _log_mlflow(cfg: GenerationConfig, summary: dict, out: Path, log) -> None:
-    import mlflow
-
-    from pipelines.runtime import stage_run
-
-    with stage_run("generate", cfg):
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
-        mlflow.log_artifact(str(out / "summary.json"))
-    log(f"[generate] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")
 
 
 @cli_main("stepray generate")

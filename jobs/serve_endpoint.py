@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from pipelines.models import resolve_model
+    from pipelines.models import load_path
     from pipelines.serve import ServeConfig
 
     try:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = C.load_config(ServeConfig, base=dict(app.args))
         except C.ConfigError as e:
             raise InputError(f"serve config {path}: {e}") from None
-        resolve_model(cfg.model, prepare=cfg.model in ("smollm2", "tiny"))
+        load_path(cfg.model)
         if cfg.prm:
             inputs.reward_model_folder(cfg.prm, f"serve config {path}: prm")
     serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")

@@ -104,7 +104,8 @@ class AnnotateConfig:
     temperature: float = help_field(0.7, "rollout temperature (the samples' own, for reuse to be unbiased)")
     top_p: float = help_field(1.0, "rollout nucleus sampling")
     max_tokens: int = help_field(128, "most new tokens per rollout")
-    step_format: str = help_field("lines", "the samples' prompt format (its step separator ends a prefix)")
+    step_format: str = help_field("", "the samples' prompt format (its step separator ends a prefix); empty = the "
+                                      "generation run's prompt.format (its config.json), else lines")
     labels: str = help_field("mc", "mc | judge | consensus (MC labels kept where the judge agrees) | "
                                    "step_check_consensus (kept where the synthetic ground truth agrees)")
     judge: JudgeConfig = help_field(JudgeConfig(), "the judge model (WizardMath-style step labels)")
@@ -134,7 +135,7 @@ class AnnotateConfig:
             raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
         if not 0.0 <= self.min_soft_good <= 1.0:
             raise ValueError(f"min_soft_good must be within [0, 1], got {self.min_soft_good}")
-        if self.step_format not in FORMATS:
+        if self.step_format and self.step_format not in FORMATS:
             raise ValueError(f"step_format {self.step_format!r} is not one of {list(FORMATS)}")
 
     def method_name(self) -> str:
@@ -317,7 +318,7 @@ class StepAnnotator:
         errors = [self._check(r) for r in rows]
         ends: list[list[int]] = [[] for _ in rows]
         verdicts = [False] * len(rows)
-        sep = separator(cfg.step_format)
+        sep = separator(cfg.step_format or "lines")
         for s, r in enumerate(rows):
             if errors[s]:
                 continue

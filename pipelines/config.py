@@ -117,7 +117,17 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; {cls.__name__} takes: {', '.join(sorted(fields))}"
         )
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        tp, f = hints[name], fields[name]
+        if dataclasses.is_dataclass(tp):
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "=" in v for v in value):
+                value = parse_overrides(list(value))  # a section given as dotted overrides: [a.b=1, c=2]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(value, dict) and dataclasses.is_dataclass(default) and not isinstance(default, type):
+                # a partial section keeps the rest of the field's own default, not the section class's defaults
+                value = _merge(dataclasses.asdict(default), value)
+        kwargs[name] = _coerce(value, tp, prefix + name)
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -36,7 +36,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,9 +84,12 @@ class EvalConfig:
     out: str = help_field("runs/evaluate", "output folder")
 
     def __post_init__(self) -> None:
-        if self.search.fmt != self.prompt.format:
+        if self.search.fmt == SearchConfig.fmt and self.prompt.format != SearchConfig.fmt:
+            # the search splits steps at the prompt's separator: prompt.format alone sets it
+            object.__setattr__(self, "search", replace(self.search, fmt=self.prompt.format))
+        elif self.search.fmt != self.prompt.format:
             raise ValueError(f"search.fmt={self.search.fmt!r} but prompt.format={self.prompt.format!r}: the search "
-                             f"splits steps with the prompt's separator, set both to the same format")
+                             f"splits steps with the prompt's separator; set prompt.format only")
         if not self.strategies:
             raise ValueError("strategies is empty; give e.g. greedy,majority,best_of_n")
         for spec in self.strategies:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +23,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema
+from pipelines import parts, schema
 from pipelines.config import help_field
 from pipelines.problems import SyntheticConfig
 from pipelines.prompts import PromptConfig, render, split_steps
@@ -231,9 +229,7 @@ def stream_to_parquet(ds, folder: str | Path, expected_rows: int, log: Callable[
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if block.num_rows == 0:
             continue
-        name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-        pq.write_table(block, folder / (name + ".tmp"))
-        os.replace(folder / (name + ".tmp"), folder / name)
+        parts.write_part(block, folder)
         rows += block.num_rows
         tokens += int(pa.compute.sum(block.column("n_completion_tokens")).as_py() or 0)
         progress.update(rows, tokens=tokens)

@@ -22,13 +22,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipelines import config as C
+from pipelines.annotate import AnnotateConfig
 from pipelines.config import help_field
+from pipelines.evaluate import EvalConfig
+from pipelines.generate import GenerationConfig
 from pipelines.problems import SyntheticConfig
+from pipelines.train.config import TrainConfig
 
 STAGES = ("generate", "annotate", "train_prm", "train_orm", "train_sft", "eval_base", "evaluate")
 
@@ -50,15 +57,18 @@ class IterateConfig:
     annotate_limit: int = help_field(160, "samples labelled per round (MC rollouts cost the most)")
     train_orm: bool = help_field(False, "also train an ORM each round")
     eval_base: bool = help_field(True, "round 0 also evaluates the base generator (the 'before' of the table)")
-    eval_strategies: str = help_field("greedy,majority,weighted", "strategies evaluated (evaluate job syntax)")
-    eval_budgets: str = help_field("1,4", "budgets evaluated")
     search_budget: int = help_field(4, "budget of the search when sampling=search:<strategy>")
-    generate: tuple[str, ...] = help_field((), "overrides for jobs.generate_samples (dotted key=value)")
-    annotate: tuple[str, ...] = help_field((), "overrides for jobs.annotate_steps")
-    sft: tuple[str, ...] = help_field((), "overrides for jobs.train_model sft")
-    prm: tuple[str, ...] = help_field((), "overrides for jobs.train_model prm")
-    orm: tuple[str, ...] = help_field((), "overrides for jobs.train_model orm")
-    evaluate: tuple[str, ...] = help_field((), "overrides for jobs.evaluate_search")
+    # The stage sections: each is the stage's own config, checked when this config loads. A section may be a mapping
+    # (generate: {sampling: {n: 8}}) or a list of dotted overrides (generate: [sampling.n=8]). The loop sets what
+    # wires the stages together (problems, models, data, out, the PRM of the round) and writes each stage's whole
+    # config to <out>/round_<r>/configs/<stage>.yaml, the file the stage runs with.
+    generate: GenerationConfig = help_field(GenerationConfig(), "the generate stage (stepray generate's config)")
+    annotate: AnnotateConfig = help_field(AnnotateConfig(), "the annotate stage (stepray annotate's config)")
+    sft: TrainConfig = help_field(TrainConfig(task="sft"), "the generator's training (stepray train sft)")
+    prm: TrainConfig = help_field(TrainConfig(task="prm"), "the PRM's training (stepray train prm)")
+    orm: TrainConfig = help_field(TrainConfig(task="orm"), "the ORM's training (stepray train orm)")
+    evaluate: EvalConfig = help_field(EvalConfig(strategies=("greedy", "majority", "weighted"), budgets=(1, 4)),
+                                      "the evaluations (stepray evaluate; its strategies and budgets)")
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -75,12 +85,25 @@ class IterateConfig:
                 raise ValueError(f"sampling {self.sampling!r}: {name!r} is not one of {sorted(STRATEGIES)}")
 
 
-def synthetic_overrides(prefix: str, cfg: SyntheticConfig) -> list[str]:
-    """A SyntheticConfig as dotted overrides of a stage's `synthetic` section."""
-    return [f"{prefix}.n={cfg.n}", f"{prefix}.seed={cfg.seed}", f"{prefix}.min_steps={cfg.min_steps}",
-            f"{prefix}.max_steps={cfg.max_steps}", f"{prefix}.ops={','.join(cfg.ops)}",
-            f"{prefix}.max_start={cfg.max_start}", f"{prefix}.max_operand={cfg.max_operand}",
-            f"{prefix}.max_factor={cfg.max_factor}", f"{prefix}.max_value={cfg.max_value}"]
+def stage_file(round_dir: Path, name: str, stage_cfg: Any) -> str:
+    """Write one stage's whole config to <round>/configs/<name>.yaml (what the stage runs with); return its path."""
+    import yaml
+
+    def plain(x):
+        return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else \
+            [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    path = round_dir / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(plain(C.to_dict(stage_cfg)), sort_keys=False))
+    return str(path)
+
+
+def evaluation(cfg: IterateConfig, generator: str, prm: str, out: Path, problems: SyntheticConfig,
+               **fields: Any) -> EvalConfig:
+    """The evaluate section, pointed at one generator, the round's PRM, synthetic problems and an out folder."""
+    return replace(cfg.evaluate, problems="synthetic", synthetic=problems, prm=prm, out=str(out),
+                   engine=replace(cfg.evaluate.engine, model=generator), **fields)
 
 
 class Manifest:
@@ -120,3 +143,126 @@ class Manifest:
     def fail(self, key: str, rc: int) -> None:
         self.data["stages"][key].update({"status": "failed", "exit_code": rc})
         self.save()
+
+
+def run_stage(manifest: Manifest, key: str, cmd: list[str], lineage: dict, outputs: dict, log=print) -> None:
+    if manifest.done(key):
+        log(f"[iterate] {key}: done earlier, skipped")
+        return
+    resumed = manifest.stage(key).get("status") in ("running", "failed")
+    log(f"[iterate] {key}: {'resuming' if resumed else 'starting'}: {' '.join(cmd[1:])}")
+    manifest.start(key, cmd, lineage)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
+    if rc != 0:
+        manifest.fail(key, rc)
+        raise SystemExit(f"[iterate] {key} failed with exit code {rc}; fix the cause and run the same command "
+                         f"again to resume here")
+    manifest.finish(key, time.time() - t0, outputs)
+    log(f"[iterate] {key}: done in {time.time() - t0:.0f}s")
+
+
+def count_verified(samples: Path) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not samples.exists():
+        return 0
+    return int(pc.sum(pq.read_table(samples, columns=["correct"]).column("correct")).as_py() or 0)
+
+
+def log_skip(manifest: Manifest, key: str, why: str, log=print) -> None:
+    if manifest.stage(key).get("status") != "skipped":
+        manifest.data["stages"][key] = {"status": "skipped", "why": why}
+        manifest.save()
+    log(f"[iterate] {key}: skipped: {why}")
+
+
+def traces_to_training_rows(eval_dir: Path, out_dir: Path, prompt_model: str, cfg: IterateConfig) -> None:
+    """Expert iteration: the searched solutions of the training problems as Sample rows (for annotation, ORM and
+    SFT selection, which keeps only verified ones)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from pipelines import runs, schema
+    from pipelines.models import load_path
+    from pipelines.prompts import render
+
+    gen_cfg = cfg.generate
+    tok = AutoTokenizer.from_pretrained(load_path(prompt_model))
+    problems, _ = runs.run_problems(eval_dir)  # the search run's problems.parquet
+    rows = []
+    for line in open(eval_dir / "traces.jsonl"):
+        t = json.loads(line)
+        p = problems.get(t["problem_id"])
+        if p is None:
+            continue
+        rows.append({"problem_id": p["id"], "sample_id": f"{p['id']}/{t['strategy']}{t['budget']}", "sample_idx": 0,
+                     "mode": t["strategy"], "prompt": render(tok, p["question"], p["kind"], gen_cfg.prompt),
+                     "completion": t["completion"], "steps": t["steps"], "answer": t["answer"],
+                     "answer_method": "", "gold": p["answer"], "kind": p["kind"], "correct": bool(t["correct"]),
+                     "reason": t.get("reason", ""), "n_prompt_tokens": 0,
+                     "n_completion_tokens": int(t["tokens_generated"]), "finish_reason": "stop",
+                     "cum_logprob": float("nan"), "confidence": float("nan"),
+                     "temperature": gen_cfg.sampling.temperature, "model": prompt_model, "error": ""})
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    pq.write_table(schema.to_table(rows, "sample"), out_dir / "samples" / "part-search.parquet")
+    runs.write_problems(list(problems.values()), out_dir)
+    (out_dir / "config.json").write_text(json.dumps(C.to_dict(gen_cfg) | {
+        "problems": "synthetic", "synthetic": C.to_dict(cfg.train_problems)}, indent=1))
+
+
+def eval_rows(eval_dir: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from pipelines.evaluate import accuracy_table
+
+    return accuracy_table(pq.read_table(eval_dir / "records.parquet").to_pylist())
+
+
+def round_table(out: Path, cfg: IterateConfig, manifest: Manifest) -> tuple[list[dict], str]:
+    """One row per evaluated model (the base, then each round's generator): accuracy per strategy@budget, labelled
+    steps, generated training tokens and the round's wall time; and the same as a markdown table."""
+    table = []
+    points = [("base", out / "round_0" / "eval_base", 0)] * cfg.eval_base + [
+        (f"round {r + 1}", out / f"round_{r}" / "eval", r) for r in range(cfg.rounds)]
+    for label, d, r in points:
+        acc = {f"{row['strategy']}@{row['budget']}": row["accuracy"] for row in eval_rows(d)}
+        ann = json.loads((out / f"round_{r}" / "annotate" / "summary.json").read_text())
+        gen = out / f"round_{r}" / "generate" / "summary.json"
+        gen_tokens = json.loads(gen.read_text()).get("completion_tokens", 0) if gen.exists() else 0
+        wall = sum(s.get("wall_s", 0) for k, s in manifest.data["stages"].items() if k.startswith(f"round_{r}/"))
+        table.append({"model": label, **acc, "labelled_steps": ann.get("labelled_steps", ann.get("steps", 0)),
+                      "train_tokens": gen_tokens, "round_wall_s": round(wall)})
+    keys = [k for k in table[0] if "@" in k]
+    header = ["model", *keys, "labelled_steps", "train_tokens", "round_wall_s"]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table:
+        md.append("| " + " | ".join(f"{row.get(h, ''):.3f}" if isinstance(row.get(h), float) else
+                                    str(row.get(h, "")) for h in header) + " |")
+    return table, "\n".join(md) + "\n"
+
+
+def plot_rounds(table: list[dict], path: Path) -> None:
+    """Accuracy by round, one line per strategy@budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in [k for k in table[0] if "@" in k]:
+        ax.plot(range(len(table)), [row[k] for row in table], marker="o", label=k)
+    ax.set_xticks(range(len(table)), [row["model"] for row in table])
+    ax.set_ylabel("accuracy (held-out synthetic)")
+    ax.set_title("accuracy by round")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -145,6 +145,12 @@ def make_tiny_model(dest: Path | None = None, seed: int = 0, force: bool = False
     return dest
 
 
+def load_path(name: str) -> str:
+    """What an engine, trainer or scorer loads for `name`, the one rule every stage uses: a built-in name (smollm2,
+    tiny) is prepared on first use; a local checkpoint folder or a cached hub id is checked (`resolve_model`)."""
+    return str(resolve_model(name, prepare=name.lower() in ALIASES))
+
+
 def resolve_model(name: str, prepare: bool = False) -> Path | str:
     """"smollm2" / "tiny" -> the prepared local checkpoint; a local path -> itself; anything else -> a hub id.
 

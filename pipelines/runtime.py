@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -112,8 +113,6 @@ class Progress:
 
 def finite_json(x):
     """NaN (an undefined metric) as null, recursively, so summaries are standard JSON."""
-    import math
-
     if isinstance(x, dict):
         return {str(k): finite_json(v) for k, v in x.items()}
     if isinstance(x, list):
@@ -136,3 +135,28 @@ def stage_run(stage: str, cfg):
     run = mlflow.start_run(run_name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}", tags=mlflow_parent_tags())
     mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(C.to_dict(cfg)).items()})
     return run
+
+
+def finite_metrics(values: dict) -> dict[str, float]:
+    """The finite numbers of a (nested) dict as MLflow metrics: keys flattened with dots, characters MLflow refuses
+    in a metric name replaced by '_', booleans, None, NaN and text left out."""
+    import re
+
+    from pipelines import config as C
+
+    return {re.sub(r"[^\w.\-/ ]", "_", k): float(v) for k, v in C.flatten(values).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def log_stage(stage: str, cfg, metrics: dict, artifacts=(), curves=(), log=print) -> None:
+    """One stage's MLflow run (`stage_run`): its config as params, the finite numbers of `metrics`, `curves` as
+    (key, value, step) points, and the files in `artifacts`."""
+    import mlflow
+
+    with stage_run(stage, cfg):
+        for key, value, step in curves:
+            mlflow.log_metric(key, value, step=step)
+        mlflow.log_metrics(finite_metrics(metrics))
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+    log(f"[{stage}] logged to MLflow ({mlflow_uri()}); view: {mlflow_ui_command()}")

@@ -67,7 +67,7 @@ class ServeConfig:
     dtype: str = help_field("bfloat16", "engine dtype")
     gpu_memory_utilization: float = help_field(0.15, "GPU memory share (CPU: share of RAM for the KV cache)")
     threads: int = help_field(2, "CPU threads of the engine's model (0 = leave to Ray and vLLM)")
-    device: str = help_field("cpu", "PRM device: cpu | cuda")
+    device: str = help_field("auto", "PRM device: auto (the GPU Ray gave the PRM replica, else the CPU) | cpu | cuda")
     prompt: PromptConfig = help_field(PromptConfig(), "step format of solutions (splitting, the step separator)")
     search: SearchConfig = help_field(SearchConfig(max_tokens=256), "search defaults; requests override some")
     max_n: int = help_field(16, "cap on search.n (the budget)")
@@ -76,6 +76,9 @@ class ServeConfig:
     max_prompt_tokens: int = help_field(768, "longest prompt accepted")
     request_timeout_s: float = help_field(120.0, "a request still running after this is cancelled (504)")
     api_key: str = help_field("", "bearer token required on every request; empty = $STEPRAY_API_KEY, else none")
+    deployments: dict = help_field({}, "Serve options per deployment (Generator, PRM, SearchIngress: "
+                                       "autoscaling_config, ray_actor_options, max_ongoing_requests) when the app is "
+                                       "built in Python; a config file's `deployments:` section overrides them")
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens >= self.max_model_len:
@@ -202,11 +205,11 @@ class SearchIngress:
     def __init__(self, cfg: dict, generator, prm=None):
         from transformers import AutoTokenizer
 
-        from pipelines.models import resolve_model
+        from pipelines.models import load_path
 
         self.cfg: ServeConfig = C.load_config(ServeConfig, base=cfg)
         self.generator, self.prm = generator, prm
-        self.tok = AutoTokenizer.from_pretrained(str(resolve_model(self.cfg.model)))
+        self.tok = AutoTokenizer.from_pretrained(load_path(self.cfg.model))
         self.api_key = self.cfg.api_key or os.environ.get("STEPRAY_API_KEY", "")
         self.prm_prompt: PromptConfig | None = None if prm is not None else self.cfg.prompt
 
@@ -386,7 +389,7 @@ class SearchIngress:
 class PRMDeployment:
     """PRMScorer plus `meta()` (how its prompts were rendered in training), as the PRM deployment's body."""
 
-    def __init__(self, model_path: str, device: str = "cpu", threads: int = 1):
+    def __init__(self, model_path: str, device: str = "auto", threads: int = 1):
         from actors.prm_scorer import PRMScorer
 
         self.scorer = PRMScorer(model_path, device=device, threads=threads)
@@ -401,17 +404,26 @@ class PRMDeployment:
 def build_app(args: dict[str, Any]):
     """The Serve application (the config file's import_path is `pipelines.serve:build_app`, `args` its args)."""
     from actors.vllm_async_generator import AsyncVLLMGenerator
-    from pipelines.models import resolve_model
+    from pipelines.models import load_path
 
     cfg = C.load_config(ServeConfig, base=dict(args))
-    model_path = str(resolve_model(cfg.model, prepare=cfg.model in ("smollm2", "tiny")))
+    model_path = load_path(cfg.model)
     engine_kwargs = {"max_model_len": cfg.max_model_len, "dtype": cfg.dtype,
                      "gpu_memory_utilization": cfg.gpu_memory_utilization}
-    generator = serve.deployment(AsyncVLLMGenerator, name="Generator", max_ongoing_requests=64,
-                                 ray_actor_options={"num_cpus": 1}).bind(
+    unknown = set(cfg.deployments) - {"Generator", "PRM", "SearchIngress"}
+    if unknown:
+        raise C.ConfigError(f"deployments: {sorted(unknown)} is not a deployment of this app (Generator, PRM, "
+                            f"SearchIngress)")
+
+    def options(name: str, **defaults: Any) -> dict:
+        return {**defaults, **cfg.deployments.get(name, {})}
+
+    generator = serve.deployment(AsyncVLLMGenerator, name="Generator", **options(
+        "Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})).bind(
         model_path, engine_kwargs, {}, cfg.threads, cfg.model_name)
     prm = None
     if cfg.prm:
-        prm = serve.deployment(PRMDeployment, name="PRM", max_ongoing_requests=16,
-                               ray_actor_options={"num_cpus": 0.5}).bind(cfg.prm, cfg.device, 1)
-    return SearchIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(C.to_dict(cfg), generator, prm)
+        prm = serve.deployment(PRMDeployment, name="PRM", **options(
+            "PRM", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})).bind(cfg.prm, cfg.device, 1)
+    return SearchIngress.options(**options("SearchIngress", ray_actor_options={"num_cpus": 0.1})).bind(
+        C.to_dict(cfg), generator, prm)

@@ -46,7 +46,8 @@ model is built, torch's RNG on rank r (S * 1000 + 1 + r: LoRA dropout masks diff
 
 Files: config.py (the configs, MALLOC_ENV), data.py (rows -> examples -> token rows, pure), worker.py (what runs on
 every Ray Train worker: collation, loss, model, `train_loop_per_worker`), trainer.py (driver: the TorchTrainer,
-resume, export, MLflow), metrics.py (evaluation metrics and runners). This module re-exports their names.
+resume, export, MLflow), metrics.py (evaluation metrics and runners), evaluation.py (what `stepray train` measures
+after training, per task). This module re-exports their names.
 """
 
 from pipelines.train.config import (CURVE_FILE, HISTORY_FILE, LABEL_SOURCES, MALLOC_ENV, STATE_FILE, TASKS,
@@ -55,8 +56,9 @@ from pipelines.train.data import (DATA_HINT, Examples, _prm800k_native, build_ex
                                   detect_kind, encode_sft, in_holdout, read_examples, read_rows, select_sft,
                                   targets_from_first_error, targets_from_ratings, targets_from_step_label,
                                   tokenize_examples)
-from pipelines.train.metrics import (auc, flag_all_f1, greedy_accuracy, predicted_first_error,
-                                     problems_by_id, processbench_f1, scored_rows, step_f1, step_truth)
+from pipelines.train.metrics import (auc, fit_threshold, flag_all_f1, greedy_accuracy, predicted_first_error,
+                                     problems_by_id, processbench_f1, scored_rows, step_f1, step_truth,
+                                     truth_scores_metrics)
 from pipelines.train.trainer import (build_trainer, checkpoint_dtype, export_model,
                                      latest_checkpoint_step, mlflow_run, plan_steps)
 from pipelines.train.worker import (build_model, collate_batch, compute_loss, lr_factor, param_groups,
@@ -66,7 +68,8 @@ __all__ = ["CURVE_FILE", "HISTORY_FILE", "LABEL_SOURCES", "MALLOC_ENV", "STATE_F
            "LabelConfig", "LoraConfig", "SelectConfig", "TrainConfig", "malloc_tuned", "DATA_HINT", "Examples",
            "_prm800k_native", "build_examples", "data_files", "detect_kind", "encode_sft", "in_holdout",
            "read_examples", "read_rows", "select_sft", "targets_from_first_error", "targets_from_ratings",
-           "targets_from_step_label", "tokenize_examples", "auc", "flag_all_f1", "greedy_accuracy",
+           "targets_from_step_label", "tokenize_examples", "auc", "fit_threshold", "truth_scores_metrics",
+           "flag_all_f1", "greedy_accuracy",
            "predicted_first_error", "problems_by_id", "processbench_f1", "scored_rows", "step_f1", "step_truth",
            "build_trainer", "checkpoint_dtype", "export_model", "latest_checkpoint_step", "mlflow_run", "plan_steps",
            "build_model", "collate_batch", "compute_loss", "lr_factor", "param_groups", "plot_loss_curve",

@@ -89,11 +89,12 @@ class EvalConfig:
                                                   "labelled problems (their ids carry its key); ground-truth steps")
     truth_data: str = help_field("", "PRM: a `stepray generate` run folder on held-out synthetic problems: every "
                                  "finished sample's steps are scored against the ground-truth step checks (the "
-                                 "problems are rebuilt from the run's config.json); empty = skip")
+                                 "problems come from the run's problems.parquet); empty = skip")
     processbench: tuple[str, ...] = help_field(("gsm8k", "math"), "PRM: ProcessBench subsets (empty = skip)")
     processbench_limit: int = help_field(0, "PRM: first N erroneous + first N correct solutions per ProcessBench "
                                          "subset (0 = all)")
-    threshold: float = help_field(0.5, "PRM: a step scoring below this is predicted wrong")
+    threshold: float = help_field(0.5, "PRM: a step scoring below this is predicted wrong (the fixed threshold; a "
+                                       "fitted one is reported beside it where held-out truth exists)")
     max_len: int = help_field(2048, "PRM/ORM: most tokens scored per solution")
     batch_size: int = help_field(8, "PRM/ORM: solutions per scorer forward pass")
     engine: EngineConfig = help_field(EngineConfig(max_model_len=1024), "SFT: the vLLM engine for greedy "
@@ -115,7 +116,8 @@ class TrainConfig:
     round_mode: str = help_field("rest_em", "rest_em: start from `base` each round; star: continue from `previous`")
     previous: str = help_field("", "star: the previous round's model folder")
     prompt: PromptConfig = help_field(PromptConfig(), "how questions become prompts (PRM rows, SFT evaluation)")
-    step_sep: str = help_field("\n", "PRM: the separator that ends each step (where the score is read)")
+    step_sep: str = help_field("", "PRM: the text that ends each step (where the score is read); empty = the "
+                                   "separator of prompt.format (prompts.separator), the one the samples were split by")
     max_len: int = help_field(512, "most tokens per training example")
     epochs: int = help_field(2, "passes over the training rows")
     max_steps: int = help_field(0, "stop after this many optimizer steps (0 = epochs decide)")
@@ -168,8 +170,12 @@ class TrainConfig:
             raise ValueError("checkpoint_every, log_every and keep_checkpoints must be >= 1")
         if self.max_len < 16 or self.lr <= 0:
             raise ValueError("max_len must be >= 16 and lr > 0")
-        if not self.step_sep:
-            raise ValueError("step_sep must not be empty")
+
+    def separator(self) -> str:
+        """The step separator of the PRM's rows: step_sep if given, else the prompt format's."""
+        from pipelines.prompts import separator
+
+        return self.step_sep or separator(self.prompt.format)
 
     def init_model(self) -> str:
         """What the run starts from: the base (ReST-EM) or the previous round's model (STaR)."""

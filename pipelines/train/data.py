@@ -318,7 +318,7 @@ def tokenize_examples(task: str, examples: Sequence[dict], tokenizer, cfg: Train
             from pipelines.reward_model import encode_steps
 
             prompt = render(tokenizer, e["question"], "numeric", cfg.prompt)
-            ids, pos = encode_steps(tokenizer, prompt, e["steps"], cfg.step_sep, cfg.max_len)
+            ids, pos = encode_steps(tokenizer, prompt, e["steps"], cfg.separator(), cfg.max_len)
             targets = e["targets"][: len(pos)]
             if not pos or all(math.isnan(t) for t in targets):
                 rejects.append({"row": e["sample_id"], "reason": f"no_labelled_step_within max_len={cfg.max_len}"})

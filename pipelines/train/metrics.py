@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Sequence
 
@@ -24,6 +25,33 @@ def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
         rank_sum += mean_rank * sum(lab for _, lab in ranked[i:j])
         i = j
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def fit_threshold(scores: Sequence[float], wrong: Sequence[bool], default: float = 0.5) -> float:
+    """The decision threshold t of "step is wrong" (score < t) with the best F1 on these labelled steps.
+
+    Candidates lie midway between consecutive distinct scores (and just above the highest), so every way of cutting
+    the sorted scores is tried once; equal F1 goes to the candidate nearest `default`. With no wrong step, or no
+    right one, there is nothing to fit and `default` is returned. NaN scores (unscored steps) are left out."""
+    pairs = sorted((s, bool(w)) for s, w in zip(scores, wrong, strict=True) if not math.isnan(s))
+    n_wrong = sum(w for _, w in pairs)
+    if n_wrong == 0 or n_wrong == len(pairs):
+        return default
+    best_f1, best_t = -1.0, default
+    tp = fp = 0
+    i = 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:  # a tie is on one side of every threshold
+            tp += pairs[j][1]
+            fp += not pairs[j][1]
+            j += 1
+        t = (pairs[i][0] + pairs[j][0]) / 2 if j < len(pairs) else math.nextafter(pairs[i][0], math.inf)
+        f1 = 2 * tp / (2 * tp + fp + (n_wrong - tp))
+        if f1 > best_f1 + 1e-12 or (abs(f1 - best_f1) <= 1e-12 and abs(t - default) < abs(best_t - default)):
+            best_f1, best_t = f1, t
+        i = j
+    return best_t
 
 
 def predicted_first_error(step_scores: Sequence[float], threshold: float) -> int:
@@ -86,16 +114,16 @@ def greedy_accuracy(generator, problems: Sequence[dict], prompts: Sequence[str],
             "tokens": tokens, "errors": errors}
 
 
-def scored_rows(ds, model_path: str, scorer_cls: type, batch_size: int, max_len: int, num_gpus: float = 0.0,
-                device: str = "cpu") -> list[dict]:
+def scored_rows(ds, model_path: str, scorer_cls: type, batch_size: int, max_len: int,
+                num_gpus: float = 0.0) -> list[dict]:
     """Score a Ray Dataset of {prompt, steps | completion} rows with a scorer pool (PRMScorer): rows + scores.
-    num_gpus and device come together from the caller (the job), which picks the accelerator."""
+    num_gpus is what each scorer actor asks Ray for; the scorer picks its torch device from what Ray gave it."""
     import ray.data
 
     # threads=-1: a CPU scorer uses every core (it runs alone, after training)
     return ds.map_batches(scorer_cls, fn_constructor_kwargs={"model_path": model_path, "max_len": max_len,
-                                                             "batch_size": batch_size, "device": device,
-                                                             "threads": -1 if device == "cpu" else 0},
+                                                             "batch_size": batch_size, "device": "auto",
+                                                             "threads": 0 if num_gpus else -1},
                           batch_format="pyarrow", batch_size=64, num_cpus=1, num_gpus=num_gpus or None,
                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1)).take_all()
 
@@ -113,6 +141,47 @@ def step_f1(pred_ok: Sequence[Sequence[bool]], truth_ok: Sequence[Sequence[bool]
     n = tp + fp + fn + tn
     return {**wrong_step_scores(tp, fp, fn, tn),
             "steps": n, "wrong_share": (tp + fn) / n if n else float("nan")}
+
+
+def truth_scores_metrics(solutions: Sequence[tuple[str, Sequence[bool], Sequence[float]]], threshold: float) -> dict:
+    """A PRM's step scores against the truth, one (problem_id, step is right, step scores) per solution: P/R/F1 of
+    "step is wrong" (score < threshold), the flag-all baseline, AUC, first-error accuracy, and `calibrated`, the
+    same decisions with a fitted threshold instead of the fixed one.
+
+    Calibration is cross-fitted so that no solution is judged by a threshold fitted on its own steps: problems
+    are split in two by a hash of their id, each half is decided with `fit_threshold` on the other half, and the
+    metrics pool both halves. `calibrated.threshold` is fitted on all of them: the one to use on new data."""
+    truth, pred, flat_scores, flat_ok, fe_hits = [], [], [], [], 0
+    fold = [int(hashlib.sha1(pid.encode()).hexdigest()[:8], 16) % 2 for pid, _, _ in solutions]
+    for _, ok, scores in solutions:
+        keep = [j for j, s in enumerate(scores) if not math.isnan(s)]
+        truth.append([ok[j] for j in keep])
+        pred.append([scores[j] >= threshold for j in keep])
+        flat_scores += [scores[j] for j in keep]
+        flat_ok += [ok[j] for j in keep]
+        fe_hits += predicted_first_error(scores, threshold) == _first_false(ok)
+    f1 = step_f1(pred, truth)
+    fitted = {}
+    for f in (0, 1):
+        other = [(s, not o) for (_, ok, scores), g in zip(solutions, fold) if g != f
+                 for s, o in zip(scores, ok) if not math.isnan(s)]
+        fitted[f] = fit_threshold([s for s, _ in other], [w for _, w in other], threshold)
+    cal_pred = [[scores[j] >= fitted[g] for j, s in enumerate(scores) if not math.isnan(s)]
+                for (_, _, scores), g in zip(solutions, fold)]
+    cal = step_f1(cal_pred, truth)
+    cal_fe = sum(predicted_first_error(scores, fitted[g]) == _first_false(ok)
+                 for (_, ok, scores), g in zip(solutions, fold))
+    n = max(len(solutions), 1)
+    return {**f1, "auc_wrong": auc([-s for s in flat_scores], [not o for o in flat_ok]),
+            "flag_all_f1": flag_all_f1(f1["wrong_share"]), "first_error_acc": fe_hits / n,
+            "solutions": len(solutions),
+            "calibrated": {"threshold": fit_threshold(flat_scores, [not o for o in flat_ok], threshold),
+                           "fold_thresholds": [fitted[0], fitted[1]], "precision": cal["precision"],
+                           "recall": cal["recall"], "f1": cal["f1"], "first_error_acc": cal_fe / n}}
+
+
+def _first_false(ok: Sequence[bool]) -> int:
+    return next((j for j, o in enumerate(ok) if not o), -1)
 
 
 def flag_all_f1(wrong_share: float) -> float:

@@ -73,7 +73,7 @@ def build_model(task: str, init_path: str, cfg: TrainConfig, meta: dict | None =
         if model.kind != task:
             raise ValueError(f"{init_path} is a {model.kind} model, not a {task} model")
     else:
-        model = RewardModel.from_base(init_path, kind=task, step_sep=cfg.step_sep, meta=meta)
+        model = RewardModel.from_base(init_path, kind=task, step_sep=cfg.separator(), meta=meta)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing works under DDP and with frozen (LoRA) inputs
         (model if task == "sft" else model.backbone).gradient_checkpointing_enable(

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from jobs import benchmark as B
+from benchmarks import report as B
 
 
 class _Parsed(Exception):
@@ -44,17 +44,17 @@ def test_annotation_summary_picks_the_best_variant_that_keeps_agreement():
                      _variant("naive (repeat)", 5.0, 0.95)],  # the noise floor, never a candidate
            "part2": [{"variant": "naive, prefix caching on", "wall_s": 11.8},
                      {"variant": "naive, prefix caching off", "wall_s": 12.5}]}
-    measured, goal, detail = B._summary("annotation", res)
+    measured, goal, detail = B.summary_line("annotation", res)
     assert measured.startswith("4.10x") and "0.910" in measured and "binary+reuse+early_stop" in measured
     assert "binary+reuse 4.50x at 0.880" in detail and "prefix caching off 12.5s" in detail
     assert "naive vs itself 0.950 (noise floor)" in detail and "naive (repeat) 5.00x" not in detail
     assert "reproducible" not in detail  # older JSON without the repeat statistics
     res["part1"][2]["vs_repeat"] = {"on_reproducible": 0.931, "on_reproducible_ci": [0.9, 0.95]}
-    assert "on naive's reproducible steps: binary+reuse 0.931 [0.900, 0.950]" in B._summary("annotation", res)[2]
+    assert "on naive's reproducible steps: binary+reuse 0.931 [0.900, 0.950]" in B.summary_line("annotation", res)[2]
     res["part1"] = res["part1"][:1] + [_variant("binary", 3.0, 0.85), _variant("binary+reuse", 4.5, 0.80)]
-    assert B._summary("annotation", res)[0].startswith("3.00x")  # none keeps 0.90: the closest in agreement
+    assert B.summary_line("annotation", res)[0].startswith("3.00x")  # none keeps 0.90: the closest in agreement
     res["part1"].insert(1, _variant("naive+reuse", 1.05, 0.89))  # the second reference is listed, never chosen
-    measured, _, detail = B._summary("annotation", res)
+    measured, _, detail = B.summary_line("annotation", res)
     assert measured.startswith("3.00x") and "naive+reuse 1.05x at 0.890" in detail
 
 
@@ -62,12 +62,12 @@ def test_training_summary_reads_each_layout():
     res = {"plain": {"tokens_per_s": 200.0},
            "ray_train": {"2 workers x 1 thread (DDP)": {"tokens_per_s": 170.0, "ratio": 0.85},
                          "1 worker x 2 threads": {"tokens_per_s": 190.0, "ratio": 0.95}}}
-    measured, _, detail = B._summary("training", res)
+    measured, _, detail = B.summary_line("training", res)
     assert measured == "0.95x plain" and "2 workers x 1 thread (DDP) 0.85x" in detail
     assert not math.isnan(float(measured.split("x")[0]))
     assert "differ" not in detail  # one plain run (older JSON): no spread to show
     res["plain"].update(runs=[190.0, 210.0], spread=0.1)
-    assert B._summary("training", res)[2].endswith("plain runs before/after differ by 10%")
+    assert B.summary_line("training", res)[2].endswith("plain runs before/after differ by 10%")
 
 
 def _report(labels, truth=None, k=16):

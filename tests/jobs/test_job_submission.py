@@ -4,6 +4,7 @@ The head is started with `ray start --head --block` in its own process group and
 so the test never runs `ray stop` (which would stop every Ray cluster on the machine, the suite's own included).
 """
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -57,6 +59,7 @@ def head(tmp_path_factory):
     else:
         os.killpg(proc.pid, signal.SIGTERM)
         pytest.fail(f"the Jobs API at {url} did not come up in 120 s; see {log.name}")
+    client.dashboard_url = url  # for the `ray job submit` CLI
     yield client
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -122,3 +125,24 @@ def test_a_failing_job_reports_failure_and_its_error(head):
         time.sleep(1)
     assert head.get_job_status(sid) == JobStatus.FAILED
     assert "no_such_file.jsonl does not exist" in head.get_job_logs(sid)
+
+
+def test_an_engine_job_through_the_ray_job_submit_cli(head, tiny_model, tmp_path):
+    """What the README tells users to type: `ray job submit ... -- python -m jobs.<stage>`, here generation on the
+    tiny model (a vLLM engine inside the submitted job, on the head's one CPU), waiting for it and its logs."""
+    out = tmp_path / "gen"
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run(
+        [ray_cli, "job", "submit", "--address", head.dashboard_url, "--runtime-env",
+         str(REPO / "configs" / "runtime_env.yaml"), "--working-dir", str(REPO), "--",
+         "python", "-m", "jobs.generate_samples", "--out", str(out), "--no-mlflow", "problems=synthetic",
+         "synthetic.n=2", "sampling.n=2", "sampling.max_tokens=8", "greedy=false", "engine.model=tiny",
+         "engine.max_model_len=512", "engine.gpu_memory_utilization=0.05", "engine.num_cpus=0.5", "engine.threads=1"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    rows = pq.read_table(out / "samples").to_pylist()
+    assert len(rows) == 2 * 2 and all(r["n_completion_tokens"] > 0 and r["model"] == "tiny" for r in rows)
+    assert json.loads((out / "summary.json").read_text())["samples"] == 4

@@ -44,3 +44,22 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_parse_overrides_types():
     assert parse_overrides(["a.b=1", "a.c=0.5", "d=true", "e=hello", "f="]) == {
         "a": {"b": 1, "c": 0.5}, "d": True, "e": "hello", "f": ""}
+
+
+def test_a_partial_section_keeps_the_fields_own_default_and_may_be_dotted_overrides():
+    from dataclasses import dataclass
+
+    from pipelines.config import help_field
+    from pipelines.problems import SyntheticConfig
+
+    @dataclass(frozen=True)
+    class Outer:
+        problems: SyntheticConfig = help_field(SyntheticConfig(n=7, max_steps=1), "")
+
+    # the field's default (n=7, max_steps=1), not SyntheticConfig's own (n=200), fills what is left out
+    got = load_config(Outer, overrides=["problems.seed=3"]).problems
+    assert (got.n, got.max_steps, got.seed) == (7, 1, 3)
+    assert load_config(Outer, base={"problems": ["seed=3", "n=9"]}).problems == SyntheticConfig(n=9, seed=3,
+                                                                                                 max_steps=1)
+    with pytest.raises(ConfigError, match="unknown config key problems.sed"):
+        load_config(Outer, base={"problems": ["sed=3"]})

@@ -34,11 +34,16 @@ def test_parse_strategy_table(spec, prm, orm, expected):
     (["strategies=[beam:prm]"], "needs a PRM checkpoint"),
     (["strategies=[beam:judge]"], "scorer 'judge'"),
     (["budgets=[0,2]"], "budgets must be"),
-    (["prompt.format=paragraphs"], "search.fmt"),
+    (["prompt.format=paragraphs", "search.fmt=staged"], "search.fmt"),
 ])
 def test_config_rejects_bad_combinations(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(EvalConfig, overrides=overrides)
+
+
+def test_the_prompt_format_sets_the_search_separator():
+    assert load_config(EvalConfig, overrides=["prompt.format=paragraphs"]).search.fmt == "paragraphs"
+    assert load_config(EvalConfig).search.fmt == "lines"
 
 
 def test_tasks_cover_every_strategy_and_budget_with_greedy_once():

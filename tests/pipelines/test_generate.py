@@ -75,6 +75,68 @@ def test_pipeline_end_to_end_on_tiny_model_and_resume(ray_session, tiny_model, t
 
 
 @pytest.mark.slow
+def test_a_gsm8k_file_and_code_problems_through_generate(ray_session, tiny_model, data_dir, tmp_path):
+    """The shipped GSM8K file and HumanEval problems through `stepray generate` (the job's run) on the tiny model:
+    numeric rows graded against GSM8K's "####" answers, code rows run against their tests in the sandbox, and the
+    problems written beside the samples with what later stages need (answers, tests)."""
+    from jobs.generate_samples import run
+    from pipelines.problems import load_problems
+
+    common = ["sampling.n=2", "sampling.max_tokens=16", "engine.model=tiny", "engine.max_model_len=1024",
+              "engine.batch_size=4", "engine.gpu_memory_utilization=0.05", "greedy=false"]
+    for source, kind in (("gsm8k", "numeric"), ("humaneval", "code")):
+        out = tmp_path / source
+        s = run(load_config(GenerationConfig, overrides=[f"problems={source}", "limit=3", f"out={out}", *common]),
+                use_mlflow=False)
+        want = load_problems(source, limit=3).problems
+        rows = pq.read_table(out / "samples").to_pylist()
+        assert sorted(r["sample_id"] for r in rows) == sorted(f"{p['id']}/s{i}" for p in want for i in range(2))
+        assert {r["kind"] for r in rows} == {kind} and s["samples"] == 6
+        gold = {p["id"]: p["answer"] for p in want}
+        assert all(r["gold"] == gold[r["problem_id"]] and r["reason"] and r["n_completion_tokens"] > 0 for r in rows)
+        if kind == "code":  # random tokens are no program: every row ran and failed, none passed by accident
+            assert not any(r["correct"] for r in rows) and all(r["reason"] != "error" for r in rows)
+        written = pq.read_table(out / "problems.parquet").to_pylist()
+        assert [p["id"] for p in written] == [p["id"] for p in want]
+        assert all((p["tests"] if kind == "code" else p["answer"]) for p in written)
+
+
+@pytest.mark.slow
+def test_the_engine_pool_grows_under_backlog(ray_session, tiny_model, tmp_path):
+    """engine.min_engines=1, max_engines=2: with blocks waiting, Ray Data's actor pool starts a second engine. Each
+    engine marks its start in a folder (the class is defined here, so it travels to the actors by value)."""
+    import os
+    from pathlib import Path
+
+    from actors.vllm_generator import VLLMGenerator
+    from pipelines.generate import build_generation
+    from pipelines.problems import SyntheticConfig, load_problems
+
+    marks = tmp_path / "engines"
+    marks.mkdir()
+
+    def counting_cls(folder: Path):
+        class CountingGenerator(VLLMGenerator):
+            def __init__(self, *a, **k):
+                (folder / f"engine-{os.getpid()}").touch()
+                super().__init__(*a, **k)
+        return CountingGenerator
+
+    # half a CPU per engine: two engines, the prompt formatter and the grader fit on the session's 2 CPUs
+    cfg = load_config(GenerationConfig, overrides=[
+        "problems=synthetic", "sampling.n=1", "sampling.max_tokens=8", "engine.model=tiny", "engine.max_model_len=512",
+        "engine.batch_size=2", "engine.gpu_memory_utilization=0.05", "engine.num_cpus=0.5", "engine.threads=1",
+        "engine.min_engines=1", "engine.max_engines=2", "greedy=false"])
+    problems = load_problems("synthetic", synthetic=SyntheticConfig(n=256)).problems  # 4 blocks of 64 prompts
+    import ray.data
+
+    rows = build_generation(ray.data.from_items(problems), cfg, tiny_model,
+                            generator_cls=counting_cls(marks)).take_all()
+    assert len(rows) == 256 and len({r["sample_id"] for r in rows}) == 256
+    assert len(list(marks.iterdir())) == 2
+
+
+@pytest.mark.slow
 def test_smollm2_on_20_one_step_problems_accuracy_from_real_verdicts(ray_session, smollm2, tmp_path):
     """The real model: every accuracy figure in the summary is recomputed here from the rows' own verdicts, and
     each verdict from the row's own text (re-graded), so no number can come from anywhere else."""

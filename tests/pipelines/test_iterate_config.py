@@ -1,0 +1,52 @@
+"""The loop's config: typed stage sections (checked when the config loads), and the per-stage config files the loop
+writes, which load back with each stage's own config class to the same config."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipelines import config as C
+from pipelines.annotate import AnnotateConfig
+from pipelines.evaluate import EvalConfig
+from pipelines.iterate import IterateConfig, evaluation, stage_file
+from pipelines.train import TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cpu"
+
+
+@pytest.mark.parametrize("name", ["iterate.yaml", "iterate_tiny.yaml"])
+def test_the_shipped_loop_configs_load_with_typed_sections(name):
+    cfg = C.load_config(IterateConfig, CONFIGS / name)
+    assert isinstance(cfg.annotate, AnnotateConfig) and cfg.annotate.method == "binary"
+    assert isinstance(cfg.prm, TrainConfig) and isinstance(cfg.evaluate, EvalConfig)
+    assert "greedy" in cfg.evaluate.strategies
+
+
+def test_mapping_and_dotted_sections_are_the_same_config():
+    a = C.load_config(IterateConfig, base={"generate": {"sampling": {"n": 3}, "engine": {"batch_size": 4}}})
+    b = C.load_config(IterateConfig, base={"generate": ["sampling.n=3", "engine.batch_size=4"]})
+    assert a == b and a.generate.sampling.n == 3 and a.generate.sampling.temperature == 0.7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["annotate.rolouts=3"], "unknown config key annotate.rolouts"),
+    (["prm.lr=-1"], "lr > 0"),
+    (["evaluate.strategies=[beem]"], "not one of"),
+    (["round_mode=sometimes"], "round_mode"),
+])
+def test_a_bad_stage_setting_fails_when_the_loop_config_loads(overrides, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load_config(IterateConfig, overrides=overrides)
+
+
+def test_stage_files_load_back_to_the_same_stage_config(tmp_path):
+    cfg = C.load_config(IterateConfig, CONFIGS / "iterate.yaml")
+    ev = evaluation(cfg, "/models/gen", "/models/prm", tmp_path / "eval", cfg.eval_problems)
+    assert ev.engine.model == "/models/gen" and ev.synthetic == cfg.eval_problems and ev.search.max_tokens == 128
+    assert C.load_config(EvalConfig, stage_file(tmp_path, "evaluate", ev)) == ev
+    prm = replace(cfg.prm, task="prm", data="labels", base="/models/base", out=str(tmp_path / "prm"),
+                  eval=replace(cfg.prm.eval, truth_synthetic=cfg.train_problems))
+    path = stage_file(tmp_path, "train_prm", prm)
+    assert Path(path) == tmp_path / "configs" / "train_prm.yaml"
+    assert C.load_config(TrainConfig, path) == prm
