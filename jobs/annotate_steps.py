@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from pipelines import config as C
 from pipelines import inputs, parts, schema
-from pipelines.annotate import AnnotateConfig, build_annotation, select_samples
+from pipelines.annotate import LABELS, AnnotateConfig, build_annotation, select_samples
 from pipelines.annotate_report import (attach_problems, find_problems, format_summary, log_mlflow, plot_histogram,
                                        step_format, stream_labels, summarize)
 from pipelines.config import InputError
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, AnnotateConf
     ap.add_argument("--method", choices=["naive", "binary", "scan"], help="sets method=")
     ap.add_argument("--reuse", action="store_true", help="sets reuse=true")
     ap.add_argument("--early-stop", action="store_true", help="sets early_stop=true")
-    ap.add_argument("--labels", choices=["mc", "judge", "consensus", "step_check_consensus"], help="sets labels=")
+    ap.add_argument("--labels", choices=list(LABELS), help="sets labels=")
     ap.add_argument("--model", help="rollout model name or path (sets engine.model=)")
     ap.add_argument("--limit", type=int, help="first N samples only (sets limit=)")
     ap.add_argument("--out", help="output folder (sets out=)")

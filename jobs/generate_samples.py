@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipelines import config as C
 from pipelines.generate import (GenerationConfig, build_generation, done_keys, format_summary, read_samples,
-                                stream_to_parquet, summarize)
+                                sample_mode, stream_to_parquet, summarize)
 from pipelines.models import load_path
 from pipelines.problems import load_problems, write_rejects
 from pipelines.runs import write_problems
@@ -59,7 +59,7 @@ def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
     existing = read_samples(out / "samples")
     skip = done_keys(existing)
     todo = [p for p in loaded.problems
-            if any((p["id"], m) not in skip for m in (["sample", "greedy"] if cfg.greedy else ["sample"]))]
+            if any((p["id"], m) not in skip for m in [sample_mode(p["kind"], cfg.hint)] + ["greedy"] * cfg.greedy)]
     if skip:
         log(f"[generate] resuming: {len(skip)} (problem, mode) pairs already in {out / 'samples'}, "
             f"{len(todo)} problems left")

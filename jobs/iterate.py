@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from pipelines import config as C
-from pipelines.iterate import (IterateConfig, Manifest, count_verified, evaluation, log_skip, plot_rounds, round_table,
-                               run_stage, stage_file, traces_to_training_rows)
-from pipelines.runtime import PARENT_RUN_ENV, cli_main, mlflow_ui_command, mlflow_uri
+from pipelines.iterate import (IterateConfig, Manifest, count_verified, evaluation, log_skip, open_loop_run, plot_rounds,
+                               round_table, run_stage, stage_file, traces_to_training_rows, unsolved_problems)
+from pipelines.runs import write_problems
+from pipelines.runtime import cli_main, mlflow_ui_command
 
 PY = sys.executable
 
@@ -55,25 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    mlflow.set_tracking_uri(mlflow_uri())
-    mlflow.set_experiment("stepray")
-    resumed = bool(manifest.data["mlflow_run_id"])
-    run = mlflow.start_run(run_id=manifest.data["mlflow_run_id"] or None,
-                           run_name=None if resumed else f"iterate-{out.name}")
-    manifest.data["mlflow_run_id"] = run.info.run_id
-    config_now = C.to_dict(cfg)
-    history = manifest.data.setdefault("configs", [])
-    if not history or history[-1]["config"] != config_now:
-        # A resumed run may carry a changed config (for stages not done yet): keep every version, in order.
-        history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": config_now})
-        if resumed:
-            print("[iterate] the config differs from the one this run started with; stages done earlier keep their "
-                  "outputs, the others use the new config (both are in manifest.json)")
-            mlflow.log_dict(config_now, f"config_{len(history)}.json")
-    manifest.save()
-    os.environ[PARENT_RUN_ENV] = run.info.run_id
-    if not resumed:  # MLflow params are write-once
-        mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(config_now).items()})
+    open_loop_run(manifest, cfg, out)
 
     verifier = "pipelines.verify.grade (numeric; math-verify for LaTeX)"
     generator, prm = base, ""
@@ -112,15 +94,29 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(manifest, f"round_{r}/train_orm", [PY, "-m", "jobs.train_model", "orm", "--config",
                                                          stage_file(rd, "train_orm", orm_cfg)],
                       lineage, {"model": str(rd / "orm" / "model")})
-        # ReST-EM refits from the base model each round; STaR continues from the current generator (r > 0)
-        star = cfg.round_mode == "star" and generator != base
-        verified = count_verified(gen_dir / "samples")
+        extra = []
+        if cfg.round_mode == "star":  # rationalization: the unsolved problems again, the answer given as a hint
+            unsolved = unsolved_problems(gen_dir)
+            if not unsolved:
+                log_skip(manifest, f"round_{r}/rationalize", "every problem has a verified sample")
+            else:
+                hinted = replace(cfg.generate, out=str(rd / "rationalize"), greedy=False, hint=cfg.rationalize_hint,
+                                 problems=str(write_problems(unsolved, rd / "unsolved")),
+                                 engine=replace(cfg.generate.engine, model=generator))
+                run_stage(manifest, f"round_{r}/rationalize", [PY, "-m", "jobs.generate_samples", "--config",
+                                                               stage_file(rd, "rationalize", hinted)],
+                          lineage | {"unsolved": len(unsolved)}, {"samples": str(rd / "rationalize" / "samples")})
+                extra = [str(rd / "rationalize")]
+        # ReST-EM and STaR refit from the base model each round; continue starts from the current generator
+        cont = cfg.round_mode == "continue" and generator != base
+        verified = count_verified(gen_dir / "samples") + sum(count_verified(Path(e) / "samples") for e in extra)
         if verified == 0:
             # Hard problems can yield no verified sample (docs/methods.md): keep the generator, say so, go on.
             log_skip(manifest, f"round_{r}/train_sft", "no verified sample to fit on; the generator is unchanged")
         else:
-            sft = replace(cfg.sft, task="sft", data=str(gen_dir), base=base, out=str(rd / "sft"),
-                          round_mode="star" if star else "rest_em", previous=generator if star else "")
+            sft = replace(cfg.sft, task="sft", data=str(gen_dir), extra_data=tuple(extra), base=base,
+                          out=str(rd / "sft"), round_mode="continue" if cont else "rest_em",
+                          previous=generator if cont else "")
             run_stage(manifest, f"round_{r}/train_sft", [PY, "-m", "jobs.train_model", "sft", "--config",
                                                          stage_file(rd, "train_sft", sft)],
                       lineage | {"init": sft.init_model(), "verified_samples": verified},

@@ -3,7 +3,7 @@
     stepray train sft --data runs/gen --base smollm2 --out runs/sft [--workers 2] [--epochs 2] [key=value ...]
     stepray train prm --data runs/annotate --base smollm2 --out runs/prm [labels.target=hard]
     stepray train orm --data runs/gen --base smollm2 --out runs/orm
-    stepray train sft --data runs/gen-r2 --base smollm2 --out runs/sft-r2 round_mode=star previous=runs/sft/model
+    stepray train sft --data runs/gen-r2 --base smollm2 --out runs/sft-r2 round_mode=continue previous=runs/sft/model
     python -m jobs.train_model sft ...          (the Ray job entrypoint: ray job submit -- python -m jobs.train_model)
 
 --data: Sample rows (a generate run folder or parquet) for sft and orm, Trajectory rows for sft; StepLabel rows,

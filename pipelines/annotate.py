@@ -26,7 +26,9 @@ no `question` to show it). `judge.mode`:
 `labels`: "mc" (rollouts only), "judge" (judge only: soft = hard = the judge's answer), "consensus" (MC labels
 kept only where the judge agrees, else -1), "step_check_consensus" (synthetic problems: MC labels kept only where
 the ground truth agrees: the prefix truth from `verify.first_error(steps, quantities, gold)`, which needs a
-`quantities` column; a sample without quantities keeps no label). `min_soft_good` > 0 also drops MC labels 1
+`quantities` column; a sample without quantities keeps no label), and two that need no engine: "step_check" (that
+prefix truth itself: the process ground truth PRM800K's human labels stand for, exact on synthetic problems) and
+"outcome" (every step labelled with the sample's verdict: the outcome-only baseline as PRM labels). `min_soft_good` > 0 also drops MC labels 1
 whose soft value is below it (the K rollouts do not agree strongly).
 
 Output columns: the StepLabel schema (`pipelines.schema.STEP_LABEL`) plus diagnostics the job summarises and drops
@@ -57,7 +59,8 @@ from pipelines.problems import SyntheticConfig
 from pipelines.prompts import FORMATS, separator
 from pipelines.steps import METHODS, Planner, Rollout, consensus, run_planners, step_ends
 
-LABELS = ("mc", "judge", "consensus", "step_check_consensus")
+LABELS = ("mc", "judge", "consensus", "step_check_consensus", "step_check", "outcome")
+FREE_LABELS = ("step_check", "outcome")  # label sources that need no engine: no rollouts, no judge
 JUDGE_MODES = ("off", "local", "endpoint")
 
 
@@ -107,7 +110,9 @@ class AnnotateConfig:
     step_format: str = help_field("", "the samples' prompt format (its step separator ends a prefix); empty = the "
                                       "generation run's prompt.format (its config.json), else lines")
     labels: str = help_field("mc", "mc | judge | consensus (MC labels kept where the judge agrees) | "
-                                   "step_check_consensus (kept where the synthetic ground truth agrees)")
+                                   "step_check_consensus (kept where the synthetic ground truth agrees) | "
+                                   "step_check (the synthetic ground truth itself, no rollouts) | outcome (every "
+                                   "step gets the sample's verdict, no rollouts)")
     judge: JudgeConfig = help_field(JudgeConfig(), "the judge model (WizardMath-style step labels)")
     min_soft_good: float = help_field(0.0, "drop an MC label 1 whose soft value is below this (0 = keep all)")
     modes: tuple[str, ...] = help_field(("sample",), "which Sample modes to label (sample, greedy, ...)")
@@ -142,8 +147,8 @@ class AnnotateConfig:
         """What the `method` column says: the plan and its switches, and the judge when it takes part."""
         stop = (["early_stop"] + (["grow"] if self.chunk_growth > 1 else [])) if self.early_stop else []
         mc = "+".join([self.method] + (["reuse"] if self.reuse else []) + stop)
-        if self.labels == "judge":
-            return "judge"
+        if self.labels in ("judge", *FREE_LABELS):
+            return self.labels
         if self.labels == "step_check_consensus":
             return f"consensus({mc},step_check)"
         return f"consensus({mc},judge)" if self.labels == "consensus" else mc
@@ -223,7 +228,8 @@ class StepAnnotator:
                  judge_path: str | None = None, generator: Any = None):
         self.cfg = cfg
         eng = cfg.engine
-        needs_engine = cfg.labels != "judge" or (cfg.judge.mode == "local" and cfg.judge.model == "same")
+        needs_engine = cfg.labels not in ("judge", *FREE_LABELS) or (cfg.judge.mode == "local"
+                                                                       and cfg.judge.model == "same")
         if generator_cls is None:
             from actors.vllm_generator import VLLMGenerator
 
@@ -331,7 +337,7 @@ class StepAnnotator:
         todo = [s for s in range(len(rows)) if not errors[s]]
 
         mc: dict[int, Any] = {}
-        if cfg.labels != "judge":
+        if cfg.labels not in ("judge", *FREE_LABELS):
             planners = [Planner(rows[s]["completion"], ends[s], verdicts[s], k=cfg.rollouts, method=cfg.method,
                                 reuse=cfg.reuse, early_stop=cfg.early_stop, chunk=cfg.chunk,
                                 chunk_growth=cfg.chunk_growth) for s in todo]
@@ -355,6 +361,13 @@ class StepAnnotator:
                             "rounds": 0, "judge_tokens": 0})
                 continue
             j = judge.get(s)
+            if cfg.labels in FREE_LABELS:  # process ground truth, or the outcome on every step
+                hard = self._step_truth(r) if cfg.labels == "step_check" else [int(verdicts[s])] * len(base["steps"])
+                out.append({**base, "soft_labels": [math.nan if h < 0 else float(h) for h in hard],
+                            "hard_labels": hard, "rollouts": [0] * len(hard), "tokens_generated": 0, "mc_hard": [],
+                            "judge_labels": j or [], "first_error": -1, "outcomes": [], "fresh": [], "rounds": 0,
+                            "judge_tokens": judge_tokens.get(s, 0)})
+                continue
             if cfg.labels == "judge":
                 soft = [math.nan if x < 0 else float(x) for x in j]
                 out.append({**base, "soft_labels": soft, "hard_labels": list(j), "rollouts": [0] * len(j),
@@ -396,6 +409,8 @@ class StepAnnotator:
             return f"{self.verifier_name}+{self.judge_name}"
         if self.cfg.labels == "step_check_consensus":
             return f"{self.verifier_name}+pipelines.verify.first_error"
+        if self.cfg.labels == "step_check":
+            return "pipelines.verify.first_error"
         return self.verifier_name
 
 

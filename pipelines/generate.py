@@ -91,6 +91,9 @@ class GenerationConfig:
     engine: EngineConfig = help_field(EngineConfig(), "the vLLM engine pool")
     sampling: SamplingConfig = help_field(SamplingConfig(), "sampling")
     greedy: bool = help_field(True, "also decode each problem greedily (greedy accuracy in the summary)")
+    hint: str = help_field("", "STaR rationalization: this text, with {answer} filled in, follows each numeric/math "
+                               "question the engine sees (e.g. '(Hint: the answer is {answer}.)'); the rows keep the "
+                               "prompt without it and are mode=rationalized; empty = no hint")
     verify_timeout_s: float = help_field(5.0, "time limit per answer check")
     out: str = help_field("runs/generate", "output folder: samples/ parquet, rejects.jsonl, summary.json")
 
@@ -112,22 +115,32 @@ def confidence(top_logprobs: list[list[float]], token_logprobs: list[float]) -> 
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
+def sample_mode(kind: str, hint: str) -> str:
+    """The mode of a problem's samples: "rationalized" when a STaR hint is shown (numeric and math problems), else
+    "sample"."""
+    return "rationalized" if hint and kind in ("numeric", "math") else "sample"
+
+
 class FormatPrompts:
     """Problems -> prompt rows (chat template of the engine's model). Holds the tokenizer, so it is a class."""
 
     def __init__(self, model_path: str, prompt: PromptConfig, sampling: SamplingConfig, greedy: bool,
-                 skip: set[tuple[str, str]] | None = None):
+                 skip: set[tuple[str, str]] | None = None, hint: str = ""):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.prompt, self.sampling, self.greedy = prompt, sampling, greedy
+        self.prompt, self.sampling, self.greedy, self.hint = prompt, sampling, greedy, hint
         self.skip = skip or set()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for p in batch.to_pylist():
             text = render(self.tok, p["question"], p["kind"], self.prompt)
-            modes = [("sample", self.sampling.n, self.sampling.temperature)]
+            # STaR rationalization: the engine sees the answer as a hint, the row keeps the plain prompt
+            hinted = sample_mode(p["kind"], self.hint) == "rationalized"
+            engine_text = (render(self.tok, f"{p['question']}\n{self.hint.format(answer=p['answer'])}", p["kind"],
+                                  self.prompt) if hinted else text)
+            modes = [("rationalized" if hinted else "sample", self.sampling.n, self.sampling.temperature)]
             if self.greedy:
                 modes.append(("greedy", 1, 0.0))
             for mode, n, temp in modes:
@@ -135,10 +148,11 @@ class FormatPrompts:
                     continue
                 rows.append({"problem_id": p["id"], "question": p["question"], "gold": p["answer"],
                              "kind": p["kind"], "tests": p["tests"], "entry_point": p["entry_point"],
-                             "prompt": text, "mode": mode, "n": n, "temperature": temp})
+                             "prompt": engine_text, "plain_prompt": text, "mode": mode, "n": n, "temperature": temp})
         fields = [("problem_id", pa.string()), ("question", pa.string()), ("gold", pa.string()),
                   ("kind", pa.string()), ("tests", pa.string()), ("entry_point", pa.string()),
-                  ("prompt", pa.string()), ("mode", pa.string()), ("n", pa.int32()), ("temperature", pa.float64())]
+                  ("prompt", pa.string()), ("plain_prompt", pa.string()), ("mode", pa.string()), ("n", pa.int32()),
+                  ("temperature", pa.float64())]
         return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
@@ -155,10 +169,10 @@ def grade_batch(batch: pa.Table, fmt: str = "lines", timeout_s: float = 5.0) -> 
             v = verify_row({"kind": r["kind"], "completion": r["completion"], "gold": r["gold"], "tests": r["tests"],
                             "entry_point": r["entry_point"]}, math_timeout_s=timeout_s)
             answer, method, correct, reason = v.answer, v.method, v.correct, v.reason
-        suffix = "greedy" if r["mode"] == "greedy" else f"s{r['sample_idx']}"
+        suffix = {"greedy": "greedy", "rationalized": f"r{r['sample_idx']}"}.get(r["mode"], f"s{r['sample_idx']}")
         out.append({
             "problem_id": r["problem_id"], "sample_id": f"{r['problem_id']}/{suffix}", "sample_idx": r["sample_idx"],
-            "mode": r["mode"], "prompt": r["prompt"], "completion": r["completion"], "steps": steps,
+            "mode": r["mode"], "prompt": r.get("plain_prompt") or r["prompt"], "completion": r["completion"], "steps": steps,
             "answer": answer, "answer_method": method, "gold": r["gold"], "kind": r["kind"], "correct": correct,
             "reason": reason, "n_prompt_tokens": r["n_prompt_tokens"], "n_completion_tokens": r["n_completion_tokens"],
             "finish_reason": r["finish_reason"], "cum_logprob": r["cum_logprob"],
@@ -176,7 +190,8 @@ def build_generation(problems_ds, cfg: GenerationConfig, model_path: str, genera
     eng = cfg.engine
     prompts = problems_ds.map_batches(
         FormatPrompts, fn_constructor_kwargs={"model_path": model_path, "prompt": cfg.prompt,
-                                              "sampling": cfg.sampling, "greedy": cfg.greedy, "skip": skip},
+                                              "sampling": cfg.sampling, "greedy": cfg.greedy, "skip": skip,
+                                              "hint": cfg.hint},
         batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
         num_cpus=0.1)
     sampling = {k: v for k, v in cfg.sampling.params().items() if k not in ("n", "temperature")}

@@ -7,8 +7,9 @@ A round is a list of stages, each one of the project's jobs run as its own proce
     annotate   jobs.annotate_steps     Monte-Carlo step labels on a subset of the samples (current generator)
     train_prm  jobs.train_model prm    a PRM on those labels, from the base backbone
     train_orm  jobs.train_model orm    an ORM on the samples' verdicts (optional)
-    train_sft  jobs.train_model sft    the generator on its verified samples (ReST-EM: from the base model;
-                                       STaR: from the current one)
+    rationalize jobs.generate_samples  star only: the problems no sample solved, with the answer as a hint
+    train_sft  jobs.train_model sft    the generator on its verified samples (ReST-EM and STaR: from the base
+                                       model; STaR adds the verified rationalizations; continue: from the current one)
     eval_base  jobs.evaluate_search    round 0 only: the base generator, with this round's PRM
     evaluate   jobs.evaluate_search    the new generator, with this round's PRM
 
@@ -37,7 +38,7 @@ from pipelines.generate import GenerationConfig
 from pipelines.problems import SyntheticConfig
 from pipelines.train.config import TrainConfig
 
-STAGES = ("generate", "annotate", "train_prm", "train_orm", "train_sft", "eval_base", "evaluate")
+STAGES = ("generate", "annotate", "train_prm", "train_orm", "rationalize", "train_sft", "eval_base", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,12 @@ class IterateConfig:
     out: str = help_field("runs/iterate", "run folder: one subfolder per round and stage, manifest.json, summary")
     rounds: int = help_field(1, "rounds of generate -> annotate -> train -> evaluate")
     base_model: str = help_field("smollm2", "the starting generator (and the PRM/ORM backbone)")
-    round_mode: str = help_field("rest_em", "rest_em: each round's SFT starts from the base model; star: from "
-                                            "the previous round's generator")
+    round_mode: str = help_field("rest_em", "rest_em (ReST-EM): each round's SFT starts from the base model on the "
+                                            "round's verified samples; star (STaR): the same, plus rationalizations "
+                                            "of the problems no sample solved (sampled with the answer as a hint); "
+                                            "continue: SFT starts from the previous round's generator")
+    rationalize_hint: str = help_field("(Hint: the answer is {answer}.)", "star: what follows an unsolved question "
+                                       "in rationalization ({answer} is filled in); the training rows omit it")
     sampling: str = help_field("sample", "how a round's training data is found: sample (plain sampling) | "
                                          "search:<strategy> (e.g. search:best_of_n, with the current PRM; expert "
                                          "iteration; round 0 has no PRM yet and samples)")
@@ -73,8 +78,10 @@ class IterateConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        if self.round_mode not in ("rest_em", "star"):
-            raise ValueError(f"round_mode {self.round_mode!r} is not one of rest_em, star")
+        if self.round_mode not in ("rest_em", "star", "continue"):
+            raise ValueError(f"round_mode {self.round_mode!r} is not one of rest_em, star, continue")
+        if self.round_mode == "star" and "{answer}" not in self.rationalize_hint:
+            raise ValueError("rationalize_hint must contain {answer}: rationalization shows the right answer")
         if not (self.sampling == "sample" or self.sampling.startswith("search:")):
             raise ValueError(f"sampling {self.sampling!r}: use sample or search:<strategy>")
         if self.sampling.startswith("search:"):
@@ -177,6 +184,18 @@ def count_verified(samples: Path) -> int:
     return int(pc.sum(pq.read_table(samples, columns=["correct"]).column("correct")).as_py() or 0)
 
 
+def unsolved_problems(gen_dir: Path) -> list[dict]:
+    """The numeric and math problems of a generate run with no verified sample (STaR rationalizes these)."""
+    import pyarrow.parquet as pq
+
+    from pipelines import runs
+
+    problems, _ = runs.run_problems(gen_dir)
+    rows = pq.read_table(gen_dir / "samples", columns=["problem_id", "correct"]).to_pylist()
+    solved = {r["problem_id"] for r in rows if r["correct"]}
+    return [p for pid, p in problems.items() if pid not in solved and p["kind"] in ("numeric", "math")]
+
+
 def log_skip(manifest: Manifest, key: str, why: str, log=print) -> None:
     if manifest.stage(key).get("status") != "skipped":
         manifest.data["stages"][key] = {"status": "skipped", "why": why}
@@ -266,3 +285,31 @@ def plot_rounds(table: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def open_loop_run(manifest: Manifest, cfg: IterateConfig, out: Path) -> None:
+    """Open (or, resuming, reopen) the loop's MLflow run, parent of every stage's run (PARENT_RUN_ENV), and keep
+    each version of the config the run was invoked with in the manifest."""
+    import mlflow
+
+    from pipelines.runtime import PARENT_RUN_ENV, mlflow_uri
+
+    mlflow.set_tracking_uri(mlflow_uri())
+    mlflow.set_experiment("stepray")
+    resumed = bool(manifest.data["mlflow_run_id"])
+    run = mlflow.start_run(run_id=manifest.data["mlflow_run_id"] or None,
+                           run_name=None if resumed else f"iterate-{out.name}")
+    manifest.data["mlflow_run_id"] = run.info.run_id
+    config_now = C.to_dict(cfg)
+    history = manifest.data.setdefault("configs", [])
+    if not history or history[-1]["config"] != config_now:
+        # A resumed run may carry a changed config (for stages not done yet): keep every version, in order.
+        history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": config_now})
+        if resumed:
+            print("[iterate] the config differs from the one this run started with; stages done earlier keep their "
+                  "outputs, the others use the new config (both are in manifest.json)")
+            mlflow.log_dict(config_now, f"config_{len(history)}.json")
+    manifest.save()
+    os.environ[PARENT_RUN_ENV] = run.info.run_id
+    if not resumed:  # MLflow params are write-once
+        mlflow.log_params({k: str(v)[:250] for k, v in C.flatten(config_now).items()})

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipelines import inputs
+from pipelines import inputs, schema
 from pipelines.config import InputError, MissingInput, help_field
 from pipelines.schema import Problem
 
@@ -478,11 +478,25 @@ def load_problems(spec: str, synthetic: SyntheticConfig | None = None, limit: in
         result = load_file(need(root / "code" / "HumanEval.jsonl"), kind="code")
         for p in result.problems:
             p["source"] = "humaneval"
+    elif spec.endswith(".parquet") and not mapping and _is_problem_table(Path(spec)):
+        # Problem rows as stepray writes them (a run's problems.parquet): read as they are, ground truth included
+        rows = schema.check_table(inputs.read_parquet(spec, "problem file"), "problem", where=spec).to_pylist()
+        result = LoadResult(rows, [])
     else:
         result = load_file(spec, mapping=mapping, kind=kind)
     if limit is not None:
         result.problems = result.problems[:limit]
     return result
+
+
+def _is_problem_table(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.read_schema(path).names)
+    except (OSError, ValueError):
+        return False  # load_file names the unreadable file
+    return {"id", "question", "answer", "kind", "quantities", "ref_steps"} <= names
 
 
 def write_rejects(rejects: list[dict], path: str | Path) -> None:

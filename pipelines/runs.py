@@ -21,12 +21,12 @@ PROBLEMS_FILE = "problems.parquet"
 
 
 def run_folder(path: str | Path) -> Path:
-    """The run folder of a path inside it: `<run>` for `<run>/samples` or `<run>/samples/part-0.parquet`, and a folder
-    that holds a config.json itself."""
+    """The run folder of a path inside it: `<run>` for `<run>/samples`, `<run>/labels` or a part file in them, and a
+    folder that holds a config.json or problems.parquet itself."""
     p = Path(path).resolve()
-    if p.is_dir() and (p / "config.json").exists():
+    if p.is_dir() and ((p / "config.json").exists() or (p / PROBLEMS_FILE).exists()):
         return p
-    if p.is_file() and p.parent.name == "samples":
+    if p.is_file() and p.parent.name in ("samples", "labels"):
         return p.parent.parent
     return p.parent
 
@@ -35,6 +35,7 @@ def write_problems(problems: list[dict], run: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     path = Path(run) / PROBLEMS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(schema.to_table(problems, "problem"), path)
     return path
 

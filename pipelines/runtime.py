@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import sys
@@ -31,6 +32,10 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
     env_vars = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     env_vars.setdefault("MLFLOW_TRACKING_URI", mlflow_uri())
+    # Inside a submitted Ray job, Ray merges the job's runtime env with this one and refuses any env var both set
+    # ("Failed to merge the Job's runtime env"): the job's own values stand, ours fill in the rest.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    env_vars = {k: v for k, v in env_vars.items() if k not in (job_env.get("env_vars") or {})}
     kwargs = {"runtime_env": {"env_vars": env_vars}, "ignore_reinit_error": True}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)

@@ -113,8 +113,11 @@ class TrainConfig:
     data: str = help_field("", "parquet file or folder (a generate run's folder works), or a .json/.jsonl label file")
     base: str = help_field("smollm2", "base checkpoint: smollm2 | tiny | a local path")
     out: str = help_field("runs/train", "output folder: model/, summary.json, loss_curve.png, ray_results/")
-    round_mode: str = help_field("rest_em", "rest_em: start from `base` each round; star: continue from `previous`")
-    previous: str = help_field("", "star: the previous round's model folder")
+    round_mode: str = help_field("rest_em", "rest_em: start from `base` (ReST-EM, and STaR, which also restarts from "
+                                            "the base each round); continue: start from `previous`")
+    previous: str = help_field("", "continue: the previous round's model folder")
+    extra_data: tuple[str, ...] = help_field((), "more rows of the same kind as `data`, read with it (e.g. the "
+                                                 "loop's STaR rationalizations beside the round's samples)")
     prompt: PromptConfig = help_field(PromptConfig(), "how questions become prompts (PRM rows, SFT evaluation)")
     step_sep: str = help_field("", "PRM: the text that ends each step (where the score is read); empty = the "
                                    "separator of prompt.format (prompts.separator), the one the samples were split by")
@@ -156,12 +159,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {list(TASKS)}")
-        if self.round_mode not in ("rest_em", "star"):
-            raise ValueError(f"round_mode must be rest_em or star, got {self.round_mode!r}")
+        if self.round_mode == "star":
+            raise ValueError("round_mode=star is gone from training: STaR restarts from the base model each round "
+                             "(round_mode=rest_em; `stepray iterate round_mode=star` adds its rationalization), and "
+                             "continuing from the previous model is round_mode=continue")
+        if self.round_mode not in ("rest_em", "continue"):
+            raise ValueError(f"round_mode must be rest_em or continue, got {self.round_mode!r}")
         if self.head_lr < 0:
             raise ValueError(f"head_lr must be >= 0 (0 = lr), got {self.head_lr}")
-        if self.round_mode == "star" and not self.previous:
-            raise ValueError("round_mode=star continues from the previous round's model: set previous=<model folder>")
+        if self.round_mode == "continue" and not self.previous:
+            raise ValueError("round_mode=continue starts from the previous round's model: set previous=<model folder>")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"schedule must be constant, linear or cosine, got {self.schedule!r}")
         if self.num_workers < 1 or self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
@@ -178,8 +185,8 @@ class TrainConfig:
         return self.step_sep or separator(self.prompt.format)
 
     def init_model(self) -> str:
-        """What the run starts from: the base (ReST-EM) or the previous round's model (STaR)."""
-        return self.previous if self.round_mode == "star" else self.base
+        """What the run starts from: the base (ReST-EM, STaR) or the previous round's model (continue)."""
+        return self.previous if self.round_mode == "continue" else self.base
 
     def resolved_run_name(self) -> str:
         return self.run_name or f"{self.task}-{Path(self.out).name}"

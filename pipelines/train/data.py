@@ -281,6 +281,12 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig) -> Example
 
 def read_examples(cfg: TrainConfig) -> Examples:
     kind, rows = read_rows(cfg.data)
+    for extra in cfg.extra_data:
+        extra_kind, extra_rows = read_rows(extra)
+        if extra_kind != kind:
+            raise InputError(f"extra_data {extra}: holds {extra_kind} rows, but data {cfg.data} holds {kind} rows; "
+                             f"give rows of one kind")
+        rows += extra_rows
     return build_examples(kind, rows, cfg)
 
 

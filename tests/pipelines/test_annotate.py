@@ -223,6 +223,28 @@ def test_step_check_consensus_keeps_labels_where_ground_truth_agrees(tiny_model)
 
 
 
+@pytest.mark.parametrize("labels, expected", [
+    # the prefix truth of the step checks (A errs at step 3, C at step 4), and the verdict on every step
+    ("step_check", {"p0/s0": [1, 1, 0], "p1/s0": [1, 1], "p2/s0": [1, 1, 1, 0]}),
+    ("outcome", {"p0/s0": [0, 0, 0], "p1/s0": [1, 1], "p2/s0": [0, 0, 0, 0]}),
+])
+def test_free_label_sources_need_no_engine(tiny_model, labels, expected):
+    samples = _samples(tiny_model)
+    samples = samples.append_column("quantities", pa.array([p["quantities"] for p in PROBLEMS],
+                                                           pa.list_(pa.float64())))
+    ann = StepAnnotator(_cfg(f"labels={labels}"), tiny_model, generator_cls=_NoEngine)
+    assert ann.gen is None  # never built
+    out = {r["sample_id"]: r for r in ann(samples).to_pylist()}
+    assert {k: out[k]["hard_labels"] for k in expected} == expected
+    assert all(r["tokens_generated"] == 0 and set(r["rollouts"]) == {0} for r in out.values())
+    assert out["p0/s0"]["method"] == labels
+
+
+class _NoEngine:
+    def __init__(self, *a, **k):
+        raise AssertionError("a free label source started an engine")
+
+
 @pytest.mark.parametrize("reply, label", [("Yes, it is.", 1), ("No.", 0), (" The step is incorrect", 0),
                                           ("Correct", 1), ("I think so", -1), ("", -1), ("Nobody knows", -1)])
 def test_parse_judgement(reply, label):

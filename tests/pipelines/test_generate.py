@@ -21,6 +21,32 @@ def test_confidence_matches_the_marco_o1_formula():
     assert math.isnan(confidence([], []))
 
 
+def test_rationalization_shows_the_answer_to_the_engine_and_keeps_the_plain_prompt(tiny_model):
+    """STaR: the engine's prompt carries the hint, the training row's prompt does not; code problems get none."""
+    import pyarrow as pa
+
+    from pipelines.generate import FormatPrompts, SamplingConfig, grade_batch, sample_mode
+    from pipelines.prompts import PromptConfig
+
+    fmt = FormatPrompts(tiny_model, PromptConfig(), SamplingConfig(n=2), greedy=False,
+                        hint="(Hint: the answer is {answer}.)")
+    base = {"question": "Tom has 3 apples and buys 4 more. How many apples?", "tests": "", "entry_point": ""}
+    problems = pa.Table.from_pylist([{**base, "id": "p1", "answer": "7", "kind": "numeric"},
+                                     {**base, "id": "c1", "answer": "", "kind": "code"}])
+    out = fmt(problems).to_pylist()
+    num, code = out
+    assert num["mode"] == "rationalized" and "(Hint: the answer is 7.)" in num["prompt"]
+    assert "Hint" not in num["plain_prompt"] and num["plain_prompt"] in num["prompt"].replace(
+        "\n(Hint: the answer is 7.)", "")
+    assert code["mode"] == "sample" and code["prompt"] == code["plain_prompt"] and "Hint" not in code["prompt"]
+    assert sample_mode("math", "h {answer}") == "rationalized" and sample_mode("numeric", "") == "sample"
+    completion = {"completion": "3 + 4 = 7\nThe answer is 7.", "error": "", "sample_idx": 1, "n_prompt_tokens": 9,
+                  "n_completion_tokens": 12, "finish_reason": "stop", "cum_logprob": -1.0, "model": "tiny",
+                  "token_logprobs": [], "top_logprobs": []}
+    graded = grade_batch(pa.Table.from_pylist([{**num, **completion}])).to_pylist()[0]
+    assert graded["prompt"] == num["plain_prompt"] and graded["sample_id"] == "p1/r1" and graded["correct"]
+
+
 def _row(pid, mode, idx, answer, correct):
     return {"problem_id": pid, "mode": mode, "sample_idx": idx, "answer": answer, "correct": correct,
             "n_completion_tokens": 10, "error": "", "reason": "correct" if correct else "wrong"}

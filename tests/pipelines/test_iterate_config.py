@@ -50,3 +50,28 @@ def test_stage_files_load_back_to_the_same_stage_config(tmp_path):
     path = stage_file(tmp_path, "train_prm", prm)
     assert Path(path) == tmp_path / "configs" / "train_prm.yaml"
     assert C.load_config(TrainConfig, path) == prm
+
+
+def test_star_rationalizes_only_unsolved_answerable_problems(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines import runs, schema
+    from pipelines.iterate import unsolved_problems
+    from pipelines.problems import SyntheticConfig, load_problems
+
+    probs = load_problems("synthetic", synthetic=SyntheticConfig(n=3, seed=2)).problems
+    code = {**probs[0], "id": "he-1", "kind": "code", "answer": "", "tests": "assert f() == 1"}
+    runs.write_problems(probs + [code], tmp_path)
+    (tmp_path / "samples").mkdir()
+    rows = [{"problem_id": probs[0]["id"], "sample_id": "a/s0", "correct": True},
+            {"problem_id": probs[1]["id"], "sample_id": "b/s0", "correct": False}]
+    pq.write_table(schema.to_table([{**r, "mode": "sample"} for r in rows], "sample"),
+                   tmp_path / "samples" / "part-0.parquet")
+    # problem 0 is solved; 1 failed, 2 had no sample at all; the code problem has no answer to hint
+    assert [p["id"] for p in unsolved_problems(tmp_path)] == [probs[1]["id"], probs[2]["id"]]
+
+
+def test_star_config_needs_the_answer_in_its_hint():
+    assert C.load_config(IterateConfig, overrides=["round_mode=star"]).rationalize_hint.count("{answer}") == 1
+    with pytest.raises(C.ConfigError, match="answer"):
+        C.load_config(IterateConfig, overrides=["round_mode=star", "rationalize_hint=(think harder)"])

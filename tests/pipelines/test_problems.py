@@ -160,3 +160,13 @@ def test_code_rows_mbpp_shape(tmp_path):
 def test_unknown_source_names_the_input():
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_problems("nope.jsonl")
+
+
+def test_a_runs_problems_parquet_loads_as_it_was_written(tmp_path):
+    """problems.parquet (what generate writes beside its samples) is a source: ground truth and kind kept."""
+    from pipelines import runs
+
+    probs = load_problems("synthetic", synthetic=SyntheticConfig(n=3, seed=8)).problems
+    path = runs.write_problems(probs, tmp_path)
+    got = load_problems(str(path)).problems
+    assert got == probs

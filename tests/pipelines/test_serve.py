@@ -34,7 +34,9 @@ def server(ray_session, tiny_model, tmp_path_factory):
                      # CPU each, so that two fit beside the generator and the ingress on the session's 2 CPUs
                      "deployments": {"PRM": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 2,
                                              "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
-                                                                    "target_ongoing_requests": 1,
+                                                                    # a PRM call is short beside generation:
+                                                                    # any steady share of it asks for more
+                                                                    "target_ongoing_requests": 0.05,
                                                                     "upscale_delay_s": 1, "look_back_period_s": 2,
                                                                     "downscale_delay_s": 600}}}})
     serve.run(app, name="stepray-test", route_prefix="/", blocking=False)

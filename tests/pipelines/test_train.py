@@ -19,7 +19,7 @@ import pytest
 
 from pipelines import schema
 from pipelines import train as T
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, InputError, load_config
 
 # ----------------------------------------------------------------------------------------------------------
 # Row builders (the schema kinds the jobs read)
@@ -207,12 +207,32 @@ def test_orm_examples_dedup_and_targets():
     assert sorted(e["target"] for e in ex.train) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
 
 
+def test_extra_data_is_read_with_the_data_and_must_be_the_same_kind(tmp_path):
+    """STaR's rationalizations come as a second Sample folder beside the round's samples (extra_data)."""
+    (tmp_path / "gen" / "samples").mkdir(parents=True)
+    (tmp_path / "rat" / "samples").mkdir(parents=True)
+    write([sample("p1", 0, "1 + 1 = 2", True)], "sample", tmp_path / "gen" / "samples" / "part-0.parquet")
+    write([sample("p2", 0, "2 + 2 = 4", True, mode="rationalized", prompt="Q2")], "sample",
+          tmp_path / "rat" / "samples" / "part-0.parquet")
+    cfg = cfg_for("sft", str(tmp_path / "gen"), tmp_path / "out", extra_data=[str(tmp_path / "rat")])
+    ex = T.read_examples(cfg)
+    assert sorted((e["problem_id"], e["prompt"]) for e in ex.train) == [("p1", "P"), ("p2", "Q2")]
+    labels = tmp_path / "labels.parquet"
+    write([{"sample_id": "x", "problem_id": "p", "question": "Q", "steps": ["a"], "soft_labels": [1.0],
+            "hard_labels": [1], "rollouts": [1], "tokens_generated": 0, "method": "naive", "model": "tiny",
+            "verifier": "v"}], "step_label", labels)
+    with pytest.raises(InputError, match="extra_data"):
+        T.read_examples(cfg_for("sft", str(tmp_path / "gen"), tmp_path / "out", extra_data=[str(labels)]))
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="previous"):
-        load_config(T.TrainConfig, base={"task": "sft", "round_mode": "star"})
-    star = load_config(T.TrainConfig, base={"round_mode": "star", "previous": "runs/r1/model", "base": "smollm2"})
+        load_config(T.TrainConfig, base={"task": "sft", "round_mode": "continue"})
+    cont = load_config(T.TrainConfig, base={"round_mode": "continue", "previous": "runs/r1/model", "base": "smollm2"})
     rest = load_config(T.TrainConfig, overrides=["round_mode=rest_em", "previous=runs/r1/model"])
-    assert star.init_model() == "runs/r1/model" and rest.init_model() == "smollm2"
+    assert cont.init_model() == "runs/r1/model" and rest.init_model() == "smollm2"
+    with pytest.raises(ConfigError, match="STaR restarts from the base model"):  # the old name is not silently kept
+        load_config(T.TrainConfig, base={"round_mode": "star", "previous": "runs/r1/model"})
     with pytest.raises(ConfigError, match="task"):
         load_config(T.TrainConfig, base={"task": "dpo"})
     with pytest.raises(ConfigError, match="labels.target"):

@@ -1,0 +1,188 @@
+"""What limits the verifier: PRMs trained on different step labels of the same samples, at equal training compute,
+and an ORM on every sample's verdict, measured on held-out solutions against the synthetic ground truth.
+
+    python -m benchmarks.prm_labels [--problems 160] [--heldout 60] [--n 4] [--label-samples 96] [--steps 20]
+                                    [--model smollm2] [--out runs/prm_labels] [--quick]
+
+Each step is the job a user would run (subprocesses, each with its own local Ray):
+1. `jobs.generate_samples`: --n samples of --problems synthetic 1-2 step problems (seed 0) and of --heldout
+   problems (seed 7), graded by the verifier;
+2. `jobs.annotate_steps` on the same --label-samples training samples (balanced selection), three ways:
+   step_check (the step checks' prefix truth: process ground truth, no rollouts), outcome (the verdict on every
+   step, no rollouts) and mc (Monte-Carlo, the demo's binary+reuse with 4 rollouts); and step_check on every
+   training sample (the "amount" axis: ground-truth labels cost nothing here);
+3. `jobs.train_model prm` on each label set and `jobs.train_model orm` on every training sample's verdict, all with
+   the same optimizer steps (--steps x 8 rows, lr 5e-5, from the base model): equal training compute;
+4. each model scores the held-out samples (PRMScorer, in this process): AUC of "step is wrong" against the truth
+   (PRMs), AUC of "answer is wrong" from the solution score (min over steps; the ORM's one score), best-of-N and
+   PRM-weighted vote accuracy at N=--n beside majority and pass@N, with 95% bootstrap intervals over problems
+   (the vote differences paired).
+Writes <out>/report.json and prints a table. --quick: the tiny model at smoke-test sizes (numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run(cmd: list[str]) -> None:
+    print("[prm_labels] $ " + " ".join(cmd[1:]), flush=True)
+    if subprocess.call(cmd) != 0:
+        raise SystemExit(f"[prm_labels] step failed: {' '.join(cmd)}")
+
+
+def bootstrap(problems: list[str], stat, reps: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of stat(list of problem ids) over problems resampled with replacement."""
+    rng = random.Random(seed)
+    vals = sorted(v for v in (stat([rng.choice(problems) for _ in problems]) for _ in range(reps))
+                  if not math.isnan(v))
+    return (vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]) if vals else (math.nan, math.nan)
+
+
+def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, dict]) -> dict:
+    from actors.prm_scorer import PRMScorer
+    from pipelines.prompts import PromptConfig, render
+    from pipelines.train.metrics import auc, step_truth, truth_scores_metrics
+    from pipelines.votes import best_index, majority_vote, reduce_steps, weighted_majority_vote
+
+    scorer = PRMScorer(str(model_dir), threads=-1)
+    pcfg = PromptConfig(**scorer.meta["prompt"]) if scorer.meta.get("prompt") else PromptConfig()
+    prompts = [render(scorer.tokenizer, problems[s["problem_id"]]["question"], "numeric", pcfg) for s in held]
+    if kind == "prm":
+        steps = scorer.score(prompts, [list(s["steps"]) for s in held])
+        value = [reduce_steps(v, "min") for v in steps]
+    else:
+        value = scorer.score_outcome(prompts, [s["completion"] for s in held])
+        steps = None
+    by_problem: dict[str, list[int]] = {}
+    for i, s in enumerate(held):
+        by_problem.setdefault(s["problem_id"], []).append(i)
+    pids = sorted(by_problem)
+
+    def outcome_auc(ps):
+        idx = [i for p in ps for i in by_problem[p]]
+        return auc([-value[i] for i in idx], [not held[i]["correct"] for i in idx])
+
+    def accuracy(ps, how):
+        hits = 0
+        for p in ps:
+            idx = by_problem[p]
+            answers = [held[i]["answer"] for i in idx]
+            if how == "best":
+                j = best_index(answers, [value[i] for i in idx])
+                hits += j is not None and held[idx[j]]["correct"]
+            else:
+                win = (majority_vote(answers) if how == "majority" else
+                       weighted_majority_vote(answers, [value[i] for i in idx]))
+                hits += any(held[i]["answer"] == win and held[i]["correct"] for i in idx) if win else 0
+        return hits / len(ps)
+
+    res = {"outcome_auc": outcome_auc(pids), "outcome_auc_ci": bootstrap(pids, outcome_auc)}
+    for how in ("best", "weighted", "majority"):
+        res[f"{how}@n"] = accuracy(pids, how)
+    res["weighted_minus_majority_ci"] = bootstrap(pids, lambda ps: accuracy(ps, "weighted") - accuracy(ps, "majority"))
+    res["best_minus_majority_ci"] = bootstrap(pids, lambda ps: accuracy(ps, "best") - accuracy(ps, "majority"))
+    if steps is not None:
+        sols = [(s["problem_id"], step_truth(problems[s["problem_id"]], s["steps"]), steps[i])
+                for i, s in enumerate(held)]
+        m = truth_scores_metrics(sols, 0.5)
+        res.update({"step_auc": m["auc_wrong"], "step_f1@0.5": m["f1"], "step_f1_fitted": m["calibrated"]["f1"],
+                    "threshold_fitted": m["calibrated"]["threshold"],
+                    "first_error_acc_fitted": m["calibrated"]["first_error_acc"]})
+
+        def step_auc(ps):
+            chosen = [sols[i] for p in ps for i in by_problem[p]]
+            flat = [(sc, ok) for _, oks, scs in chosen for sc, ok in zip(scs, oks) if not math.isnan(sc)]
+            return auc([-sc for sc, _ in flat], [not ok for _, ok in flat])
+        res["step_auc_ci"] = bootstrap(pids, step_auc)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--problems", type=int, default=160)
+    ap.add_argument("--heldout", type=int, default=60)
+    ap.add_argument("--n", type=int, default=4, help="samples per problem (and N of best-of-N / the votes)")
+    ap.add_argument("--label-samples", type=int, default=96, help="training samples labelled by each method")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps of every model (8 rows each)")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", default="runs/prm_labels")
+    ap.add_argument("--quick", action="store_true", help="tiny model, smoke-test sizes")
+    ap.add_argument("--json", help="also write the report here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.problems, args.heldout, args.n, args.label_samples, args.steps = "tiny", 4, 3, 2, 4, 2
+    out, py, t0 = Path(args.out), sys.executable, time.time()
+    syn = ["problems=synthetic", "synthetic.min_steps=1", "synthetic.max_steps=2"]
+    gen = [f"sampling.n={args.n}", "sampling.max_tokens=128", "sampling.logprobs=0", "greedy=false",
+           f"engine.model={args.model}", "--no-mlflow"]
+    for name, n, seed in (("gen_train", args.problems, 0), ("gen_held", args.heldout, 7)):
+        run([py, "-m", "jobs.generate_samples", "--out", str(out / name), *syn, f"synthetic.n={n}",
+             f"synthetic.seed={seed}", *gen])
+    labelled = {"step_check": ["--labels", "step_check", "--limit", str(args.label_samples)],
+                "outcome": ["--labels", "outcome", "--limit", str(args.label_samples)],
+                "mc": ["--labels", "mc", "--method", "binary", "--reuse", "--rollouts", "4", "max_tokens=96",
+                       "--limit", str(args.label_samples)],
+                "step_check_all": ["--labels", "step_check"]}
+    for name, opts in labelled.items():
+        run([py, "-m", "jobs.annotate_steps", "--samples", str(out / "gen_train" / "samples"), "--model", args.model,
+             "--out", str(out / f"ann_{name}"), "select=balanced", "--no-mlflow", *opts])
+    train = ["--base", args.model, f"max_steps={args.steps}", "epochs=1000", "batch_size=8", "lr=5e-5",
+             "num_workers=1", "cpus_per_worker=2", "eval.enabled=false", "eval.holdout_fraction=0", "--no-mlflow"]
+    for name in labelled:
+        run([py, "-m", "jobs.train_model", "prm", "--data", str(out / f"ann_{name}" / "labels"),
+             "--out", str(out / f"prm_{name}"), *train])
+    run([py, "-m", "jobs.train_model", "orm", "--data", str(out / "gen_train"), "--out", str(out / "orm"), *train])
+
+    import pyarrow.parquet as pq
+
+    from pipelines import runs
+
+    problems, _ = runs.run_problems(out / "gen_held")
+    held = [s for s in pq.read_table(out / "gen_held" / "samples").to_pylist()
+            if not s["error"] and s["finish_reason"] == "stop" and s["steps"]]
+    report = {"args": vars(args), "heldout_samples": len(held),
+              "heldout_problems": len({s["problem_id"] for s in held}),
+              "pass@n": sum(any(s["correct"] for s in held if s["problem_id"] == p)
+                            for p in {s["problem_id"] for s in held}) / max(1, len({s["problem_id"] for s in held})),
+              "models": {}}
+    for name in labelled:
+        labels = pq.read_table(out / f"ann_{name}" / "labels").to_pylist()
+        report["models"][f"prm_{name}"] = {
+            "labelled_steps": sum(h in (0, 1) for r in labels for h in r["hard_labels"]),
+            **measure(out / f"prm_{name}" / "model", "prm", held, problems)}
+    report["models"]["orm"] = {"labelled_steps": None, **measure(out / "orm" / "model", "orm", held, problems)}
+    report["wall_s"] = time.time() - t0
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+    def f(x):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+    def ci(x):
+        return f"[{f(x[0])}, {f(x[1])}]" if x else "-"
+
+    print(f"\nheld-out: {report['heldout_samples']} samples of {report['heldout_problems']} problems, "
+          f"pass@{args.n} {f(report['pass@n'])}")
+    print("| model | labelled steps | step AUC [95% CI] | F1@0.5 / fitted | outcome AUC [95% CI] | best@n | "
+          "weighted@n | majority@n | weighted - majority [95% CI] |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, m in report["models"].items():
+        print(f"| {name} | {m['labelled_steps'] if m['labelled_steps'] is not None else 'all verdicts'} | "
+              f"{f(m.get('step_auc'))} {ci(m.get('step_auc_ci'))} | {f(m.get('step_f1@0.5'))} / "
+              f"{f(m.get('step_f1_fitted'))} | {f(m['outcome_auc'])} {ci(m['outcome_auc_ci'])} | {f(m['best@n'])} | "
+              f"{f(m['weighted@n'])} | {f(m['majority@n'])} | {ci(m['weighted_minus_majority_ci'])} |")
+    print(f"\n[prm_labels] {report['wall_s']:.0f}s; report: {out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
