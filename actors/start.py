@@ -6,8 +6,9 @@
 - `scorer_actor(path, kind, ...)`: a PRMScorer actor on a RewardModel folder, its metadata checked against the kind
   the caller expects; its torch device follows the GPUs Ray gave it (device="auto").
 
-Ray Data pools (generation, annotation, scoring) start the same classes through `map_batches` with the same
-EngineConfig (`pipelines.generate.engine_pool_kwargs`); the Serve deployments through `pipelines.serve`.
+Ray Data pools start the same classes through `map_batches` from the same EngineConfig fields (generation:
+`pipelines.generate.build_generation`; annotation builds its engine inside its pool's actor, `StepAnnotator`; PRM
+scoring: `pipelines.train.metrics.scored_rows`); the Serve deployments through `pipelines.serve.build_app`.
 """
 
 from __future__ import annotations

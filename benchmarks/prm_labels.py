@@ -12,7 +12,7 @@ Each step is the job a user would run (subprocesses, each with its own local Ray
    step, no rollouts) and mc (Monte-Carlo, the demo's binary+reuse with 4 rollouts); and step_check on every
    training sample (the "amount" axis: ground-truth labels cost nothing here);
 3. `jobs.train_model prm` on each label set and `jobs.train_model orm` on every training sample's verdict, all with
-   the same optimizer steps (--steps x 8 rows, lr 5e-5, from the base model): equal training compute;
+   the same optimizer steps (--steps x --batch rows, lr 5e-5, from the base model): equal training compute;
 4. each model scores the held-out samples (PRMScorer, in this process): AUC of "step is wrong" against the truth
    (PRMs), AUC of "answer is wrong" from the solution score (min over steps; the ORM's one score), best-of-N and
    PRM-weighted vote accuracy at N=--n beside majority and pass@N, with 95% bootstrap intervals over problems
@@ -82,7 +82,7 @@ def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, di
                 win = (majority_vote(answers) if how == "majority" else
                        weighted_majority_vote(answers, [value[i] for i in idx]))
                 hits += any(held[i]["answer"] == win and held[i]["correct"] for i in idx) if win else 0
-        return hits / len(ps)
+        return hits / len(ps) if ps else math.nan
 
     res = {"outcome_auc": outcome_auc(pids), "outcome_auc_ci": bootstrap(pids, outcome_auc)}
     for how in ("best", "weighted", "majority"):
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", type=int, default=60)
     ap.add_argument("--n", type=int, default=4, help="samples per problem (and N of best-of-N / the votes)")
     ap.add_argument("--label-samples", type=int, default=96, help="training samples labelled by each method")
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps of every model (8 rows each)")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps of every model")
+    ap.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default="runs/prm_labels")
     ap.add_argument("--quick", action="store_true", help="tiny model, smoke-test sizes")
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.problems, args.heldout, args.n, args.label_samples, args.steps = "tiny", 4, 3, 2, 4, 2
+        args.batch = 2
     out, py, t0 = Path(args.out), sys.executable, time.time()
     syn = ["problems=synthetic", "synthetic.min_steps=1", "synthetic.max_steps=2"]
     gen = [f"sampling.n={args.n}", "sampling.max_tokens=128", "sampling.logprobs=0", "greedy=false",
@@ -128,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
              f"synthetic.seed={seed}", *gen])
     labelled = {"step_check": ["--labels", "step_check", "--limit", str(args.label_samples)],
                 "outcome": ["--labels", "outcome", "--limit", str(args.label_samples)],
-                "mc": ["--labels", "mc", "--method", "binary", "--reuse", "--rollouts", "4", "max_tokens=96",
-                       "--limit", str(args.label_samples)],
+                "mc": ["--labels", "mc", "--method", "binary", "--reuse", "--rollouts", "4",
+                       "--limit", str(args.label_samples), "max_tokens=96"],
                 "step_check_all": ["--labels", "step_check"]}
     for name, opts in labelled.items():
         run([py, "-m", "jobs.annotate_steps", "--samples", str(out / "gen_train" / "samples"), "--model", args.model,
-             "--out", str(out / f"ann_{name}"), "select=balanced", "--no-mlflow", *opts])
-    train = ["--base", args.model, f"max_steps={args.steps}", "epochs=1000", "batch_size=8", "lr=5e-5",
+             "--out", str(out / f"ann_{name}"), "--no-mlflow", *opts, "select=balanced"])
+    train = ["--base", args.model, f"max_steps={args.steps}", "epochs=1000", f"batch_size={args.batch}", "lr=5e-5",
              "num_workers=1", "cpus_per_worker=2", "eval.enabled=false", "eval.holdout_fraction=0", "--no-mlflow"]
     for name in labelled:
         run([py, "-m", "jobs.train_model", "prm", "--data", str(out / f"ann_{name}" / "labels"),
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     problems, _ = runs.run_problems(out / "gen_held")
     held = [s for s in pq.read_table(out / "gen_held" / "samples").to_pylist()
-            if not s["error"] and s["finish_reason"] == "stop" and s["steps"]]
+            if not s["error"] and s["steps"]]  # unfinished ones too: they are candidates of best-of-N
     report = {"args": vars(args), "heldout_samples": len(held),
               "heldout_problems": len({s["problem_id"] for s in held}),
               "pass@n": sum(any(s["correct"] for s in held if s["problem_id"] == p)

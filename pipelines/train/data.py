@@ -27,7 +27,8 @@ def data_files(path: str | Path) -> list[Path]:
     if p.is_file():
         return [p]
     for sub in ("samples", "labels"):  # a `stepray generate` or a `stepray annotate` output folder
-        if (p / sub).is_dir() and not list(p.glob("*.parquet")):
+        # (its own parquet files at the top are its problems.parquet, which is not training data)
+        if (p / sub).is_dir() and not [f for f in p.glob("*.parquet") if f.name != "problems.parquet"]:
             p = p / sub
             break
     return inputs.parquet_files(p, "training data", DATA_HINT)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.config import InputError
 from pipelines.train.config import CURVE_FILE, HISTORY_FILE, MALLOC_ENV, STATE_FILE, TrainConfig
 from pipelines.train.worker import train_loop_per_worker
 
@@ -16,7 +17,7 @@ def plan_steps(n_rows: int, cfg: TrainConfig) -> tuple[int, int]:
     """(steps per epoch, total steps): every rank gets n_rows // workers rows (equal split), full batches only."""
     per_epoch = (n_rows // cfg.num_workers) // cfg.batch_size
     if per_epoch < 1:
-        raise ValueError(f"{n_rows} training rows cannot fill one step of {cfg.num_workers} workers x batch "
+        raise InputError(f"training data: {n_rows} training rows cannot fill one step of {cfg.num_workers} workers x batch "
                          f"{cfg.batch_size}; lower batch_size / num_workers or give more data")
     total = cfg.max_steps or per_epoch * cfg.epochs
     return per_epoch, total

@@ -207,6 +207,19 @@ def test_orm_examples_dedup_and_targets():
     assert sorted(e["target"] for e in ex.train) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
 
 
+def test_a_generate_run_folder_is_read_as_its_samples_not_its_problems(tmp_path):
+    """A run folder holds problems.parquet beside samples/: --data <run> trains on the samples."""
+    from pipelines import runs
+    from pipelines.problems import SyntheticConfig, load_problems
+
+    (tmp_path / "gen" / "samples").mkdir(parents=True)
+    write([sample("p1", 0, "1 + 1 = 2", True)], "sample", tmp_path / "gen" / "samples" / "part-0.parquet")
+    runs.write_problems(load_problems("synthetic", synthetic=SyntheticConfig(n=2)).problems, tmp_path / "gen")
+    assert T.data_files(tmp_path / "gen") == [tmp_path / "gen" / "samples" / "part-0.parquet"]
+    kind, rows = T.read_rows(tmp_path / "gen")
+    assert kind == "sample" and [r["sample_id"] for r in rows] == ["p1/s0"]
+
+
 def test_extra_data_is_read_with_the_data_and_must_be_the_same_kind(tmp_path):
     """STaR's rationalizations come as a second Sample folder beside the round's samples (extra_data)."""
     (tmp_path / "gen" / "samples").mkdir(parents=True)
