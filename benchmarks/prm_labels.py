@@ -12,7 +12,7 @@ Each step is the job a user would run (subprocesses, each with its own local Ray
    step, no rollouts) and mc (Monte-Carlo, the demo's binary+reuse with 4 rollouts); and step_check on every
    training sample (the "amount" axis: ground-truth labels cost nothing here);
 3. `jobs.train_model prm` on each label set and `jobs.train_model orm` on every training sample's verdict, all with
-   the same optimizer steps (--steps x --batch rows, lr 5e-5, from the base model): equal training compute;
+   the same optimizer steps (--steps x --batch rows at --lr, from the base model): equal training compute;
 4. each model scores the held-out samples (PRMScorer, in this process): AUC of "step is wrong" against the truth
    (PRMs), AUC of "answer is wrong" from the solution score (min over steps; the ORM's one score), best-of-N and
    PRM-weighted vote accuracy at N=--n beside majority and pass@N, with 95% bootstrap intervals over problems
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-samples", type=int, default=96, help="training samples labelled by each method")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps of every model")
     ap.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
+    ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of every model")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default="runs/prm_labels")
     ap.add_argument("--quick", action="store_true", help="tiny model, smoke-test sizes")
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, opts in labelled.items():
         run([py, "-m", "jobs.annotate_steps", "--samples", str(out / "gen_train" / "samples"), "--model", args.model,
              "--out", str(out / f"ann_{name}"), "--no-mlflow", *opts, "select=balanced"])
-    train = ["--base", args.model, f"max_steps={args.steps}", "epochs=1000", f"batch_size={args.batch}", "lr=5e-5",
-             "num_workers=1", "cpus_per_worker=2", "eval.enabled=false", "eval.holdout_fraction=0", "--no-mlflow"]
+    train = ["--base", args.model, f"max_steps={args.steps}", "epochs=1000", f"batch_size={args.batch}",
+             f"lr={args.lr}", "num_workers=1", "cpus_per_worker=2", "eval.enabled=false", "eval.holdout_fraction=0",
+             "--no-mlflow"]
     for name in labelled:
         run([py, "-m", "jobs.train_model", "prm", "--data", str(out / f"ann_{name}" / "labels"),
              "--out", str(out / f"prm_{name}"), *train])
