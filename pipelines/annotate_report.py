@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipelines import config as C
-from pipelines import inputs, parts, runs, runtime, schema
+from pipelines import parts, runs, runtime, schema
 from pipelines.annotate import DIAGNOSTICS, AnnotateConfig
 from pipelines.problems import load_problems
 from pipelines.steps import first_error_accuracy, first_error_of, hard_at_k, label_quality, prefix_truth
@@ -37,13 +37,7 @@ def find_problems(cfg: AnnotateConfig, log=print) -> tuple[dict[str, dict], str]
             log(f"[annotate] no --problems, and the run of {cfg.samples} has no {runs.PROBLEMS_FILE} or config.json: "
                 f"labels get no question and no ground truth")
         return found, source
-    path = Path(spec)
-    if path.suffix == ".parquet" and path.exists():
-        table = inputs.read_parquet(path, "problems")
-        if "quantities" in table.column_names:
-            rows = schema.check_table(table, "problem", where=str(path)).to_pylist()
-            return {p["id"]: p for p in rows}, str(path)
-    loaded = load_problems(spec, synthetic=cfg.synthetic)
+    loaded = load_problems(spec, synthetic=cfg.synthetic)  # a Problem parquet keeps its quantities (ground truth)
     return {p["id"]: p for p in loaded.problems}, spec
 
 

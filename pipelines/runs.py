@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from pipelines import config as C
-from pipelines import inputs, schema
+from pipelines import schema
 
 PROBLEMS_FILE = "problems.parquet"
 
@@ -51,13 +51,13 @@ def run_problems(path: str | Path) -> tuple[dict[str, dict], str]:
     has neither problems.parquet nor a config.json naming its source)."""
     run = run_folder(path)
     table_path = run / PROBLEMS_FILE
-    if table_path.exists():
-        rows = schema.check_table(inputs.read_parquet(table_path, "problems"), "problem", where=str(table_path))
-        return {p["id"]: p for p in rows.to_pylist()}, str(table_path)
+    from pipelines.problems import SyntheticConfig, load_problems
+
+    if table_path.exists():  # load_problems reads a Problem table as it was written
+        return {p["id"]: p for p in load_problems(str(table_path)).problems}, str(table_path)
     conf = run_config(run)
     if not conf.get("problems"):
         return {}, ""
-    from pipelines.problems import SyntheticConfig, load_problems
 
     syn = C.load_config(SyntheticConfig, base=conf.get("synthetic") or {})
     loaded = load_problems(conf["problems"], synthetic=syn)
