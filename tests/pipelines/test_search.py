@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from pipelines.search import (CONFIDENCE, REFLECTION_CUE, STRATEGIES, Completion, SearchConfig, SearchProblem,
-                              engine_generate, orm_as_step_scorer)
+from pipelines.search import (CONFIDENCE, STRATEGIES, Completion, SearchConfig, SearchProblem, engine_generate,
+                              orm_as_step_scorer)
+from pipelines.search_ledger import REFLECTION_CUE
 from pipelines.votes import (best_index, best_of_n, group_answers, majority_vote, reduce_steps, vote_index,
                              weighted_majority_vote)
 
