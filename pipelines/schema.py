@@ -14,7 +14,7 @@ Row kinds:
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import pyarrow as pa
 
@@ -35,6 +35,17 @@ class Problem(TypedDict):
     tests: str  # code only: assert statements or a HumanEval-style check(candidate)
     entry_point: str  # code only: function name passed to check()
     meta: str  # JSON object with anything source-specific (level, subject, n_steps, ...)
+
+
+def _problem(**kw: Any) -> Problem:
+    """A Problem row with the defaults of the fields its source leaves out (problems.py's file loaders and
+    synthetic.py build their rows with it)."""
+    row: dict[str, Any] = {
+        "ref_steps": [], "ref_values": [], "quantities": [], "tests": "", "entry_point": "", "meta": "{}",
+        "answer": "", "kind": "numeric",
+    }
+    row.update(kw)
+    return row  # type: ignore[return-value]
 
 
 class Sample(TypedDict):

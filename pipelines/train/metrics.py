@@ -86,7 +86,7 @@ def step_truth(problem: dict, steps: Sequence[str]) -> list[bool]:
 
 def problems_by_id(ids: Sequence[str], synthetic: SyntheticConfig) -> dict[str, dict]:
     """Synthetic problems for ids of the form syn-<key>-<index> whose key is synthetic.key() (others are left out)."""
-    from pipelines.problems import synthetic_problem
+    from pipelines.synthetic import synthetic_problem
 
     out = {}
     prefix = f"syn-{synthetic.key()}-"

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from pipelines.problems import (SyntheticConfig, load_file, load_problems, parse_number, synthetic_problem,
-                                synthetic_problems)
+from pipelines.problems import load_file, load_problems, parse_number
+from pipelines.synthetic import SyntheticConfig, synthetic_problem, synthetic_problems
 
 
 def test_synthetic_is_reproducible_and_ids_are_stable():

@@ -352,7 +352,7 @@ def engine(ray_session, tiny_model):
 def tiny_problem(tiny_model):
     from transformers import AutoTokenizer
 
-    from pipelines.problems import SyntheticConfig, synthetic_problem
+    from pipelines.synthetic import SyntheticConfig, synthetic_problem
     from pipelines.prompts import PromptConfig, render
 
     p = synthetic_problem(SyntheticConfig(), 0)
@@ -425,7 +425,7 @@ def test_step_boundaries_and_beam_search_on_smollm2(engine, ray_session, smollm2
     from transformers import AutoTokenizer
 
     from actors.vllm_generator import VLLMGenerator
-    from pipelines.problems import SyntheticConfig, synthetic_problem
+    from pipelines.synthetic import SyntheticConfig, synthetic_problem
     from pipelines.prompts import PromptConfig, render
 
     ray_session.kill(engine)  # the module is done with it; the fixture's kill at teardown is then a no-op

@@ -332,7 +332,7 @@ def test_calibrated_metrics_are_cross_fitted_and_beat_a_bad_fixed_threshold():
 
 
 def test_step_truth_and_synthetic_lookup():
-    from pipelines.problems import SyntheticConfig, synthetic_problem
+    from pipelines.synthetic import SyntheticConfig, synthetic_problem
 
     syn = SyntheticConfig(min_steps=2, max_steps=2)
     p = synthetic_problem(syn, 3)
@@ -350,7 +350,7 @@ def test_truth_data_rebuilds_problems_and_scores_steps_against_ground_truth(tmp_
     metrics' arithmetic checked with given step scores (the scorer actor is replaced by a table here; the real
     PRMScorer path is the one the crash/resume test and `stepray train prm` exercise)."""
     import pipelines.train.evaluation as J
-    from pipelines.problems import SyntheticConfig, synthetic_problem
+    from pipelines.synthetic import SyntheticConfig, synthetic_problem
 
     syn = SyntheticConfig(n=4, seed=5, min_steps=2, max_steps=2)
     run = tmp_path / "gen"
