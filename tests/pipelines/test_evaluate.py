@@ -10,8 +10,9 @@ import pytest
 
 from pipelines import schema
 from pipelines.config import ConfigError, load_config
-from pipelines.evaluate import (CallBatcher, EvalConfig, SharedSamples, SharedScores, accuracy_table, evaluate,
-                                format_table, make_tasks, parse_strategy, plot_accuracy)
+from pipelines.evaluate import (EvalConfig, accuracy_table, evaluate, format_table, make_tasks, parse_strategy,
+                                plot_accuracy)
+from pipelines.evaluate_batching import CallBatcher, SharedSamples, SharedScores
 from pipelines.search import Completion
 
 
@@ -158,7 +159,7 @@ def test_shared_samples_under_concurrent_searches_generate_once():
         return [[{"text": "x", "token_ids": [1, 2], "finish_reason": "stop", "error": "", "token_logprobs": [],
                   "top_logprobs": []}] * s["n"] for _, s in items]
 
-    from pipelines.evaluate import _BatchedEngine
+    from pipelines.evaluate_batching import _BatchedEngine
     from pipelines.search import SearchConfig, engine_generate
 
     b = CallBatcher({"generate": scripted_engine}, max_wait_s=5.0)  # flushes only when every search waits
