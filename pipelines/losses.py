@@ -64,8 +64,9 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     Masked-out entries may hold any target value (NaN included): they are replaced before the loss is taken.
     """
     mask = mask.bool()
-    safe = torch.where(mask, targets.to(logits.dtype), torch.zeros_like(logits))  # (B, N): no NaN reaches BCE
-    per = F.binary_cross_entropy_with_logits(logits.float(), safe.float(), reduction="none")  # (B, N)
+    # fp32 targets whatever the logits' dtype: a bf16 autocast forward must not round soft labels (1/3 -> 0.3340)
+    safe = torch.where(mask, targets.float(), torch.zeros_like(targets, dtype=torch.float32))  # (B, N): no NaN
+    per = F.binary_cross_entropy_with_logits(logits.float(), safe, reduction="none")  # (B, N)
     return _weighted_mean(per, mask, weights, anchor=logits)
 
 

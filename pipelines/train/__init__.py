@@ -61,8 +61,9 @@ from pipelines.train.metrics import (auc, fit_threshold, flag_all_f1, greedy_acc
                                      truth_scores_metrics)
 from pipelines.train.trainer import (build_trainer, checkpoint_dtype, export_model,
                                      latest_checkpoint_step, mlflow_run, plan_steps)
-from pipelines.train.worker import (build_model, collate_batch, compute_loss, lr_factor, param_groups,
-                                    plot_loss_curve, save_final_model, train_loop_per_worker, trainable_state)
+from pipelines.train.worker import (build_model, collate_batch, compute_loss, freeze_lower, lr_factor, param_groups,
+                                    plot_loss_curve, resolve_precision, save_final_model, train_loop_per_worker,
+                                    trainable_state)
 
 __all__ = ["CURVE_FILE", "HISTORY_FILE", "LABEL_SOURCES", "MALLOC_ENV", "STATE_FILE", "TASKS", "EvalConfig",
            "LabelConfig", "LoraConfig", "SelectConfig", "TrainConfig", "malloc_tuned", "DATA_HINT", "Examples",
@@ -73,4 +74,4 @@ __all__ = ["CURVE_FILE", "HISTORY_FILE", "LABEL_SOURCES", "MALLOC_ENV", "STATE_F
            "predicted_first_error", "problems_by_id", "processbench_f1", "scored_rows", "step_f1", "step_truth",
            "build_trainer", "checkpoint_dtype", "export_model", "latest_checkpoint_step", "mlflow_run", "plan_steps",
            "build_model", "collate_batch", "compute_loss", "lr_factor", "param_groups", "plot_loss_curve",
-           "save_final_model", "train_loop_per_worker", "trainable_state"]
+           "save_final_model", "train_loop_per_worker", "trainable_state", "freeze_lower", "resolve_precision"]

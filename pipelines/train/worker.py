@@ -74,6 +74,8 @@ def build_model(task: str, init_path: str, cfg: TrainConfig, meta: dict | None =
             raise ValueError(f"{init_path} is a {model.kind} model, not a {task} model")
     else:
         model = RewardModel.from_base(init_path, kind=task, step_sep=cfg.separator(), meta=meta)
+    if cfg.freeze_layers:
+        freeze_lower(model if task == "sft" else model.backbone, cfg.freeze_layers)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing works under DDP and with frozen (LoRA) inputs
         (model if task == "sft" else model.backbone).gradient_checkpointing_enable(
@@ -89,6 +91,43 @@ def build_model(task: str, init_path: str, cfg: TrainConfig, meta: dict | None =
         else:
             model.backbone = peft.get_peft_model(model.backbone, lcfg)
     return model
+
+
+def freeze_lower(backbone, n: int) -> None:
+    """Freeze the input embeddings and the lowest n transformer blocks of a transformers model (a causal LM or its
+    bare backbone): backward then stops at block n, so a step costs the forward plus the upper blocks' backward.
+
+    With tied input/output embeddings (SmolLM2) an SFT model's output layer is frozen with them."""
+    inner = getattr(backbone, "model", backbone)  # LlamaForCausalLM.model / LlamaModel
+    blocks = getattr(inner, "layers", None)
+    if blocks is None:
+        raise ValueError(f"freeze_layers: {type(backbone).__name__} has no `layers` list of transformer blocks; "
+                         "set freeze_layers=0 for this model")
+    if n >= len(blocks):
+        raise ValueError(f"freeze_layers={n} would freeze all {len(blocks)} blocks; use fewer (or LoRA)")
+    backbone.get_input_embeddings().requires_grad_(False)
+    for block in blocks[:n]:
+        block.requires_grad_(False)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"bf16" or "fp32" for this worker's device (a torch.device): `auto` takes bf16 where the hardware computes it
+    natively. The one place the precision is decided, for GPU and CPU workers alike."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        # torch reports no native-bf16 flag for CPUs (mkldnn "bf16 supported" is also true where it is emulated,
+        # which is slower than fp32), so read the kernel's CPU flags; elsewhere than Linux, fp32.
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "fp32"
+        return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+    return "fp32"
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
@@ -164,6 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from ray.data.collate_fn import NumpyBatchCollateFn
     from ray.train import Checkpoint
+    import ray.train.torch
     from ray.train.torch import prepare_model
     from transformers import AutoTokenizer
 
@@ -192,6 +232,9 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state["model"], strict=False)
     torch.manual_seed(cfg.seed * 1000 + 1 + rank)  # LoRA dropout: different masks per rank, reproducible
     model = prepare_model(model)
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.precision, device)
+    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": precision == "bf16"}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total, per_epoch = config["total_steps"], config["steps_per_epoch"]
@@ -215,7 +258,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         print(f"[train {task}] {'resuming from step ' + str(step) if step else 'starting'}: {total} steps "
               f"({per_epoch} per epoch), {world} workers x batch {cfg.batch_size}; model ready in "
-              f"{time.time() - t_begin:.1f}s; glibc malloc {'tuned' if tuned else 'as is'}", flush=True)
+              f"{time.time() - t_begin:.1f}s; {precision} on {device.type}; glibc malloc {'tuned' if tuned else 'as is'}",
+              flush=True)
 
     class Collate(NumpyBatchCollateFn):
         def __call__(self, batch):
@@ -249,7 +293,8 @@ def train_loop_per_worker(config: dict) -> None:
                     continue  # resumed mid-epoch: these batches were trained on before the interruption
                 if i >= per_epoch or step >= total:
                     break
-                loss = compute_loss(task, model, batch)
+                with torch.autocast(**autocast):  # the loss itself is taken in fp32 (pipelines.losses)
+                    loss = compute_loss(task, model, batch)
                 loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -271,7 +316,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {"step": step, "epoch": epoch, "loss": sum(losses_log) / len(losses_log), "lr": lr,
                            "tokens_per_s": tokens_log / max(now - t_log, 1e-9), "resumed_from": resumed_from,
                            "window_tokens": tokens_log, "window_s": now - t_log, "report_s": report_s,
-                           "data_s": data_wait[0], "malloc_tuned": int(tuned)}
+                           "data_s": data_wait[0], "malloc_tuned": int(tuned), "bf16": int(precision == "bf16")}
                 history.append({k: metrics[k] for k in ("step", "loss", "lr", "tokens_per_s", "window_tokens",
                                                         "window_s", "report_s", "data_s")})
                 if rank == 0:

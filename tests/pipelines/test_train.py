@@ -485,6 +485,7 @@ def _loss_fell(history: list[dict]) -> tuple[float, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["sft", "prm", "orm"])
 def test_train_crash_and_resume_through_ray_train(task, tmp_path, ray_session, tiny_model, monkeypatch):
+    import torch
     from ray.train import TrainingFailedError
 
     use_mlflow = task == "sft"  # one MLflow check is enough (each costs a few seconds)
@@ -509,6 +510,7 @@ def test_train_crash_and_resume_through_ray_train(task, tmp_path, ray_session, t
     result = T.build_trainer(cfg, rows, tiny_model, tiny_model, uri, run_id, meta, loop_extras=crash).fit()
     assert result.metrics["resumed_from"] == 8 and result.metrics["step"] == total
     assert result.metrics["malloc_tuned"] == 1  # tune_malloc (default): the workers started with MALLOC_ENV
+    assert result.metrics["bf16"] == (T.resolve_precision("auto", torch.device("cpu")) == "bf16")  # auto
     summary = T.export_model(result, out)
     assert summary["steps"] == total and summary["resumed_from"] == 8
     history = json.loads((out / T.HISTORY_FILE).read_text())
@@ -543,11 +545,13 @@ def test_train_crash_and_resume_through_ray_train(task, tmp_path, ray_session, t
 
 @pytest.mark.slow
 def test_failure_config_retries_from_the_latest_checkpoint(tmp_path, ray_session, tiny_model):
-    cfg, rows = _prepare("orm", tmp_path, tiny_model, max_failures=1, epochs=1, tune_malloc=False)
+    cfg, rows = _prepare("orm", tmp_path, tiny_model, max_failures=1, epochs=1, tune_malloc=False,
+                         precision="bf16", freeze_layers=1)
     crash = {"_test_crash_after_step": 4}
     result = T.build_trainer(cfg, rows, tiny_model, tiny_model, loop_extras=crash).fit()  # fails at 4, retried, ends
     assert result.metrics["resumed_from"] == 4 and result.metrics["step"] == 6
     assert result.metrics["malloc_tuned"] == 0  # tune_malloc=False: glibc as it is
+    assert result.metrics["bf16"] == 1  # precision=bf16 reached the worker loop (with a frozen block, resumed)
     assert T.export_model(result, Path(cfg.out))["resumed_from"] == 4
 
 
@@ -605,6 +609,56 @@ def test_gradient_checkpointing_gives_the_same_gradients(task, tmp_path, tiny_mo
         grads.append((loss.item(), next(p.grad for n, p in model.named_parameters() if "layers.0." in n)))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["sft", "prm"])
+def test_freeze_layers_trains_only_the_upper_blocks(task, tmp_path, tiny_model, tok):
+    """freeze_layers=1 of the tiny model's 2 blocks: the embeddings and block 0 get no gradient, block 1 (and the
+    reward head) do; the optimizer sees only what trains; freezing every block is refused."""
+    cfg = cfg_for(task, "x", tmp_path, base=tiny_model, freeze_layers=1)
+    model = T.build_model(task, tiny_model, cfg)
+    rows_in = sample_rows(1) if task == "sft" else step_label_rows(2)
+    ex = T.build_examples("sample" if task == "sft" else "step_label", rows_in, cfg)
+    rows, _ = T.tokenize_examples(task, ex.train, tok, cfg)
+    T.compute_loss(task, model, T.collate_batch(task, {k: [r[k] for r in rows] for k in rows[0]},
+                                                tok.pad_token_id)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    frozen = [n for n in grads if "embed_tokens" in n or "layers.0." in n]
+    trained = [n for n in grads if "layers.1." in n or n.startswith("head.")]
+    assert frozen and trained
+    assert all(grads[n] is None for n in frozen)
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in trained)
+    assert sum(len(g["params"]) for g in T.param_groups(model, cfg)) == len(grads) - len(frozen)
+    with pytest.raises(ValueError, match="would freeze all 2 blocks"):
+        T.build_model(task, tiny_model, cfg_for(task, "x", tmp_path, base=tiny_model, freeze_layers=2))
+
+
+def test_bf16_autocast_loss_is_close_to_fp32_and_precision_resolves(tmp_path, tiny_model, tok):
+    """The same PRM batch under bf16 autocast gives the fp32 loss to bf16 rounding, with fp32 gradients; `auto`
+    follows the CPU's native bf16 flag; explicit precisions pass through; a bad one is refused by name."""
+    import torch
+
+    cfg = cfg_for("prm", "x", tmp_path, base=tiny_model)
+    torch.manual_seed(0)
+    model = T.build_model("prm", tiny_model, cfg)
+    ex = T.build_examples("step_label", step_label_rows(4), cfg)
+    rows, _ = T.tokenize_examples("prm", ex.train, tok, cfg)
+    batch = T.collate_batch("prm", {k: [r[k] for r in rows] for k in rows[0]}, tok.pad_token_id)
+    losses = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = T.compute_loss("prm", model, batch)
+        loss.backward()
+        assert loss.dtype == torch.float32 and model.head.weight.grad.dtype == torch.float32
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    cpu = torch.device("cpu")
+    native = any(f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16"))
+    assert T.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert T.resolve_precision("fp32", cpu) == "fp32" and T.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        cfg_for("prm", "x", tmp_path, base=tiny_model, precision="fp16")
 
 
 def test_param_groups_give_the_reward_head_its_own_rate(tmp_path, tiny_model):
