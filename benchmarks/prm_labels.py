@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of every model")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default="runs/prm_labels")
+    ap.add_argument("--labels", default="step_check,outcome,mc,step_check_all",
+                    help="label sets to train PRMs on (comma list of step_check, outcome, mc, step_check_all, "
+                         "outcome_all: *_all labels every training sample, the others --label-samples)")
+    ap.add_argument("--no-orm", action="store_true", help="skip the ORM on every sample's verdict")
+    ap.add_argument("--train-args", default="", help="more `stepray train` overrides for every model, space "
+                                                     "separated (e.g. 'precision=bf16 freeze_layers=20')")
     ap.add_argument("--quick", action="store_true", help="tiny model, smoke-test sizes")
     ap.add_argument("--json", help="also write the report here")
     args = ap.parse_args(argv)
@@ -129,21 +135,29 @@ def main(argv: list[str] | None = None) -> int:
     for name, n, seed in (("gen_train", args.problems, 0), ("gen_held", args.heldout, 7)):
         run([py, "-m", "jobs.generate_samples", "--out", str(out / name), *syn, f"synthetic.n={n}",
              f"synthetic.seed={seed}", *gen])
-    labelled = {"step_check": ["--labels", "step_check", "--limit", str(args.label_samples)],
-                "outcome": ["--labels", "outcome", "--limit", str(args.label_samples)],
-                "mc": ["--labels", "mc", "--method", "binary", "--reuse", "--rollouts", "4",
-                       "--limit", str(args.label_samples), "max_tokens=96"],
-                "step_check_all": ["--labels", "step_check"]}
+    label_sets = {"step_check": ["--labels", "step_check", "--limit", str(args.label_samples)],
+                  "outcome": ["--labels", "outcome", "--limit", str(args.label_samples)],
+                  "mc": ["--labels", "mc", "--method", "binary", "--reuse", "--rollouts", "4",
+                         "--limit", str(args.label_samples), "max_tokens=96"],
+                  "step_check_all": ["--labels", "step_check"],
+                  "outcome_all": ["--labels", "outcome"]}
+    chosen = [x.strip() for x in args.labels.split(",") if x.strip()]
+    unknown = sorted(set(chosen) - set(label_sets))
+    if unknown:
+        raise SystemExit(f"[prm_labels] --labels: unknown label set(s) {unknown}; choose from {sorted(label_sets)}")
+    labelled = {k: label_sets[k] for k in chosen}
     for name, opts in labelled.items():
         run([py, "-m", "jobs.annotate_steps", "--samples", str(out / "gen_train" / "samples"), "--model", args.model,
              "--out", str(out / f"ann_{name}"), "--no-mlflow", *opts, "select=balanced"])
     train = ["--base", args.model, f"max_steps={args.steps}", "epochs=1000", f"batch_size={args.batch}",
              f"lr={args.lr}", "num_workers=1", "cpus_per_worker=2", "eval.enabled=false", "eval.holdout_fraction=0",
-             "--no-mlflow"]
+             "--no-mlflow", *args.train_args.split()]
     for name in labelled:
         run([py, "-m", "jobs.train_model", "prm", "--data", str(out / f"ann_{name}" / "labels"),
              "--out", str(out / f"prm_{name}"), *train])
-    run([py, "-m", "jobs.train_model", "orm", "--data", str(out / "gen_train"), "--out", str(out / "orm"), *train])
+    if not args.no_orm:
+        run([py, "-m", "jobs.train_model", "orm", "--data", str(out / "gen_train"), "--out", str(out / "orm"),
+             *train])
 
     import pyarrow.parquet as pq
 
@@ -162,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         report["models"][f"prm_{name}"] = {
             "labelled_steps": sum(h in (0, 1) for r in labels for h in r["hard_labels"]),
             **measure(out / f"prm_{name}" / "model", "prm", held, problems)}
-    report["models"]["orm"] = {"labelled_steps": None, **measure(out / "orm" / "model", "orm", held, problems)}
+    if not args.no_orm:
+        report["models"]["orm"] = {"labelled_steps": None, **measure(out / "orm" / "model", "orm", held, problems)}
     report["wall_s"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(report, indent=1))
     if args.json:

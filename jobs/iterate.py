@@ -22,8 +22,7 @@ from pathlib import Path
 
 from pipelines import config as C
 from pipelines.iterate import (IterateConfig, Manifest, count_verified, evaluation, log_skip, open_loop_run, plot_rounds,
-                               round_table, run_stage, stage_file, traces_to_training_rows, unsolved_problems)
-from pipelines.runs import write_problems
+                               rationalize, round_table, run_stage, stage_file, traces_to_training_rows)
 from pipelines.runtime import cli_main, mlflow_ui_command
 
 PY = sys.executable
@@ -94,19 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(manifest, f"round_{r}/train_orm", [PY, "-m", "jobs.train_model", "orm", "--config",
                                                          stage_file(rd, "train_orm", orm_cfg)],
                       lineage, {"model": str(rd / "orm" / "model")})
-        extra = []
-        if cfg.round_mode == "star":  # rationalization: the unsolved problems again, the answer given as a hint
-            unsolved = unsolved_problems(gen_dir)
-            if not unsolved:
-                log_skip(manifest, f"round_{r}/rationalize", "every problem has a verified sample")
-            else:
-                hinted = replace(cfg.generate, out=str(rd / "rationalize"), greedy=False, hint=cfg.rationalize_hint,
-                                 problems=str(write_problems(unsolved, rd / "unsolved")),
-                                 engine=replace(cfg.generate.engine, model=generator))
-                run_stage(manifest, f"round_{r}/rationalize", [PY, "-m", "jobs.generate_samples", "--config",
-                                                               stage_file(rd, "rationalize", hinted)],
-                          lineage | {"unsolved": len(unsolved)}, {"samples": str(rd / "rationalize" / "samples")})
-                extra = [str(rd / "rationalize")]
+        # STaR: the unsolved problems' rationalizations train beside the round's samples
+        extra = rationalize(manifest, cfg, rd, gen_dir, generator, lineage) if cfg.round_mode == "star" else []
         # ReST-EM and STaR refit from the base model each round; continue starts from the current generator
         cont = cfg.round_mode == "continue" and generator != base
         verified = count_verified(gen_dir / "samples") + sum(count_verified(Path(e) / "samples") for e in extra)

@@ -52,6 +52,10 @@ class IterateConfig:
                                             "continue: SFT starts from the previous round's generator")
     rationalize_hint: str = help_field("(Hint: the answer is {answer}.)", "star: what follows an unsolved question "
                                        "in rationalization ({answer} is filled in); the training rows omit it")
+    rationalize: str = help_field("hint", "star: how an unsolved problem gets its rationalization: hint (the "
+                                  "generator samples it with the answer as a hint, as in STaR) | reference (the "
+                                  "problem's reference solution, written in the prompt format and graded like a "
+                                  "sample: for a generator too weak to rationalize, e.g. the tiny test model)")
     sampling: str = help_field("sample", "how a round's training data is found: sample (plain sampling) | "
                                          "search:<strategy> (e.g. search:best_of_n, with the current PRM; expert "
                                          "iteration; round 0 has no PRM yet and samples)")
@@ -80,6 +84,8 @@ class IterateConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.round_mode not in ("rest_em", "star", "continue"):
             raise ValueError(f"round_mode {self.round_mode!r} is not one of rest_em, star, continue")
+        if self.rationalize not in ("hint", "reference"):
+            raise ValueError(f"rationalize must be hint or reference, got {self.rationalize!r}")
         if self.round_mode == "star" and "{answer}" not in self.rationalize_hint:
             raise ValueError("rationalize_hint must contain {answer}: rationalization shows the right answer")
         if not (self.sampling == "sample" or self.sampling.startswith("search:")):
@@ -235,6 +241,71 @@ def traces_to_training_rows(eval_dir: Path, out_dir: Path, prompt_model: str, cf
     runs.write_problems(list(problems.values()), out_dir)
     (out_dir / "config.json").write_text(json.dumps(C.to_dict(gen_cfg) | {
         "problems": "synthetic", "synthetic": C.to_dict(cfg.train_problems)}, indent=1))
+
+
+def rationalize(manifest: Manifest, cfg: IterateConfig, rd: Path, gen_dir: Path, generator: str,
+                lineage: dict) -> list[str]:
+    """STaR's rationalization stage of a round: the problems no sample solved, rationalized by the generator with the
+    answer as a hint (a generate stage) or by their reference solutions (no engine); returns the run folders whose
+    samples train beside the round's (empty when every problem was solved)."""
+    import sys
+
+    from pipelines.runs import write_problems
+
+    key, out = f"{rd.name}/rationalize", rd / "rationalize"
+    unsolved = unsolved_problems(gen_dir)
+    if not unsolved:
+        log_skip(manifest, key, "every problem has a verified sample")
+        return []
+    if cfg.rationalize == "reference":
+        if not manifest.done(key):
+            manifest.start(key, ["reference_rationalizations"], lineage | {"unsolved": len(unsolved)})
+            t0 = time.time()
+            verified = reference_rationalizations(unsolved, out, generator, cfg)
+            manifest.finish(key, time.time() - t0, {"samples": str(out / "samples"), "verified": verified})
+        return [str(out)]
+    hinted = replace(cfg.generate, out=str(out), greedy=False, hint=cfg.rationalize_hint,
+                     problems=str(write_problems(unsolved, rd / "unsolved")),
+                     engine=replace(cfg.generate.engine, model=generator))
+    run_stage(manifest, key, [sys.executable, "-m", "jobs.generate_samples", "--config",
+                              stage_file(rd, "rationalize", hinted)],
+              lineage | {"unsolved": len(unsolved)}, {"samples": str(out / "samples")})
+    return [str(out)]
+
+
+def reference_rationalizations(problems: list[dict], out_dir: Path, prompt_model: str, cfg: IterateConfig) -> int:
+    """STaR with rationalize=reference: each unsolved problem's reference solution (ref_steps and answer, in the
+    prompt format) as a Sample row, graded by the verifier like a generated one (a reference the grader refuses
+    stays unverified and SFT selection drops it). Writes <out_dir>/samples, problems.parquet and config.json (the
+    layout of a generate run, so training reads it as extra_data); returns the number of verified rows."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from pipelines import runs, schema
+    from pipelines.models import load_path
+    from pipelines.prompts import reference_completion, render, split_steps
+    from pipelines.verify import verify_row
+
+    fmt = cfg.generate.prompt.format
+    tok = AutoTokenizer.from_pretrained(load_path(prompt_model))
+    rows = []
+    for p in problems:
+        if not p.get("ref_steps"):
+            continue  # no reference solution to show (a source without one): the problem stays unsolved
+        completion = reference_completion(list(p["ref_steps"]), p["answer"], fmt)
+        v = verify_row({"completion": completion, "gold": p["answer"], "kind": p["kind"]})
+        rows.append({"problem_id": p["id"], "sample_id": f"{p['id']}/ref", "sample_idx": 0, "mode": "reference",
+                     "prompt": render(tok, p["question"], p["kind"], cfg.generate.prompt), "completion": completion,
+                     "steps": split_steps(completion, fmt, p["kind"]), "answer": v.answer,
+                     "answer_method": v.method, "gold": p["answer"], "kind": p["kind"], "correct": bool(v.correct),
+                     "reason": v.reason, "n_prompt_tokens": 0, "n_completion_tokens": 0, "finish_reason": "stop",
+                     "cum_logprob": float("nan"), "confidence": float("nan"), "temperature": 0.0,
+                     "model": "reference", "error": ""})
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    pq.write_table(schema.to_table(rows, "sample"), out_dir / "samples" / "part-reference.parquet")
+    runs.write_problems(problems, out_dir)
+    (out_dir / "config.json").write_text(json.dumps(C.to_dict(cfg.generate) | {"rationalize": "reference"}, indent=1))
+    return sum(r["correct"] for r in rows)
 
 
 def eval_rows(eval_dir: Path) -> list[dict]:

@@ -96,6 +96,16 @@ def split_steps(completion: str, fmt: str, kind: str = "numeric") -> list[str]:
     return [s.strip() for s in text.split(sep) if s.strip()]
 
 
+def reference_completion(steps: list[str], answer: str, fmt: str) -> str:
+    """A problem's reference solution (its steps and final answer) written as the format asks a completion to be:
+    what STaR's `rationalize=reference` trains on where the model cannot rationalize by itself."""
+    body = [s.strip() for s in steps if s.strip()]
+    final = f"The answer is {answer}."
+    if fmt == "staged":
+        return "<REASONING>\n" + "".join(s + "\n" for s in body) + f"</REASONING>\n<CONCLUSION> {final} </CONCLUSION>"
+    return separator(fmt).join(body + [final])
+
+
 def join_steps(steps: list[str], fmt: str) -> str:
     """Steps -> the text a continuation starts from (each step followed by the separator)."""
     sep = separator(fmt)

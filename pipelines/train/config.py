@@ -57,6 +57,9 @@ class SelectConfig:
     dedup: bool = help_field(True, "drop samples of a problem whose whitespace-normalised text repeats")
     balance: bool = help_field(False, "SFT: weight samples 1/n_p so each problem weighs the same")
     require_stop: bool = help_field(True, "SFT: keep only samples that ended with a stop, not at max_tokens")
+    step_checks: bool = help_field(False, "SFT: where a problem allows step checks (synthetic: every intermediate "
+                                   "value known), drop verified samples with a wrong step (a right answer reached "
+                                   "by wrong steps, e.g. after a STaR hint); other problems keep outcome verification")
 
     def __post_init__(self) -> None:
         if self.k < 0:

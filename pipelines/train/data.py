@@ -96,14 +96,27 @@ def _norm_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def select_sft(samples: Sequence[dict], cfg: SelectConfig) -> tuple[list[dict], dict[str, int]]:
-    """Verified samples -> Trajectory rows (module docstring). Returns (rows, counts of why the others were left)."""
+def select_sft(samples: Sequence[dict], cfg: SelectConfig, problems: dict[str, dict] | None = None
+               ) -> tuple[list[dict], dict[str, int]]:
+    """Verified samples -> Trajectory rows (module docstring). Returns (rows, counts of why the others were left).
+
+    problems (by id): with cfg.step_checks, a sample of a problem with step checks (quantities known) must also pass
+    every step check."""
+    from pipelines.verify import first_error
+
+    def wrong_step(s: dict) -> bool:
+        p = (problems or {}).get(s["problem_id"])
+        if not cfg.step_checks or not p or not p.get("quantities"):
+            return False
+        return first_error(list(s.get("steps") or []), p["quantities"], p["answer"]) >= 0
+
     why: dict[str, int] = {}
     by_problem: dict[str, list[dict]] = {}
     for s in samples:
         reason = ("error" if s.get("error") else "not_correct" if not s.get("correct")
                   else "no_stop" if cfg.require_stop and s.get("finish_reason") != "stop"
-                  else "empty" if not str(s.get("completion") or "").strip() else "")
+                  else "empty" if not str(s.get("completion") or "").strip()
+                  else "wrong_step" if wrong_step(s) else "")
         if reason:
             why[reason] = why.get(reason, 0) + 1
             continue
@@ -213,8 +226,10 @@ class Examples:
         return s
 
 
-def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig) -> Examples:
-    """Rows of a detected kind -> the task's examples (see the module docstring for every source)."""
+def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: dict[str, dict] | None = None
+                   ) -> Examples:
+    """Rows of a detected kind -> the task's examples (see the module docstring for every source); problems (by id,
+    from the runs the rows came from) serve SFT's step checks."""
     if cfg.labels.source not in ("auto", kind):
         raise InputError(f"labels.source={cfg.labels.source} but {cfg.data} holds {kind} rows")
     if kind not in _ACCEPTS[cfg.task]:
@@ -226,7 +241,7 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig) -> Example
     out: list[dict] = []
     if cfg.task == "sft":
         if kind == "sample":
-            out, dropped = select_sft(rows, cfg.select)
+            out, dropped = select_sft(rows, cfg.select, problems)
         else:
             out = [{k: r[k] for k in ("problem_id", "sample_id", "prompt", "completion", "weight")} for r in rows]
     elif cfg.task == "orm":
@@ -288,7 +303,13 @@ def read_examples(cfg: TrainConfig) -> Examples:
             raise InputError(f"extra_data {extra}: holds {extra_kind} rows, but data {cfg.data} holds {kind} rows; "
                              f"give rows of one kind")
         rows += extra_rows
-    return build_examples(kind, rows, cfg)
+    problems: dict[str, dict] = {}
+    if cfg.task == "sft" and cfg.select.step_checks and kind == "sample":
+        from pipelines.runs import run_problems
+
+        for src in (cfg.data, *cfg.extra_data):
+            problems.update(run_problems(src)[0])
+    return build_examples(kind, rows, cfg, problems)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -110,3 +110,35 @@ def test_bad_stage_override_fails_before_any_work(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown config key annotate.rolouts" in r.stderr
     assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_two_star_rounds_train_the_generator_and_refit_from_the_base(tmp_path):
+    """Two STaR rounds on the tiny model with SFT on. The random model solves nothing, so every problem is
+    rationalized by its reference solution (graded, not assumed), SFT trains on those rows, round 1 samples with
+    round 0's generator and refits from the base model (STaR), and the PRM trains on the step checks' free labels."""
+    out = tmp_path / "star"
+    over = ["rounds=2", "round_mode=star", "rationalize=reference", "annotate.labels=step_check"]
+    r = subprocess.run(_cmd(out) + over, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    st = json.loads((out / "manifest.json").read_text())["stages"]
+    base = st["round_0/generate"]["lineage"]["generator"]
+    assert "tiny-llama" in base
+    for rnd in (0, 1):
+        assert st[f"round_{rnd}/rationalize"]["status"] == "done"
+        assert st[f"round_{rnd}/rationalize"]["outputs"]["verified"] == 4  # all 4 training problems, all verified
+        sft = st[f"round_{rnd}/train_sft"]
+        assert sft["status"] == "done" and sft["lineage"]["verified_samples"] == 4
+        assert sft["lineage"]["init"] == base  # STaR refits from the base model every round
+        ref = pq.read_table(out / f"round_{rnd}" / "rationalize" / "samples").to_pylist()
+        assert {x["mode"] for x in ref} == {"reference"} and all(x["correct"] for x in ref)
+        assert all("Hint" not in x["prompt"] and x["completion"].endswith(f"The answer is {x['gold']}.")
+                   for x in ref)
+        summary = json.loads((out / f"round_{rnd}" / "sft" / "summary.json").read_text())
+        assert summary["train_rows"] >= 4  # the references (the random model's own samples are never verified)
+        labels = pq.read_table(out / f"round_{rnd}" / "annotate" / "labels").to_pylist()
+        assert labels and {x["method"] for x in labels} == {"step_check"}
+    # round 1 generates and is evaluated with round 0's trained generator
+    assert st["round_1/generate"]["lineage"]["generator"] == str(out / "round_0" / "sft" / "model")
+    assert st["round_1/evaluate"]["lineage"]["generator"] == str(out / "round_1" / "sft" / "model")
+    rounds = json.loads((out / "summary.json").read_text())["rounds"]
+    assert [x["model"] for x in rounds] == ["round 1", "round 2"]

@@ -75,3 +75,40 @@ def test_star_config_needs_the_answer_in_its_hint():
     assert C.load_config(IterateConfig, overrides=["round_mode=star"]).rationalize_hint.count("{answer}") == 1
     with pytest.raises(C.ConfigError, match="answer"):
         C.load_config(IterateConfig, overrides=["round_mode=star", "rationalize_hint=(think harder)"])
+
+
+@pytest.mark.parametrize("fmt, expected", [
+    ("lines", "3 + 4 = 7\n7 x 2 = 14\nThe answer is 14."),
+    ("paragraphs", "3 + 4 = 7\n\n7 x 2 = 14\n\nThe answer is 14."),
+    ("staged", "<REASONING>\n3 + 4 = 7\n7 x 2 = 14\n</REASONING>\n<CONCLUSION> The answer is 14. </CONCLUSION>"),
+])
+def test_reference_completion_is_written_in_the_prompt_format(fmt, expected):
+    from pipelines.prompts import reference_completion, split_steps
+
+    text = reference_completion(["3 + 4 = 7", " 7 x 2 = 14 "], "14", fmt)
+    assert text == expected
+    assert split_steps(text, fmt)[-1].endswith("The answer is 14.") or fmt == "staged"
+
+
+def test_reference_rationalizations_are_graded_rows_of_the_unsolved_problems(tmp_path, tiny_model):
+    import pyarrow.parquet as pq
+
+    from pipelines import runs
+    from pipelines.iterate import reference_rationalizations
+    from pipelines.problems import SyntheticConfig, load_problems
+
+    probs = load_problems("synthetic", synthetic=SyntheticConfig(n=3, seed=2)).problems
+    wrong = {**probs[1], "id": "bad-ref", "answer": "seven"}  # a reference the grader refuses stays unverified
+    no_ref = {**probs[2], "id": "no-ref", "ref_steps": []}  # nothing to show: no row
+    cfg = C.load_config(IterateConfig, overrides=["round_mode=star", "rationalize=reference"])
+    assert reference_rationalizations([probs[0], wrong, no_ref], tmp_path, tiny_model, cfg) == 1
+    rows = {r["problem_id"]: r for r in pq.read_table(tmp_path / "samples").to_pylist()}
+    assert set(rows) == {probs[0]["id"], "bad-ref"}
+    ok = rows[probs[0]["id"]]
+    assert ok["correct"] and ok["mode"] == "reference" and ok["sample_id"] == f"{probs[0]['id']}/ref"
+    assert ok["steps"] == [*probs[0]["ref_steps"], f"The answer is {probs[0]['answer']}."]
+    assert probs[0]["question"] in ok["prompt"] and "Hint" not in ok["prompt"]
+    assert not rows["bad-ref"]["correct"] and rows["bad-ref"]["reason"] == "error"  # gold is not one number
+    assert set(runs.run_problems(tmp_path)[0]) == {probs[0]["id"], "bad-ref", "no-ref"}
+    with pytest.raises(C.ConfigError, match="rationalize must be hint or reference"):
+        C.load_config(IterateConfig, overrides=["rationalize=teacher"])

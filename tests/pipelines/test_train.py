@@ -103,6 +103,29 @@ def test_select_sft_keeps_verified_distinct_at_most_k_per_problem():
     assert sum(w for s, w in weights.items() if s.startswith("a/")) == pytest.approx(1.0)
 
 
+def test_select_sft_step_checks_drop_right_answers_by_wrong_steps(tmp_path):
+    """select.step_checks: a verified sample of a problem with step checks must pass them too (quantities 3, 4, 2:
+    3 + 4 = 7, 7 x 2 = 14); a problem without quantities keeps outcome verification; off = every verified sample.
+    Through read_examples, the problems come from the generate run's problems.parquet."""
+    from pipelines import runs
+
+    prob = {"id": "a", "question": "Q", "answer": "14", "kind": "numeric", "source": "synthetic",
+            "quantities": [3.0, 4.0, 2.0], "ref_steps": ["3 + 4 = 7", "7 x 2 = 14"], "ref_values": [7.0, 14.0]}
+    rows = [sample("a", 0, "3 + 4 = 7\n7 x 2 = 14\nThe answer is 14.", True),
+            sample("a", 1, "3 + 4 = 8\n8 x 2 = 14\nThe answer is 14.", True),  # right answer, wrong steps
+            sample("b", 0, "3 + 4 = 8\nThe answer is 8.", True)]  # no step checks for b: kept
+    on = T.SelectConfig(k=0, step_checks=True)
+    kept, why = T.select_sft(rows, on, {"a": prob, "b": {**prob, "id": "b", "quantities": []}})
+    assert [r["sample_id"] for r in kept] == ["a/s0", "b/s0"] and why == {"wrong_step": 1}
+    assert len(T.select_sft(rows, T.SelectConfig(k=0), {"a": prob})[0]) == 3
+    run = tmp_path / "gen"
+    (run / "samples").mkdir(parents=True)
+    write(rows, "sample", run / "samples" / "part-0.parquet")
+    runs.write_problems([prob], run)
+    cfg = cfg_for("sft", str(run), tmp_path / "out", select={"k": 0, "step_checks": True})
+    assert sorted(e["sample_id"] for e in T.read_examples(cfg).train) == ["a/s0", "b/s0"]
+
+
 @pytest.mark.parametrize("soft, hard, target, expected", [
     ([1.0, 0.5, 0.0], [1, 1, 0], "soft", [1.0, 0.5, 0.0]),
     ([1.0, 0.5, 0.0], [1, 1, 0], "hard", [1.0, 1.0, 0.0]),
@@ -367,6 +390,7 @@ def test_truth_data_rebuilds_problems_and_scores_steps_against_ground_truth(tmp_
             rows.append({**sample(p["id"], j, "\n".join(steps), j == 0), "steps": steps})
     rows.append(sample("gsm8k-test-1", 0, "1 + 1 = 2", True))  # not a problem of this config: left out
     rows.append({**sample(probs[0]["id"], 9, "1 +", False, finish="length")})  # unfinished: left out
+    (run / "samples").mkdir(parents=True)
     write(rows, "sample", run / "samples" / "part-0.parquet")
 
     samples, problems, left_out = J.truth_samples(str(run))
