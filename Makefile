@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/stepray demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=30 tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m jobs.benchmark $(BENCH_ARGS)
