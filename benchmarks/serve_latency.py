@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": model_path, "prm": prm_path, "max_model_len": 1024, "threads": 2,
+    serve.run(build_app({"engine": {"model": model_path, "max_model_len": 1024, "threads": 2}, "prm": prm_path,
                          "max_tokens": args.max_tokens, "max_total_tokens": 4 * args.max_tokens,
                          "search": {"max_tokens": args.max_tokens, "logprobs": 0}}),
               name="bench", route_prefix="/")

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = C.load_config(ServeConfig, base=dict(app.args))
         except C.ConfigError as e:
             raise InputError(f"serve config {path}: {e}") from None
-        load_path(cfg.model)
+        load_path(cfg.engine.model)
         if cfg.prm:
             inputs.reward_model_folder(cfg.prm, f"serve config {path}: prm")
     serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")

@@ -114,8 +114,13 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        # a key one level too high (a flat `max_model_len` where it lives in `engine:`, as in older configs):
+        # name the section that takes it
+        homes = [f"{prefix}{name}.{unknown[0]}" for name in sorted(fields) if dataclasses.is_dataclass(hints[name])
+                 and unknown[0] in {f.name for f in dataclasses.fields(hints[name])}]
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; {cls.__name__} takes: {', '.join(sorted(fields))}"
+            + (f"; did you mean {' or '.join(homes)}?" if homes else "")
         )
     kwargs = {}
     for name, value in data.items():

@@ -46,6 +46,7 @@ from ray import serve
 
 from pipelines import config as C
 from pipelines.config import help_field
+from pipelines.generate import EngineConfig
 from pipelines.prompts import PromptConfig, render
 from pipelines.search import CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem
 
@@ -60,13 +61,12 @@ def _sse(obj: dict) -> str:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str = help_field("smollm2", "generator checkpoint: smollm2 | tiny | a path | a hub id")
+    engine: EngineConfig = help_field(
+        EngineConfig(model="smollm2", max_model_len=1024, dtype="bfloat16", gpu_memory_utilization=0.15, threads=2),
+        "the Generator's vLLM engine (model, max_model_len, dtype, seed, prefix caching, KV share, threads, extra); "
+        "its resources and replicas are the `Generator` deployment's options, not engine.num_gpus & co.")
     model_name: str = help_field("stepray", "the model id clients name (GET /v1/models)")
     prm: str = help_field("", "reward model folder for scored strategies; empty = Marco-o1 confidence only")
-    max_model_len: int = help_field(1024, "engine context length")
-    dtype: str = help_field("bfloat16", "engine dtype")
-    gpu_memory_utilization: float = help_field(0.15, "GPU memory share (CPU: share of RAM for the KV cache)")
-    threads: int = help_field(2, "CPU threads of the engine's model (0 = leave to Ray and vLLM)")
     device: str = help_field("auto", "PRM device: auto (the GPU Ray gave the PRM replica, else the CPU) | cpu | cuda")
     prompt: PromptConfig = help_field(PromptConfig(), "step format of solutions (splitting, the step separator)")
     search: SearchConfig = help_field(SearchConfig(max_tokens=256), "search defaults; requests override some")
@@ -81,8 +81,18 @@ class ServeConfig:
                                        "built in Python; a config file's `deployments:` section overrides them")
 
     def __post_init__(self) -> None:
-        if self.max_prompt_tokens >= self.max_model_len:
-            raise ValueError("max_prompt_tokens must be below max_model_len")
+        if self.max_prompt_tokens >= self.engine.max_model_len:
+            raise ValueError("max_prompt_tokens must be below engine.max_model_len")
+        # Serve sizes and scales the Generator itself (ray_actor_options, autoscaling_config), and a config file's
+        # `deployments:` replaces ray_actor_options whole: engine.num_gpus beside it would be a second, silently
+        # overridden place for the same GPU. So the engine's Ray Data pool fields stay at their defaults here.
+        pool = [f"engine.{k}" for k in ("num_gpus", "num_cpus", "min_engines", "max_engines", "batch_size")
+                if getattr(self.engine, k) != getattr(EngineConfig(), k)]
+        if pool:
+            raise ValueError(f"{', '.join(pool)}: not read by Serve (these fields size Ray Data engine pools); set "
+                             "the Generator's resources and replicas in the `Generator` deployment's options "
+                             "(ray_actor_options: {num_cpus, num_gpus}, autoscaling_config), see "
+                             "configs/serve/gpu.yaml")
         if min(self.max_n, self.max_tokens, self.max_total_tokens) < 1 or self.request_timeout_s <= 0:
             raise ValueError("max_n, max_tokens, max_total_tokens and request_timeout_s must be positive")
 
@@ -209,7 +219,7 @@ class SearchIngress:
 
         self.cfg: ServeConfig = C.load_config(ServeConfig, base=cfg)
         self.generator, self.prm = generator, prm
-        self.tok = AutoTokenizer.from_pretrained(load_path(self.cfg.model))
+        self.tok = AutoTokenizer.from_pretrained(load_path(self.cfg.engine.model))
         self.api_key = self.cfg.api_key or os.environ.get("STEPRAY_API_KEY", "")
         self.prm_prompt: PromptConfig | None = None if prm is not None else self.cfg.prompt
 
@@ -407,9 +417,7 @@ def build_app(args: dict[str, Any]):
     from pipelines.models import load_path
 
     cfg = C.load_config(ServeConfig, base=dict(args))
-    model_path = load_path(cfg.model)
-    engine_kwargs = {"max_model_len": cfg.max_model_len, "dtype": cfg.dtype,
-                     "gpu_memory_utilization": cfg.gpu_memory_utilization}
+    model_path = load_path(cfg.engine.model)
     unknown = set(cfg.deployments) - {"Generator", "PRM", "SearchIngress"}
     if unknown:
         raise C.ConfigError(f"deployments: {sorted(unknown)} is not a deployment of this app (Generator, PRM, "
@@ -420,7 +428,7 @@ def build_app(args: dict[str, Any]):
 
     generator = serve.deployment(AsyncVLLMGenerator, name="Generator", **options(
         "Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})).bind(
-        model_path, engine_kwargs, {}, cfg.threads, cfg.model_name)
+        model_path, cfg.engine.engine_kwargs(), {}, cfg.engine.threads, cfg.model_name)
     prm = None
     if cfg.prm:
         prm = serve.deployment(PRMDeployment, name="PRM", **options(

@@ -75,7 +75,7 @@ def bad(tmp_path_factory, tiny_model) -> dict[str, Path]:
     f["serve_bad_prm"] = d / "serve.yaml"
     f["serve_bad_prm"].write_text(
         "applications:\n- name: stepray\n  import_path: pipelines.serve:build_app\n"
-        f"  args:\n    model: {tiny_model}\n    prm: {f['not_model']}\n")
+        f"  args:\n    engine:\n      model: {tiny_model}\n    prm: {f['not_model']}\n")
     return f
 
 

