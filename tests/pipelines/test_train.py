@@ -390,7 +390,6 @@ def test_truth_data_rebuilds_problems_and_scores_steps_against_ground_truth(tmp_
             rows.append({**sample(p["id"], j, "\n".join(steps), j == 0), "steps": steps})
     rows.append(sample("gsm8k-test-1", 0, "1 + 1 = 2", True))  # not a problem of this config: left out
     rows.append({**sample(probs[0]["id"], 9, "1 +", False, finish="length")})  # unfinished: left out
-    (run / "samples").mkdir(parents=True)
     write(rows, "sample", run / "samples" / "part-0.parquet")
 
     samples, problems, left_out = J.truth_samples(str(run))
