@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import subprocess
 import sys
 import time
@@ -38,16 +37,9 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"[prm_labels] step failed: {' '.join(cmd)}")
 
 
-def bootstrap(problems: list[str], stat, reps: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of stat(list of problem ids) over problems resampled with replacement."""
-    rng = random.Random(seed)
-    vals = sorted(v for v in (stat([rng.choice(problems) for _ in problems]) for _ in range(reps))
-                  if not math.isnan(v))
-    return (vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]) if vals else (math.nan, math.nan)
-
-
 def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, dict]) -> dict:
     from actors.prm_scorer import PRMScorer
+    from pipelines.stats import bootstrap_ci
     from pipelines.prompts import PromptConfig, render
     from pipelines.train.metrics import auc, step_truth, truth_scores_metrics
     from pipelines.votes import best_index, majority_vote, reduce_steps, weighted_majority_vote
@@ -84,11 +76,12 @@ def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, di
                 hits += any(held[i]["answer"] == win and held[i]["correct"] for i in idx) if win else 0
         return hits / len(ps) if ps else math.nan
 
-    res = {"outcome_auc": outcome_auc(pids), "outcome_auc_ci": bootstrap(pids, outcome_auc)}
+    res = {"outcome_auc": outcome_auc(pids), "outcome_auc_ci": bootstrap_ci(pids, outcome_auc)}
     for how in ("best", "weighted", "majority"):
         res[f"{how}@n"] = accuracy(pids, how)
-    res["weighted_minus_majority_ci"] = bootstrap(pids, lambda ps: accuracy(ps, "weighted") - accuracy(ps, "majority"))
-    res["best_minus_majority_ci"] = bootstrap(pids, lambda ps: accuracy(ps, "best") - accuracy(ps, "majority"))
+    res["weighted_minus_majority_ci"] = bootstrap_ci(pids, lambda ps: accuracy(ps, "weighted") -
+                                                     accuracy(ps, "majority"))
+    res["best_minus_majority_ci"] = bootstrap_ci(pids, lambda ps: accuracy(ps, "best") - accuracy(ps, "majority"))
     if steps is not None:
         sols = [(s["problem_id"], step_truth(problems[s["problem_id"]], s["steps"]), steps[i])
                 for i, s in enumerate(held)]
@@ -101,7 +94,7 @@ def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, di
             chosen = [sols[i] for p in ps for i in by_problem[p]]
             flat = [(sc, ok) for _, oks, scs in chosen for sc, ok in zip(scs, oks) if not math.isnan(sc)]
             return auc([-sc for sc, _ in flat], [not ok for _, ok in flat])
-        res["step_auc_ci"] = bootstrap(pids, step_auc)
+        res["step_auc_ci"] = bootstrap_ci(pids, step_auc)
     return res
 
 

@@ -39,14 +39,17 @@ def main(argv: list[str] | None = None) -> int:
                          *args.overrides]).returncode
     if rc:
         return rc
-    rounds = json.loads((Path(args.out) / "summary.json").read_text())["rounds"]
-    before, after = rounds[0], rounds[-1]
-    print("\n[demo] held-out accuracy, before -> after one round (SmolLM2-135M-Instruct, "
-          "100 synthetic 1-2 step problems):")
+    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    gains = {g["strategy"]: g for g in summary.get("gains", []) if g["model"] == summary["rounds"][-1]["model"]}
+    n = next(iter(gains.values()))["n"] if gains else 0
+    print(f"\n[demo] held-out accuracy, before -> after one round (SmolLM2-135M-Instruct, {n} synthetic 1-2 step "
+          f"problems; gain with its paired 95% bootstrap interval over problems):")
     for key, name in (("greedy@1", "greedy"), ("majority@4", "majority vote, N=4"),
                       ("weighted@4", "PRM-weighted vote, N=4")):
-        if key in before and key in after:
-            print(f"  {name:<26}{before[key]:.3f} -> {after[key]:.3f}  ({after[key] - before[key]:+.3f})")
+        if key in gains:
+            g = gains[key]
+            print(f"  {name:<26}{g['before']:.3f} -> {g['after']:.3f}  ({g['gain']:+.3f} "
+                  f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}])")
     print(f"[demo] finished in {time.time() - t0:.0f}s; plot: {Path(args.out) / 'accuracy_by_round.png'}; "
           f"table: {Path(args.out) / 'summary.md'}")
     print(f"[demo] MLflow: {mlflow_ui_command()}")

@@ -21,8 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipelines import config as C
-from pipelines.iterate import (IterateConfig, Manifest, count_verified, evaluation, log_skip, open_loop_run, plot_rounds,
-                               rationalize, round_table, run_stage, stage_file, traces_to_training_rows)
+from pipelines.iterate import (IterateConfig, Manifest, count_verified, evaluation, gains_vs_base, log_skip,
+                               open_loop_run, plot_rounds, rationalize, round_table, run_stage, stage_file,
+                               traces_to_training_rows)
 from pipelines.runtime import cli_main, mlflow_ui_command
 
 PY = sys.executable
@@ -123,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ summary across rounds, plot, MLflow
     table, md = round_table(out, cfg, manifest)
+    gains, gains_md = gains_vs_base(out, cfg)
+    md += f"\nAgainst the base model on the same problems:\n\n{gains_md}" if gains else ""
     (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps({"rounds": table, "wall_s": time.time() - t_start}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"rounds": table, "gains": gains, "wall_s": time.time() - t_start},
+                                                 indent=1))
     plot_rounds(table, out / "accuracy_by_round.png")
     for i, row in enumerate(table):
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in row.items() if "@" in k}, step=i)

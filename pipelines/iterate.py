@@ -339,6 +339,37 @@ def round_table(out: Path, cfg: IterateConfig, manifest: Manifest) -> tuple[list
     return table, "\n".join(md) + "\n"
 
 
+def gains_vs_base(out: Path, cfg: IterateConfig) -> tuple[list[dict], str]:
+    """Each round's generator against the base on the same held-out problems: per strategy@budget the accuracy
+    gain with its paired 95% bootstrap interval over problems (pipelines.stats); and the same as markdown.
+    Empty without eval_base (nothing to pair with)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.stats import paired_gain
+
+    if not cfg.eval_base:
+        return [], ""
+
+    def per_problem(d: Path) -> dict[str, dict[str, bool]]:
+        res: dict[str, dict[str, bool]] = {}
+        for rec in pq.read_table(d / "records.parquet").to_pylist():
+            res.setdefault(f"{rec['strategy']}@{rec['budget']}", {})[rec["problem_id"]] = bool(rec["correct"])
+        return res
+
+    base = per_problem(out / "round_0" / "eval_base")
+    rows = []
+    for r in range(cfg.rounds):
+        after = per_problem(out / f"round_{r}" / "eval")
+        for key in [k for k in base if k in after]:
+            g = paired_gain(base[key], after[key])
+            rows.append({"model": f"round {r + 1}", "strategy": key, **g})
+    md = ["| model | strategy@budget | problems | base | after | gain [95% CI] |", "|---|---|---|---|---|---|"]
+    md += [f"| {g['model']} | {g['strategy']} | {g['n']} | {g['before']:.3f} | {g['after']:.3f} | "
+           f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]{' *' if g['excludes_zero'] else ''} |"
+           for g in rows]
+    return rows, "\n".join(md) + "\n\n* the interval excludes zero (paired bootstrap over problems, 1000 resamples)\n"
+
+
 def plot_rounds(table: list[dict], path: Path) -> None:
     """Accuracy by round, one line per strategy@budget."""
     import matplotlib

@@ -112,3 +112,26 @@ def test_reference_rationalizations_are_graded_rows_of_the_unsolved_problems(tmp
     assert set(runs.run_problems(tmp_path)[0]) == {probs[0]["id"], "bad-ref", "no-ref"}
     with pytest.raises(C.ConfigError, match="rationalize must be hint or reference"):
         C.load_config(IterateConfig, overrides=["rationalize=teacher"])
+
+
+def test_gains_vs_base_pair_each_round_with_the_base_on_the_same_problems(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines import schema
+    from pipelines.iterate import gains_vs_base
+
+    def records(d, solved):
+        d.mkdir(parents=True)
+        rows = [{"problem_id": f"p{i}", "strategy": "greedy", "budget": 1, "correct": ok, "answer": "", "gold": "",
+                 "tokens_generated": 0, "tokens_scored": 0, "wall_s": 0.0, "model": "m", "prm": ""}
+                for i, ok in enumerate(solved)]
+        pq.write_table(schema.to_table(rows, "eval_record"), d / "records.parquet")
+
+    records(tmp_path / "round_0" / "eval_base", [i < 10 for i in range(100)])
+    records(tmp_path / "round_0" / "eval", [i < 30 for i in range(100)])
+    cfg = C.load_config(IterateConfig, overrides=["rounds=1"])
+    rows, md = gains_vs_base(tmp_path, cfg)
+    assert [(r["model"], r["strategy"], r["n"]) for r in rows] == [("round 1", "greedy@1", 100)]
+    assert rows[0]["gain"] == pytest.approx(0.2) and rows[0]["excludes_zero"]
+    assert "| round 1 | greedy@1 | 100 | 0.100 | 0.300 | +0.200 [" in md and "] * |" in md
+    assert gains_vs_base(tmp_path, C.load_config(IterateConfig, overrides=["eval_base=false"])) == ([], "")
