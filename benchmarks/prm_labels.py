@@ -39,20 +39,26 @@ def run(cmd: list[str]) -> None:
 
 def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, dict]) -> dict:
     from actors.prm_scorer import PRMScorer
-    from pipelines.stats import bootstrap_ci
+    from pipelines.stats import bootstrap_ci, paired_gain
     from pipelines.prompts import PromptConfig, render
     from pipelines.train.metrics import auc, step_truth, truth_scores_metrics
     from pipelines.votes import best_index, majority_vote, reduce_steps, weighted_majority_vote
 
-    scorer = PRMScorer(str(model_dir), threads=-1)
-    pcfg = PromptConfig(**scorer.meta["prompt"]) if scorer.meta.get("prompt") else PromptConfig()
-    prompts = [render(scorer.tokenizer, problems[s["problem_id"]]["question"], "numeric", pcfg) for s in held]
-    if kind == "prm":
-        steps = scorer.score(prompts, [list(s["steps"]) for s in held])
-        value = [reduce_steps(v, "min") for v in steps]
+    cache = model_dir.parent / "heldout_scores.json"  # scoring is the slow part: a re-measure reads it back
+    if cache.exists() and json.loads(cache.read_text()).get("n") == len(held):
+        steps = json.loads(cache.read_text())["steps"]
+        value = json.loads(cache.read_text())["value"]
     else:
-        value = scorer.score_outcome(prompts, [s["completion"] for s in held])
-        steps = None
+        scorer = PRMScorer(str(model_dir), threads=-1)
+        pcfg = PromptConfig(**scorer.meta["prompt"]) if scorer.meta.get("prompt") else PromptConfig()
+        prompts = [render(scorer.tokenizer, problems[s["problem_id"]]["question"], "numeric", pcfg) for s in held]
+        if kind == "prm":
+            steps = scorer.score(prompts, [list(s["steps"]) for s in held])
+            value = [reduce_steps(v, "min") for v in steps]
+        else:
+            value = scorer.score_outcome(prompts, [s["completion"] for s in held])
+            steps = None
+        cache.write_text(json.dumps({"n": len(held), "steps": steps, "value": value}))
     by_problem: dict[str, list[int]] = {}
     for i, s in enumerate(held):
         by_problem.setdefault(s["problem_id"], []).append(i)
@@ -62,26 +68,28 @@ def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, di
         idx = [i for p in ps for i in by_problem[p]]
         return auc([-value[i] for i in idx], [not held[i]["correct"] for i in idx])
 
-    def accuracy(ps, how):
-        hits = 0
-        for p in ps:
-            idx = by_problem[p]
+    def solved(how: str) -> dict[str, bool]:
+        """Per problem, whether the method's pick is right: computed once (a vote groups answers through the
+        math-equivalence worker; a bootstrap that re-voted every resample spent minutes per model there)."""
+        out = {}
+        for p, idx in by_problem.items():
             answers = [held[i]["answer"] for i in idx]
             if how == "best":
                 j = best_index(answers, [value[i] for i in idx])
-                hits += j is not None and held[idx[j]]["correct"]
+                out[p] = j is not None and bool(held[idx[j]]["correct"])
             else:
                 win = (majority_vote(answers) if how == "majority" else
                        weighted_majority_vote(answers, [value[i] for i in idx]))
-                hits += any(held[i]["answer"] == win and held[i]["correct"] for i in idx) if win else 0
-        return hits / len(ps) if ps else math.nan
+                out[p] = bool(win) and any(held[i]["answer"] == win and held[i]["correct"] for i in idx)
+        return out
+
+    hits = {how: solved(how) for how in ("best", "weighted", "majority")}
 
     res = {"outcome_auc": outcome_auc(pids), "outcome_auc_ci": bootstrap_ci(pids, outcome_auc)}
     for how in ("best", "weighted", "majority"):
-        res[f"{how}@n"] = accuracy(pids, how)
-    res["weighted_minus_majority_ci"] = bootstrap_ci(pids, lambda ps: accuracy(ps, "weighted") -
-                                                     accuracy(ps, "majority"))
-    res["best_minus_majority_ci"] = bootstrap_ci(pids, lambda ps: accuracy(ps, "best") - accuracy(ps, "majority"))
+        res[f"{how}@n"] = sum(hits[how].values()) / len(pids)
+    res["weighted_minus_majority_ci"] = paired_gain(hits["majority"], hits["weighted"])["ci"]
+    res["best_minus_majority_ci"] = paired_gain(hits["majority"], hits["best"])["ci"]
     if steps is not None:
         sols = [(s["problem_id"], step_truth(problems[s["problem_id"]], s["steps"]), steps[i])
                 for i, s in enumerate(held)]
@@ -95,6 +103,23 @@ def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, di
             flat = [(sc, ok) for _, oks, scs in chosen for sc, ok in zip(scs, oks) if not math.isnan(sc)]
             return auc([-sc for sc, _ in flat], [not ok for _, ok in flat])
         res["step_auc_ci"] = bootstrap_ci(pids, step_auc)
+
+        # Prefix truth makes every step after a first error wrong, so late steps are mostly wrong and early ones
+        # mostly right: a scorer that only knows a step's position gets a high AUC. The AUC among steps at the same
+        # position (pooled over positions, weighted by their pairs) takes that prior out.
+        by_pos: dict[int, list[tuple[float, bool]]] = {}
+        for _, oks, scs in sols:
+            for t, (sc, ok) in enumerate(zip(scs, oks)):
+                if not math.isnan(sc):
+                    by_pos.setdefault(t, []).append((sc, ok))
+        num = den = 0.0
+        for pairs in by_pos.values():
+            wrong = sum(not ok for _, ok in pairs)
+            w = wrong * (len(pairs) - wrong)
+            if w:
+                num += w * auc([-sc for sc, _ in pairs], [not ok for _, ok in pairs])
+                den += w
+        res["step_auc_same_position"] = num / den if den else math.nan
     return res
 
 
@@ -115,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-orm", action="store_true", help="skip the ORM on every sample's verdict")
     ap.add_argument("--train-args", default="", help="more `stepray train` overrides for every model, space "
                                                      "separated (e.g. 'precision=bf16 freeze_layers=20')")
+    ap.add_argument("--measure-only", action="store_true", help="skip generation, labels and training: measure the "
+                                                                 "models an earlier run with the same --out made")
     ap.add_argument("--quick", action="store_true", help="tiny model, smoke-test sizes")
     ap.add_argument("--json", help="also write the report here")
     args = ap.parse_args(argv)
@@ -125,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     syn = ["problems=synthetic", "synthetic.min_steps=1", "synthetic.max_steps=2"]
     gen = [f"sampling.n={args.n}", "sampling.max_tokens=128", "sampling.logprobs=0", "greedy=false",
            f"engine.model={args.model}", "--no-mlflow"]
-    for name, n, seed in (("gen_train", args.problems, 0), ("gen_held", args.heldout, 7)):
+    steps = [] if args.measure_only else ["gen", "label", "train"]
+    for name, n, seed in (("gen_train", args.problems, 0), ("gen_held", args.heldout, 7)) if steps else ():
         run([py, "-m", "jobs.generate_samples", "--out", str(out / name), *syn, f"synthetic.n={n}",
              f"synthetic.seed={seed}", *gen])
     label_sets = {"step_check": ["--labels", "step_check", "--limit", str(args.label_samples)],
@@ -139,16 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"[prm_labels] --labels: unknown label set(s) {unknown}; choose from {sorted(label_sets)}")
     labelled = {k: label_sets[k] for k in chosen}
-    for name, opts in labelled.items():
+    for name, opts in labelled.items() if steps else ():
         run([py, "-m", "jobs.annotate_steps", "--samples", str(out / "gen_train" / "samples"), "--model", args.model,
              "--out", str(out / f"ann_{name}"), "--no-mlflow", *opts, "select=balanced"])
     train = ["--base", args.model, f"max_steps={args.steps}", "epochs=1000", f"batch_size={args.batch}",
              f"lr={args.lr}", "num_workers=1", "cpus_per_worker=2", "eval.enabled=false", "eval.holdout_fraction=0",
              "--no-mlflow", *args.train_args.split()]
-    for name in labelled:
+    for name in labelled if steps else ():
         run([py, "-m", "jobs.train_model", "prm", "--data", str(out / f"ann_{name}" / "labels"),
              "--out", str(out / f"prm_{name}"), *train])
-    if not args.no_orm:
+    if steps and not args.no_orm:
         run([py, "-m", "jobs.train_model", "orm", "--data", str(out / "gen_train"), "--out", str(out / "orm"),
              *train])
 
@@ -184,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nheld-out: {report['heldout_samples']} samples of {report['heldout_problems']} problems, "
           f"pass@{args.n} {f(report['pass@n'])}")
-    print("| model | labelled steps | step AUC [95% CI] | F1@0.5 / fitted | outcome AUC [95% CI] | best@n | "
+    print("| model | labelled steps | step AUC [95% CI] | step AUC, same position | F1@0.5 / fitted | outcome AUC [95% CI] | best@n | "
           "weighted@n | majority@n | weighted - majority [95% CI] |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, m in report["models"].items():
         print(f"| {name} | {m['labelled_steps'] if m['labelled_steps'] is not None else 'all verdicts'} | "
-              f"{f(m.get('step_auc'))} {ci(m.get('step_auc_ci'))} | {f(m.get('step_f1@0.5'))} / "
+              f"{f(m.get('step_auc'))} {ci(m.get('step_auc_ci'))} | {f(m.get('step_auc_same_position'))} | "
+              f"{f(m.get('step_f1@0.5'))} / "
               f"{f(m.get('step_f1_fitted'))} | {f(m['outcome_auc'])} {ci(m['outcome_auc_ci'])} | {f(m['best@n'])} | "
               f"{f(m['weighted@n'])} | {f(m['majority@n'])} | {ci(m['weighted_minus_majority_ci'])} |")
     print(f"\n[prm_labels] {report['wall_s']:.0f}s; report: {out / 'report.json'}")
