@@ -61,14 +61,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
                       ("epochs", "epochs"), ("lr", "lr"), ("batch_size", "batch_size"), ("max_steps", "max_steps")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    if args.lora:
-        overrides.append("lora.enabled=true")
-    if args.gpu:
-        overrides.append("use_gpu=true")
-    if args.no_eval:
-        overrides.append("eval.enabled=false")
-    if args.no_mlflow:
-        overrides.append("mlflow=false")
+    switches = {"lora": "lora.enabled=true", "gpu": "use_gpu=true", "no_eval": "eval.enabled=false",
+                "no_mlflow": "mlflow=false"}
+    overrides += [setting for flag, setting in switches.items() if getattr(args, flag)]
     cfg = C.load_config(TrainConfig, args.config, overrides)
     if not cfg.data:
         raise C.ConfigError("give the training rows with --data (a parquet file or folder, or a label file)")
