@@ -99,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         # ReST-EM and STaR refit from the base model each round; continue starts from the current generator
         cont = cfg.round_mode == "continue" and generator != base
         verified = count_verified(gen_dir / "samples") + sum(count_verified(Path(e) / "samples") for e in extra)
-        if verified == 0:
+        need = cfg.sft.batch_size * cfg.sft.num_workers  # one optimizer step's rows (selection may keep fewer)
+        if verified < need:
             # Hard problems can yield no verified sample (docs/methods.md): keep the generator, say so, go on.
-            log_skip(manifest, f"round_{r}/train_sft", "no verified sample to fit on; the generator is unchanged")
+            log_skip(manifest, f"round_{r}/train_sft", ("no verified sample to fit on" if not verified else
+                     f"{verified} verified samples cannot fill one step of {need} rows") +
+                     "; the generator is unchanged")
         else:
             sft = replace(cfg.sft, task="sft", data=str(gen_dir), extra_data=tuple(extra), base=base,
                           out=str(rd / "sft"), round_mode="continue" if cont else "rest_em",
