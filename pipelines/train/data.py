@@ -102,13 +102,13 @@ def select_sft(samples: Sequence[dict], cfg: SelectConfig, problems: dict[str, d
 
     problems (by id): with cfg.step_checks, a sample of a problem with step checks (quantities known) must also pass
     every step check."""
-    from pipelines.verify import first_error
+    from pipelines.train.metrics import step_truth  # the step checks' prefix truth, as the PRM's ground truth
 
     def wrong_step(s: dict) -> bool:
         p = (problems or {}).get(s["problem_id"])
         if not cfg.step_checks or not p or not p.get("quantities"):
             return False
-        return first_error(list(s.get("steps") or []), p["quantities"], p["answer"]) >= 0
+        return not all(step_truth(p, list(s.get("steps") or [])))
 
     why: dict[str, int] = {}
     by_problem: dict[str, list[dict]] = {}
