@@ -17,7 +17,9 @@ Each step is the job a user would run (subprocesses, each with its own local Ray
    (PRMs), AUC of "answer is wrong" from the solution score (min over steps; the ORM's one score), best-of-N and
    PRM-weighted vote accuracy at N=--n beside majority and pass@N, with 95% bootstrap intervals over problems
    (the vote differences paired).
-Writes <out>/report.json and prints a table. --quick: the tiny model at smoke-test sizes (numbers meaningless).
+A stage whose output folder holds its summary.json is skipped (a re-run with the same --out resumes; copy or link
+another run's gen_train/gen_held there to train new models on its samples). Writes <out>/report.json and prints a
+table. --quick: the tiny model at smoke-test sizes (numbers meaningless).
 """
 
 from __future__ import annotations
@@ -64,34 +66,41 @@ def measure(model_dir: Path, kind: str, held: list[dict], problems: dict[str, di
         by_problem.setdefault(s["problem_id"], []).append(i)
     pids = sorted(by_problem)
 
-    def outcome_auc(ps):
-        idx = [i for p in ps for i in by_problem[p]]
-        return auc([-value[i] for i in idx], [not held[i]["correct"] for i in idx])
+    def ranking(val: list[float]) -> dict:
+        """Outcome AUC, best-of-N and weighted vote of one solution score, with intervals over problems."""
+        def outcome_auc(ps):
+            idx = [i for p in ps for i in by_problem[p]]
+            return auc([-val[i] for i in idx], [not held[i]["correct"] for i in idx])
 
-    def solved(how: str) -> dict[str, bool]:
-        """Per problem, whether the method's pick is right: computed once (a vote groups answers through the
-        math-equivalence worker; a bootstrap that re-voted every resample spent minutes per model there)."""
-        out = {}
-        for p, idx in by_problem.items():
-            answers = [held[i]["answer"] for i in idx]
-            if how == "best":
-                j = best_index(answers, [value[i] for i in idx])
-                out[p] = j is not None and bool(held[idx[j]]["correct"])
-            else:
-                win = (majority_vote(answers) if how == "majority" else
-                       weighted_majority_vote(answers, [value[i] for i in idx]))
-                out[p] = bool(win) and any(held[i]["answer"] == win and held[i]["correct"] for i in idx)
-        return out
+        def solved(how: str) -> dict[str, bool]:
+            """Per problem, whether the method's pick is right: computed once (a vote groups answers through the
+            math-equivalence worker; a bootstrap that re-voted every resample spent minutes per model there)."""
+            out = {}
+            for p, idx in by_problem.items():
+                answers = [held[i]["answer"] for i in idx]
+                if how == "best":
+                    j = best_index(answers, [val[i] for i in idx])
+                    out[p] = j is not None and bool(held[idx[j]]["correct"])
+                else:
+                    win = (majority_vote(answers) if how == "majority" else
+                           weighted_majority_vote(answers, [val[i] for i in idx]))
+                    out[p] = bool(win) and any(held[i]["answer"] == win and held[i]["correct"] for i in idx)
+            return out
 
-    hits = {how: solved(how) for how in ("best", "weighted", "majority")}
+        hits = {how: solved(how) for how in ("best", "weighted", "majority")}
+        r = {"outcome_auc": outcome_auc(pids), "outcome_auc_ci": bootstrap_ci(pids, outcome_auc)}
+        for how in ("best", "weighted", "majority"):
+            r[f"{how}@n"] = sum(hits[how].values()) / len(pids)
+        r["weighted_minus_majority_ci"] = paired_gain(hits["majority"], hits["weighted"])["ci"]
+        r["best_minus_majority_ci"] = paired_gain(hits["majority"], hits["best"])["ci"]
+        return r
 
-    res = {"outcome_auc": outcome_auc(pids), "outcome_auc_ci": bootstrap_ci(pids, outcome_auc)}
-    for how in ("best", "weighted", "majority"):
-        res[f"{how}@n"] = sum(hits[how].values()) / len(pids)
-    res["weighted_minus_majority_ci"] = paired_gain(hits["majority"], hits["weighted"])["ci"]
-    res["best_minus_majority_ci"] = paired_gain(hits["majority"], hits["best"])["ci"]
+    res = ranking(value)  # the PRM's min over steps (the ORM's one score)
+    if steps is not None:  # the other reductions of the step scores, beside min
+        res["by_reduction"] = {how: ranking([reduce_steps(v, how) for v in steps]) for how in ("last", "prod")}
     if steps is not None:
-        sols = [(s["problem_id"], step_truth(problems[s["problem_id"]], s["steps"]), steps[i])
+        sols = [(s["problem_id"], step_truth(problems[s["problem_id"]], s["steps"], s["correct"], s["answer"]),
+                 steps[i])
                 for i, s in enumerate(held)]
         m = truth_scores_metrics(sols, 0.5)
         res.update({"step_auc": m["auc_wrong"], "step_f1@0.5": m["f1"], "step_f1_fitted": m["calibrated"]["f1"],
@@ -136,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/prm_labels")
     ap.add_argument("--labels", default="step_check,outcome,mc,step_check_all",
                     help="label sets to train PRMs on (comma list of step_check, outcome, mc, step_check_all, "
-                         "outcome_all: *_all labels every training sample, the others --label-samples)")
+                         "outcome_all, step_check_all_planted: *_all labels every training sample, the others "
+                         "--label-samples; *_planted adds --planted solutions per problem with planted errors)")
+    ap.add_argument("--planted", type=int, default=6, help="planted solutions per training problem added to the "
+                                                             "step_check_all_planted labels")
     ap.add_argument("--no-orm", action="store_true", help="skip the ORM on every sample's verdict")
     ap.add_argument("--train-args", default="", help="more `stepray train` overrides for every model, space "
                                                      "separated (e.g. 'precision=bf16 freeze_layers=20')")
@@ -153,30 +165,35 @@ def main(argv: list[str] | None = None) -> int:
     gen = [f"sampling.n={args.n}", "sampling.max_tokens=128", "sampling.logprobs=0", "greedy=false",
            f"engine.model={args.model}", "--no-mlflow"]
     steps = [] if args.measure_only else ["gen", "label", "train"]
+    done = lambda d: (out / d / "summary.json").exists()  # noqa: E731 - a stage whose output exists is skipped
     for name, n, seed in (("gen_train", args.problems, 0), ("gen_held", args.heldout, 7)) if steps else ():
-        run([py, "-m", "jobs.generate_samples", "--out", str(out / name), *syn, f"synthetic.n={n}",
-             f"synthetic.seed={seed}", *gen])
+        if not done(name):
+            run([py, "-m", "jobs.generate_samples", "--out", str(out / name), *syn, f"synthetic.n={n}",
+                 f"synthetic.seed={seed}", *gen])
     label_sets = {"step_check": ["--labels", "step_check", "--limit", str(args.label_samples)],
                   "outcome": ["--labels", "outcome", "--limit", str(args.label_samples)],
                   "mc": ["--labels", "mc", "--method", "binary", "--reuse", "--rollouts", "4",
                          "--limit", str(args.label_samples), "max_tokens=96"],
                   "step_check_all": ["--labels", "step_check"],
-                  "outcome_all": ["--labels", "outcome"]}
+                  "outcome_all": ["--labels", "outcome"],
+                  "step_check_all_planted": ["--labels", "step_check", f"planted={args.planted}"]}
     chosen = [x.strip() for x in args.labels.split(",") if x.strip()]
     unknown = sorted(set(chosen) - set(label_sets))
     if unknown:
         raise SystemExit(f"[prm_labels] --labels: unknown label set(s) {unknown}; choose from {sorted(label_sets)}")
     labelled = {k: label_sets[k] for k in chosen}
     for name, opts in labelled.items() if steps else ():
-        run([py, "-m", "jobs.annotate_steps", "--samples", str(out / "gen_train" / "samples"), "--model", args.model,
-             "--out", str(out / f"ann_{name}"), "--no-mlflow", *opts, "select=balanced"])
+        if not done(f"ann_{name}"):
+            run([py, "-m", "jobs.annotate_steps", "--samples", str(out / "gen_train" / "samples"), "--model", args.model,
+                 "--out", str(out / f"ann_{name}"), "--no-mlflow", *opts, "select=balanced"])
     train = ["--base", args.model, f"max_steps={args.steps}", "epochs=1000", f"batch_size={args.batch}",
              f"lr={args.lr}", "num_workers=1", "cpus_per_worker=2", "eval.enabled=false", "eval.holdout_fraction=0",
              "--no-mlflow", *args.train_args.split()]
     for name in labelled if steps else ():
-        run([py, "-m", "jobs.train_model", "prm", "--data", str(out / f"ann_{name}" / "labels"),
-             "--out", str(out / f"prm_{name}"), *train])
-    if steps and not args.no_orm:
+        if not done(f"prm_{name}"):
+            run([py, "-m", "jobs.train_model", "prm", "--data", str(out / f"ann_{name}" / "labels"),
+                 "--out", str(out / f"prm_{name}"), *train])
+    if steps and not args.no_orm and not done("orm"):
         run([py, "-m", "jobs.train_model", "orm", "--data", str(out / "gen_train"), "--out", str(out / "orm"),
              *train])
 

@@ -38,7 +38,7 @@ from pipelines import config as C
 from pipelines import inputs, parts, schema
 from pipelines.annotate import LABELS, AnnotateConfig, build_annotation, select_samples
 from pipelines.annotate_report import (attach_problems, find_problems, format_summary, log_mlflow, plot_histogram,
-                                       step_format, stream_labels, summarize)
+                                       step_format, stream_labels, summarize, write_planted)
 from pipelines.config import InputError
 from pipelines.models import load_path
 from pipelines.runs import write_problems
@@ -132,6 +132,8 @@ def run(cfg: AnnotateConfig, use_mlflow: bool = True, log=print) -> dict:
             fh.write(json.dumps({"sample_id": r["sample_id"], "problem_id": r["problem_id"],
                                  "reason": r["error"]}) + "\n")
     summary = summarize(labels, diag, problems, cfg)
+    if cfg.planted:
+        summary["planted_solutions"] = write_planted(problems, cfg, out)
     summary["wall_s"] = wall
     summary["problems_source"] = source
     (out / "summary.json").write_text(json.dumps(finite_json(summary), indent=1))

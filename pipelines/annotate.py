@@ -115,6 +115,9 @@ class AnnotateConfig:
                                    "step gets the sample's verdict, no rollouts)")
     judge: JudgeConfig = help_field(JudgeConfig(), "the judge model (WizardMath-style step labels)")
     min_soft_good: float = help_field(0.0, "drop an MC label 1 whose soft value is below this (0 = keep all)")
+    planted: int = help_field(0, "synthetic problems: add N solutions per problem written from its reference path, "
+                                 "about half with one planted error at a known step (a wrong operation with right "
+                                 "arithmetic, a slip, a wrong final line), with exact labels (0 = none)")
     modes: tuple[str, ...] = help_field(("sample",), "which Sample modes to label (sample, greedy, ...)")
     limit: int = help_field(0, "label only N samples (0 = all), chosen by `select`")
     select: str = help_field("first", "which samples `limit` keeps: first (file order) | balanced (up to half "
@@ -354,7 +357,8 @@ class StepAnnotator:
         for s, r in enumerate(rows):
             base = {"problem_id": r["problem_id"], "sample_id": r["sample_id"], "question": r.get("question") or "",
                     "steps": list(r["steps"] or []), "method": cfg.method_name(), "model": self._model(),
-                    "verifier": self._verifier(), "verdict": verdicts[s], "error": errors[s]}
+                    "verifier": self._verifier(), "verdict": verdicts[s],
+                    "answer": r.get("answer") or "", "error": errors[s]}
             if errors[s]:
                 out.append({**base, "soft_labels": [], "hard_labels": [], "rollouts": [], "tokens_generated": 0,
                             "mc_hard": [], "judge_labels": [], "first_error": -1, "outcomes": [], "fresh": [],
@@ -362,7 +366,8 @@ class StepAnnotator:
                 continue
             j = judge.get(s)
             if cfg.labels in FREE_LABELS:  # process ground truth, or the outcome on every step
-                hard = self._step_truth(r) if cfg.labels == "step_check" else [int(verdicts[s])] * len(base["steps"])
+                hard = (self._step_truth(r, verdicts[s]) if cfg.labels == "step_check"
+                        else [int(verdicts[s])] * len(base["steps"]))
                 out.append({**base, "soft_labels": [math.nan if h < 0 else float(h) for h in hard],
                             "hard_labels": hard, "rollouts": [0] * len(hard), "tokens_generated": 0, "mc_hard": [],
                             "judge_labels": j or [], "first_error": -1, "outcomes": [], "fresh": [], "rounds": 0,
@@ -377,7 +382,7 @@ class StepAnnotator:
             lab = mc[s]
             other = j if cfg.labels == "consensus" else None
             if cfg.labels == "step_check_consensus":
-                other = self._step_truth(r)
+                other = self._step_truth(r, verdicts[s])
             hard = consensus(lab.hard, lab.soft, other=other, min_soft_good=cfg.min_soft_good)
             out.append({**base, "soft_labels": lab.soft, "hard_labels": hard, "rollouts": lab.rollouts,
                         "tokens_generated": lab.tokens, "mc_hard": lab.hard, "judge_labels": j or [],
@@ -386,15 +391,16 @@ class StepAnnotator:
         return to_label_table(out)
 
     @staticmethod
-    def _step_truth(r: dict) -> list[int]:
-        """Prefix truth (1 = no error up to this step) from the step checks; all -1 without quantities."""
-        from pipelines.steps import prefix_truth
-        from pipelines.verify import first_error
+    def _step_truth(r: dict, verdict: bool) -> list[int]:
+        """Prefix truth (1 = no error up to this step, `train.metrics.step_truth`); all -1 without quantities."""
+        from pipelines.train.metrics import step_truth
 
         steps = list(r["steps"])
         if not r.get("quantities"):
             return [-1] * len(steps)
-        return [int(x) for x in prefix_truth(first_error(steps, r["quantities"], r["gold"]), len(steps))]
+        truth = step_truth({"quantities": r["quantities"], "answer": r["gold"]}, steps, verdict,
+                           r.get("answer") or "")
+        return [int(x) for x in truth]
 
     def _model(self) -> str:
         """The model whose outputs made the labels: the rollout engine's, or the judge's for judge labels."""
@@ -423,6 +429,7 @@ DIAGNOSTICS = pa.schema([
     ("rounds", pa.int32()),
     ("judge_tokens", pa.int64()),
     ("verdict", pa.bool_()),
+    ("answer", pa.string()),
     ("error", pa.string()),
 ])
 

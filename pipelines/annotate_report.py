@@ -58,7 +58,8 @@ def quality(hards: list[list[int]], truths_first: list[int], checks: list[list[b
 
 
 def summarize(labels: pa.Table, diag: pa.Table, problems: dict[str, dict], cfg: AnnotateConfig) -> dict:
-    from pipelines.verify import check_steps, first_error
+    from pipelines.train.metrics import step_truth
+    from pipelines.verify import check_steps
 
     lab = {r["sample_id"]: r for r in labels.to_pylist()}
     dia = {r["sample_id"]: r for r in diag.to_pylist()}
@@ -92,7 +93,8 @@ def summarize(labels: pa.Table, diag: pa.Table, problems: dict[str, dict], cfg: 
         firsts, checks, hards, verdict_only = [], [], [], []
         for sid in gt:
             p, steps = problems[lab[sid]["problem_id"]], lab[sid]["steps"]
-            firsts.append(first_error(steps, p["quantities"], p["answer"]))
+            truth = step_truth(p, steps, dia[sid]["verdict"], dia[sid].get("answer") or "")
+            firsts.append(next((i for i, x in enumerate(truth) if not x), -1))
             checks.append(check_steps(steps, p["quantities"], p["answer"]))
             hards.append(lab[sid]["hard_labels"])
             verdict_only.append([int(dia[sid]["verdict"])] * len(steps))
@@ -104,6 +106,26 @@ def summarize(labels: pa.Table, diag: pa.Table, problems: dict[str, dict], cfg: 
             s["quality_by_k"] = {k: quality([hard_at_k(dia[sid]["outcomes"], k) for sid in gt], firsts, checks)
                                  for k in ks}
     return s
+
+
+def write_planted(problems: dict[str, dict], cfg: AnnotateConfig, out: Path) -> int:
+    """cfg.planted solutions with one planted error (or none) per synthetic problem, with their exact step labels
+    (`synthetic.planted_solutions`), as StepLabel rows in <out>/labels/part-planted.parquet; returns the count.
+    Rewritten whole on a re-run (the rows follow from the problems and the config alone)."""
+    import pyarrow.parquet as pq
+
+    from pipelines import schema
+    from pipelines.synthetic import planted_solutions
+
+    rows = []
+    for pid, p in sorted(problems.items()):
+        for j, (steps, hard) in enumerate(planted_solutions(p, cfg.planted)):
+            rows.append({"problem_id": pid, "sample_id": f"{pid}/planted{j}", "question": p["question"],
+                         "steps": steps, "soft_labels": [float(h) for h in hard], "hard_labels": hard,
+                         "rollouts": [0] * len(hard), "tokens_generated": 0, "method": "planted",
+                         "model": "synthetic", "verifier": "reference path"})
+    pq.write_table(schema.to_table(rows, "step_label"), out / "labels" / "part-planted.parquet")
+    return len(rows)
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -172,3 +172,72 @@ def synthetic_problem(cfg: SyntheticConfig, i: int) -> Problem:
 
 def synthetic_problems(cfg: SyntheticConfig) -> list[Problem]:
     return [synthetic_problem(cfg, i) for i in range(cfg.n)]
+
+
+# ------------------------------------------------------------------------------------------- planted solutions
+# Process supervision for free: a synthetic problem's reference path is known, so solutions with one planted error
+# at a known step (a wrong operation whose arithmetic is right, an arithmetic slip, a wrong final line) carry exact
+# step labels. Written in a few sentence shapes so that a verifier cannot tell them from the model's own by style.
+_STEP_STYLES = [
+    "{v} {sym} {b} = {new}",
+    "{N} now has {v} {sym} {b} = {new} {I}.",
+    "So {N} has {v} {sym} {b} = {new} {I}.",
+    "After that, {p} has {v} {sym} {b} = {new} {I}.",
+    "The number of {I} is {v} {sym} {b} = {new}.",
+]
+_FINAL_STYLES = ["The answer is {ans}.", "{N} has {ans} {I} now. The answer is {ans}.", "The answer is {ans}."]
+PLANTED_ERRORS = ("operation", "operation", "slip", "final")  # the model's own errors are mostly operations
+
+
+def _scene(question: str) -> tuple[str, str, str]:
+    """(name, pronoun, item) as the question writes them (its first sentence names both)."""
+    name = next(((n, p) for n, p, _ in _NAMES if n in question), ("they", "they"))
+    item = next((i for i in _ITEMS if i in question), "items")
+    return name[0], name[1], item
+
+
+def planted_solutions(problem: dict, k: int, seed: int = 0) -> list[tuple[list[str], list[int]]]:
+    """k solutions of a synthetic problem with exact prefix labels (1 = no error up to this step): about half follow
+    the reference path, the others carry one planted error at a random step and continue correctly from it:
+      operation  the step applies another of + - * / to the same numbers, its arithmetic right;
+      slip       the step's result is off by 1-3 (or 10 for results over 20);
+      final      every step right, the final line states another number (an intermediate or a question number).
+    Each solution ends with a line stating its answer. Reproducible from (problem id, k, seed)."""
+    meta = json.loads(problem.get("meta") or "{}")
+    ops, q = meta.get("ops") or [], [int(x) for x in problem.get("quantities") or []]
+    if not ops or len(q) != len(ops) + 1:
+        return []
+    rng = random.Random(f"planted:{seed}:{problem['id']}")
+    name, pron, item = _scene(problem["question"])
+    out = []
+    for j in range(k):
+        error = None if j % 2 == 0 else rng.choice(PLANTED_ERRORS)
+        at = rng.randrange(len(ops)) if error in ("operation", "slip") else len(ops)
+        v, steps, labels, ok, values = q[0], [], [], True, []
+        for t, (op, b) in enumerate(zip(ops, q[1:])):
+            use, new = op, _apply(op, v, b)
+            if t == at and error == "operation":
+                others = [o for o in "+-*/" if (o != "/" or v % b == 0) and (o != "-" or v > b)
+                          and _apply(o, v, b) != new]  # 2 + 2 = 2 * 2 would plant no error
+                error = "operation" if others else "slip"
+                if others:
+                    use = rng.choice(others)
+                    new = _apply(use, v, b)
+            if t == at and error == "slip":
+                d = 10 if new > 20 else rng.randint(1, 3)
+                new = new + d if new - d < 1 or rng.random() < 0.5 else new - d
+            ok = ok and t != at
+            sym = "x" if use == "*" and rng.random() < 0.3 else use
+            steps.append(rng.choice(_STEP_STYLES).format(v=v, sym=sym, b=b, new=new, N=name, p=pron, I=item))
+            labels.append(int(ok))
+            values.append(new)
+            v = new
+        ans = v
+        if error == "final":
+            wrong = sorted({x for x in (*values[:-1], *q) if x != v})
+            ans = rng.choice(wrong) if wrong else v + 1
+            ok = False
+        steps.append(rng.choice(_FINAL_STYLES).format(ans=ans, N=name, I=item))
+        labels.append(int(ok))
+        out.append((steps, labels))
+    return out

@@ -214,7 +214,8 @@ def truth_metrics(cfg: TrainConfig, tok, model_path: str, rows: list[dict], prob
              for i, e in enumerate(rows)]
     scored = sorted(scored_rows(_items_dataset(items), model_path, PRMScorer, ev.batch_size, ev.max_len,
                                 cfg.eval.engine.num_gpus), key=lambda r: r["idx"])
-    solutions = [(e["problem_id"], step_truth(problems[e["problem_id"]], e["steps"]), list(r["step_scores"]))
+    solutions = [(e["problem_id"], step_truth(problems[e["problem_id"]], e["steps"], e.get("correct"),
+                                              e.get("answer") or ""), list(r["step_scores"]))
                  for e, r in zip(rows, scored)]
     return truth_scores_metrics(solutions, ev.threshold)
 

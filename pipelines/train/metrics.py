@@ -76,11 +76,19 @@ def processbench_f1(pred: Sequence[int], labels: Sequence[int]) -> dict[str, flo
     return {"error_acc": acc_err, "correct_acc": acc_ok, "f1": f1, "n": len(pred)}
 
 
-def step_truth(problem: dict, steps: Sequence[str]) -> list[bool]:
-    """Ground truth for a synthetic problem's steps, prefix-level: step i is right while no step up to it is wrong."""
+def step_truth(problem: dict, steps: Sequence[str], correct: bool | None = None, answer: str = "") -> list[bool]:
+    """Ground truth for a synthetic problem's steps, prefix-level: step i is right while no step up to it is wrong.
+
+    A step is wrong when the step checks fail it (`verify.first_error`: false arithmetic, an unknown operand, a
+    stated answer that is not the reference). With the sample's verdict: a solution whose extracted `answer` is
+    wrong (`correct` False) has a wrong last step when no earlier step is wrong, since that step concludes the
+    wrong answer (a claim like "23 - 5 = 18" holds as arithmetic yet answers another question). Without an answer
+    (an unfinished solution) nothing more is said."""
     from pipelines.verify import first_error
 
     fe = first_error(list(steps), problem["quantities"], problem["answer"])
+    if fe < 0 and correct is False and str(answer or "").strip() and steps:
+        fe = len(steps) - 1
     return [fe < 0 or i < fe for i in range(len(steps))]
 
 

@@ -170,3 +170,49 @@ def test_a_runs_problems_parquet_loads_as_it_was_written(tmp_path):
     path = runs.write_problems(probs, tmp_path)
     got = load_problems(str(path)).problems
     assert got == probs
+
+
+def test_planted_solutions_carry_exact_labels_the_step_checks_agree_with():
+    """Planted solutions: half on the reference path (all 1, the right answer), half with one error at a known step
+    and 0 from there on. Where the error is arithmetic or the final line the step checks see it at the same step;
+    a planted operation keeps true arithmetic (the checks pass it) but ends on another answer."""
+    from pipelines.synthetic import SyntheticConfig, planted_solutions, synthetic_problem
+    from pipelines.verify import check_steps, extract_answer
+
+    cfg = SyntheticConfig(n=40, min_steps=1, max_steps=3)
+    seen_ok = seen_bad = 0
+    for i in range(cfg.n):
+        p = synthetic_problem(cfg, i)
+        sols = planted_solutions(p, 6)
+        assert len(sols) == 6 and sols == planted_solutions(p, 6)  # reproducible
+        for steps, labels in sols:
+            assert len(steps) == len(labels) == len(p["ref_steps"]) + 1
+            assert labels == sorted(labels, reverse=True)  # prefix labels: no 1 after a 0
+            answer = extract_answer(steps[-1]).answer
+            checks = check_steps(steps, p["quantities"], p["answer"])
+            if all(labels):
+                seen_ok += 1
+                assert answer == p["answer"] and all(checks)
+            else:
+                seen_bad += 1
+                assert answer != p["answer"]
+                first = labels.index(0)
+                assert all(checks[:first])  # nothing wrong before the planted error
+    assert seen_ok == seen_bad == 120
+
+
+def test_step_truth_marks_the_last_step_of_a_wrong_answer():
+    """A solution whose steps pass the checks but whose answer is wrong ends on a wrong step (it concludes that
+    answer); an unfinished one (no answer) and a verified one keep the checks' truth."""
+    from pipelines.synthetic import SyntheticConfig, synthetic_problem
+    from pipelines.train.metrics import step_truth
+
+    p = next(q for q in (synthetic_problem(SyntheticConfig(min_steps=1, max_steps=1), i) for i in range(50))
+             if "*" in q["ref_steps"][0])
+    v, b = (int(x) for x in p["quantities"])
+    steps = [f"{v} + {b} = {v + b}", f"So there are {v + b} now."]
+    assert step_truth(p, steps) == [True, True]  # the checks alone: true arithmetic over the question's numbers
+    assert step_truth(p, steps, correct=False, answer=str(v + b)) == [True, False]
+    assert step_truth(p, steps, correct=False, answer="") == [True, True]
+    right = [f"{v} * {b} = {v * b}", f"The answer is {v * b}."]
+    assert step_truth(p, right, correct=True, answer=str(v * b)) == [True, True]
