@@ -15,13 +15,10 @@ Ray Data) and writes under --out:
 Progress: a line every 10 s with samples done, labelled steps, rollouts, tokens, rates and ETA. Re-running with
 the same --out continues: samples already in labels/ or diagnostics/ are skipped.
 
-Questions and ground truth. Sample rows carry only problem_id, so the job looks the problems up:
-  --problems ''  (default) the generation run's problems.parquet beside the samples folder (`<run>/problems.parquet`
-                 for `<run>/samples`; runs made before it are read from their config.json, see pipelines/runs.py);
-  --problems X   a source name (synthetic with synthetic.* keys, gsm8k, ...) or a file; a parquet of Problem rows
-                 (stepray problems --out x.parquet) keeps the quantities that ground truth needs.
-For synthetic problems (quantities known) the summary compares the labels with the step checks
-(`pipelines.annotate_report`).
+Questions and ground truth come from the generation run's problems.parquet beside the samples folder, or from
+--problems (a source name with synthetic.* keys, or a file; a parquet of Problem rows keeps the quantities that
+ground truth needs). For synthetic problems the summary compares the labels with the step checks, and planted=N
+adds N solutions per problem with exact labels (`pipelines.synthetic.planted_solutions`).
 """
 
 from __future__ import annotations
@@ -38,7 +35,8 @@ from pipelines import config as C
 from pipelines import inputs, parts, schema
 from pipelines.annotate import LABELS, AnnotateConfig, build_annotation, select_samples
 from pipelines.annotate_report import (attach_problems, find_problems, format_summary, log_mlflow, plot_histogram,
-                                       step_format, stream_labels, summarize, write_planted)
+                                       step_format, stream_labels, summarize, write_label_rejects,
+                                       write_planted)
 from pipelines.config import InputError
 from pipelines.models import load_path
 from pipelines.runs import write_problems
@@ -120,22 +118,19 @@ def run(cfg: AnnotateConfig, use_mlflow: bool = True, log=print) -> dict:
     wall = 0.0
     if samples.num_rows:
         ray = init_ray()
-        ds = build_annotation(ray.data.from_arrow(samples), cfg, model_path, _generator_cls(), judge_path)
+        from actors.vllm_generator import VLLMGenerator
+
+        ds = build_annotation(ray.data.from_arrow(samples), cfg, model_path, VLLMGenerator, judge_path)
         wall = stream_labels(ds, out, samples.num_rows, log)
 
     labels, diag = parts.read_parts(out / "labels"), parts.read_parts(out / "diagnostics")
     if diag is None:
         raise RuntimeError(f"no labels were written under {out}; see the log above")
     labels = labels if labels is not None else schema.to_table([], "step_label")
-    with open(out / "rejects.jsonl", "w") as fh:
-        for r in diag.filter(pa.compute.not_equal(diag.column("error"), "")).to_pylist():
-            fh.write(json.dumps({"sample_id": r["sample_id"], "problem_id": r["problem_id"],
-                                 "reason": r["error"]}) + "\n")
+    write_label_rejects(diag, out / "rejects.jsonl")
     summary = summarize(labels, diag, problems, cfg)
-    if cfg.planted:
-        summary["planted_solutions"] = write_planted(problems, cfg, out)
-    summary["wall_s"] = wall
-    summary["problems_source"] = source
+    summary |= {"wall_s": wall, "problems_source": source,
+                "planted_solutions": write_planted(problems, cfg, out) if cfg.planted else 0}
     (out / "summary.json").write_text(json.dumps(finite_json(summary), indent=1))
     plot_histogram(labels, out / "label_histogram.png")
     log("\n" + format_summary(summary))
@@ -143,12 +138,6 @@ def run(cfg: AnnotateConfig, use_mlflow: bool = True, log=print) -> dict:
     if use_mlflow:
         log_mlflow(cfg, summary, out, log)
     return summary
-
-
-def _generator_cls():
-    from actors.vllm_generator import VLLMGenerator
-
-    return VLLMGenerator
 
 
 @cli_main("stepray annotate")

@@ -21,17 +21,16 @@ import json
 import sys
 from pathlib import Path
 
-from actors.start import engine_actor, scorer_actor
+from actors.start import engine_actor
 from pipelines import config as C
 from pipelines import inputs
 from pipelines.config import InputError
-from pipelines.evaluate import EvalConfig, accuracy_table, evaluate, format_table, write_outputs
+from pipelines.evaluate import EvalConfig, accuracy_table, evaluate, format_table, start_scorers, write_outputs
 from pipelines.models import load_path
 from pipelines.problems import load_problems, write_rejects
 from pipelines.runs import write_problems
-from pipelines.prompts import PromptConfig, render
+from pipelines.prompts import render
 from pipelines.runtime import cli_main, init_ray, log_stage
-from pipelines.search import orm_as_step_scorer
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EvalConfig]:
@@ -93,23 +92,8 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
     engines = [engine_actor(eng, model_path, eng.model) for _ in range(eng.max_engines)]
     actors = list(engines)
     try:
-        scorers, scorer_prompts, names = {}, {}, {"confidence": "confidence"}
-        for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
-            if not path:
-                continue
-            h, meta = scorer_actor(path, kind, cfg.scorer_num_cpus, cfg.scorer_num_gpus, cfg.scorer_threads)
-            actors.append(h)
-            # the scorer reads the question as it was rendered in its training (reward_model.json "prompt")
-            pcfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else cfg.prompt
-            ptok = AutoTokenizer.from_pretrained(path)
-            scorer_prompts[kind] = {p["id"]: p["question"] if cfg.scorer_input == "question" else
-                                    render(ptok, p["question"], p["kind"], pcfg) for p in problems}
-            if kind == "prm":
-                scorers["prm"] = lambda ps, ss, h=h: ray.get(h.score.remote(ps, ss))
-            else:
-                scorers["orm"] = orm_as_step_scorer(lambda ps, cs, h=h: ray.get(h.score_outcome.remote(ps, cs)),
-                                                    cfg.prompt.format)
-            names[kind] = f"{kind}:{path}"
+        scorers, scorer_prompts, names, scorer_actors = start_scorers(cfg, problems)
+        actors += scorer_actors
         if not (cfg.prm or cfg.orm):
             log("[evaluate] no --prm or --orm given: best_of_n, weighted, beam, dvts and mcts score solutions with "
                 "Marco-o1 confidence from token logprobs, not with a trained verifier")

@@ -12,11 +12,9 @@ rejects.jsonl, model/ (the trained model: a transformers folder, or a RewardMode
 history.json, loss_curve.png, eval.json, summary.json, ray_results/<run name>/checkpoint_step_*; logs params,
 loss, learning rate, tokens/s, the loss curve, the model and the evaluation to one MLflow run.
 
-Crash or kill, then re-run the same command: training resumes from the latest checkpoint (same --out, so the same
-Ray Train run name and storage path), and the MLflow run is reopened. A finished run re-run only re-exports and
-re-evaluates. Evaluation after training (eval.enabled): sft, greedy accuracy on held-out problems before and after
-(vLLM); prm, step-level F1 and AUC of "step is wrong" against ground-truth step checks on held-out synthetic
-problems, and ProcessBench F1; orm, AUC on held-out verdicts.
+Crash or kill, then re-run the same command: training resumes from the latest checkpoint (same --out) and the
+MLflow run is reopened. Evaluation after training (eval.enabled): sft, greedy accuracy on held-out problems before
+and after; prm, F1 and AUC of "step is wrong" against the step checks and ProcessBench F1; orm, AUC on verdicts.
 """
 
 from __future__ import annotations
@@ -108,10 +106,9 @@ def run(cfg: TrainConfig, log=print) -> int:
 
     # --- Ray, MLflow, the trainer
     init_ray()
-    run_id = None
-    if cfg.mlflow:
-        run_id = mlflow_run(cfg, out, {**C.flatten(C.to_dict(cfg)), "n_train_rows": len(rows),
-                                       "n_train_tokens": n_tokens, "init_path": init_path}, log)
+    run_id = mlflow_run(cfg, out, {**C.flatten(C.to_dict(cfg)), "n_train_rows": len(rows),
+                                   "n_train_tokens": n_tokens, "init_path": init_path}, log) if cfg.mlflow else None
+    if run_id:
         log(f"[train {cfg.task}] MLflow run {run_id} ({mlflow_uri()})")
     resume_step = latest_checkpoint_step(cfg)
     if resume_step:
@@ -147,10 +144,9 @@ def run(cfg: TrainConfig, log=print) -> int:
                "not_selected": examples.dropped, "holdout_rows": len(examples.holdout), "train": train,
                "eval": evaluation, "wall_s": time.time() - t0, "mlflow_run_id": run_id}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    if run_id:
-        log_evaluation(run_id, evaluation, train["fit_s"], out / "summary.json")
     log("\n" + format_summary(summary))
     if run_id:
+        log_evaluation(run_id, evaluation, train["fit_s"], out / "summary.json")
         log(f"MLflow: {mlflow_ui_command()}")
     return 0
 

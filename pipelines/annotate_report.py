@@ -108,13 +108,20 @@ def summarize(labels: pa.Table, diag: pa.Table, problems: dict[str, dict], cfg: 
     return s
 
 
+def write_label_rejects(diag: pa.Table, path: Path) -> None:
+    """The samples that could not be labelled, one JSON line each with the reason."""
+    with open(path, "w") as fh:
+        for r in diag.filter(pa.compute.not_equal(diag.column("error"), "")).to_pylist():
+            fh.write(json.dumps({"sample_id": r["sample_id"], "problem_id": r["problem_id"],
+                                 "reason": r["error"]}) + "\n")
+
+
 def write_planted(problems: dict[str, dict], cfg: AnnotateConfig, out: Path) -> int:
     """cfg.planted solutions with one planted error (or none) per synthetic problem, with their exact step labels
     (`synthetic.planted_solutions`), as StepLabel rows in <out>/labels/part-planted.parquet; returns the count.
     Rewritten whole on a re-run (the rows follow from the problems and the config alone)."""
     import pyarrow.parquet as pq
 
-    from pipelines import schema
     from pipelines.synthetic import planted_solutions
 
     rows = []
@@ -166,6 +173,8 @@ def format_summary(s: dict) -> str:
         f"{'mean soft label':<28}{f(s['mean_soft_label'])}",
         f"{'sample accuracy':<28}{f(s['sample_accuracy'])}",
     ]
+    if s.get("planted_solutions"):
+        lines.append(f"{'planted solutions':<28}{s['planted_solutions']} (labels/part-planted.parquet)")
     if "quality" in s:
         lines.append(f"label quality on {s['ground_truth_samples']} samples with ground truth "
                      f"(positive class: step is wrong)")

@@ -326,3 +326,33 @@ def write_outputs(out: Path, records: list[dict], failed: list[dict], rows: list
     else:
         del paths["plot"]
     return paths
+
+
+def start_scorers(cfg: EvalConfig, problems: list[dict]) -> tuple[dict, dict, dict, list]:
+    """One scorer actor per reward model given (--prm, --orm): (scorers by kind, each kind's prompts by problem id,
+    scorer names, the actors to kill). Each scorer reads the question as it was rendered in its training
+    (reward_model.json "prompt"); an ORM scores a path's steps through `orm_as_step_scorer`."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from actors.start import scorer_actor
+    from pipelines.prompts import PromptConfig, render
+    from pipelines.search import orm_as_step_scorer
+
+    scorers, scorer_prompts, names, actors = {}, {}, {"confidence": "confidence"}, []
+    for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
+        if not path:
+            continue
+        h, meta = scorer_actor(path, kind, cfg.scorer_num_cpus, cfg.scorer_num_gpus, cfg.scorer_threads)
+        actors.append(h)
+        pcfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else cfg.prompt
+        ptok = AutoTokenizer.from_pretrained(path)
+        scorer_prompts[kind] = {p["id"]: p["question"] if cfg.scorer_input == "question" else
+                                render(ptok, p["question"], p["kind"], pcfg) for p in problems}
+        if kind == "prm":
+            scorers["prm"] = lambda ps, ss, h=h: ray.get(h.score.remote(ps, ss))
+        else:
+            scorers["orm"] = orm_as_step_scorer(lambda ps, cs, h=h: ray.get(h.score_outcome.remote(ps, cs)),
+                                                cfg.prompt.format)
+        names[kind] = f"{kind}:{path}"
+    return scorers, scorer_prompts, names, actors

@@ -320,3 +320,23 @@ def test_balanced_selection_takes_verified_and_wrong_samples():
     many = pa.table({"sample_id": [f"p{i}/s0" for i in range(10)], "correct": [i < 8 for i in range(10)]})
     b2 = select_samples(many, 6, "balanced")
     assert sum(b2.column("correct").to_pylist()) == 4 and b2.num_rows == 6  # 2 wrong ones, topped up with verified
+
+
+def test_planted_solutions_are_written_as_step_label_rows_training_reads(tmp_path):
+    """annotate planted=N: N solutions per synthetic problem as StepLabel rows beside the sample labels, which PRM
+    training reads like any label file (a problem without a recorded path gets none)."""
+    from pipelines import parts
+    from pipelines.annotate_report import write_planted
+    from pipelines.synthetic import SyntheticConfig, synthetic_problems
+    from pipelines.train.data import read_examples
+    from pipelines.train import TrainConfig
+
+    problems = {p["id"]: p for p in synthetic_problems(SyntheticConfig(n=5))}
+    problems["gsm8k-1"] = {"id": "gsm8k-1", "question": "q", "answer": "3", "quantities": [], "meta": ""}
+    (tmp_path / "labels").mkdir()
+    assert write_planted(problems, _cfg("planted=4"), tmp_path) == 20
+    rows = parts.read_parts(tmp_path / "labels").to_pylist()
+    assert len(rows) == 20 and {r["method"] for r in rows} == {"planted"}
+    assert sum(all(r["hard_labels"]) for r in rows) == 10
+    ex = read_examples(TrainConfig(task="prm", data=str(tmp_path / "labels"), eval=TrainConfig().eval))
+    assert len(ex.train) + len(ex.holdout) == 20
