@@ -164,11 +164,21 @@ def parse_overrides(overrides: list[str]) -> dict:
     return data
 
 
+def _section(v: Any) -> Any:
+    """A section given as a list of dotted overrides ([a.b=1, c=2]) as a mapping; anything else as it is."""
+    if isinstance(v, list) and v and all(isinstance(x, str) and "=" in x for x in v):
+        return parse_overrides(v)
+    return v
+
+
 def _merge(base: dict, extra: dict) -> dict:
+    """Deep merge, later wins. A section written as a list of dotted overrides merges like a mapping, so that
+    `annotate.labels=x` on the command line changes one key of a YAML's `annotate: [rollouts=2, ...]`."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        a, b = _section(out.get(k)), _section(v)
+        if isinstance(b, dict) and isinstance(a, dict):
+            out[k] = _merge(a, b)
         else:
             out[k] = v
     return out
@@ -190,8 +200,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
         data = _merge(data, loaded)
-    if overrides:
-        data = _merge(data, parse_overrides(overrides))
+    for item in overrides or ():  # one at a time, so "s.a=1" then "s=[b=2]" keeps both
+        data = _merge(data, parse_overrides([item]))
     return _build(cls, data)
 
 

@@ -64,3 +64,16 @@ def test_a_partial_section_keeps_the_fields_own_default_and_may_be_dotted_overri
                                                                                                  max_steps=1)
     with pytest.raises(ConfigError, match="unknown config key problems.sed"):
         load_config(Outer, base={"problems": ["sed=3"]})
+
+
+def test_a_dotted_override_changes_one_key_of_a_section_written_as_overrides(tmp_path):
+    """iterate_tiny.yaml writes stage sections as lists of dotted overrides; a command-line override of one key of
+    such a section keeps the others (it replaced the whole section before)."""
+    from pipelines.iterate import IterateConfig
+
+    cfg_file = tmp_path / "loop.yaml"
+    cfg_file.write_text("annotate: [rollouts=2, max_tokens=8]\nevaluate: {strategies: [greedy, majority]}\n")
+    cfg = load_config(IterateConfig, cfg_file, ["annotate.labels=step_check", "annotate=[method=binary]"])
+    assert (cfg.annotate.rollouts, cfg.annotate.max_tokens) == (2, 8)
+    assert cfg.annotate.labels == "step_check" and cfg.annotate.method == "binary"
+    assert list(cfg.evaluate.strategies) == ["greedy", "majority"]  # a plain list value is not a section
