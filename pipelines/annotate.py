@@ -135,6 +135,8 @@ class AnnotateConfig:
             raise ValueError(f"labels {self.labels!r} is not one of {list(LABELS)}")
         if self.labels in ("judge", "consensus") and self.judge.mode == "off":
             raise ValueError(f"labels={self.labels} needs a judge: set judge.mode=local or judge.mode=endpoint")
+        if self.planted < 0:
+            raise ValueError(f"planted must be >= 0 (solutions per synthetic problem; 0 = none), got {self.planted}")
         if self.rollouts < 1 or self.chunk < 1 or self.max_tokens < 1:
             raise ValueError("rollouts, chunk and max_tokens must be >= 1")
         if not self.chunk_growth >= 1:

@@ -203,10 +203,15 @@ def planted_solutions(problem: dict, k: int, seed: int = 0) -> list[tuple[list[s
       slip       the step's result is off by 1-3 (or 10 for results over 20);
       final      every step right, the final line states another number (an intermediate or a question number).
     Each solution ends with a line stating its answer. Reproducible from (problem id, k, seed)."""
-    meta = json.loads(problem.get("meta") or "{}")
-    ops, q = meta.get("ops") or [], [int(x) for x in problem.get("quantities") or []]
-    if not ops or len(q) != len(ops) + 1:
+    try:  # a problem without a recorded path (another source, a hand-edited row) gets none, never a guess
+        meta = json.loads(problem.get("meta") or "{}")
+        ops, q = list(meta.get("ops") or []), [float(x) for x in problem.get("quantities") or []]
+    except (ValueError, TypeError, AttributeError):
         return []
+    if not ops or len(q) != len(ops) + 1 or any(o not in _OP_TEMPLATES for o in ops) \
+            or any(not x.is_integer() or x < 1 for x in q):
+        return []
+    q = [int(x) for x in q]
     rng = random.Random(f"planted:{seed}:{problem['id']}")
     name, pron, item = _scene(problem["question"])
     out = []

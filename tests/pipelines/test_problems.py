@@ -216,3 +216,14 @@ def test_step_truth_marks_the_last_step_of_a_wrong_answer():
     assert step_truth(p, steps, correct=False, answer="") == [True, True]
     right = [f"{v} * {b} = {v * b}", f"The answer is {v * b}."]
     assert step_truth(p, right, correct=True, answer=str(v * b)) == [True, True]
+
+
+@pytest.mark.parametrize("bad", [{"meta": "{not json"}, {"meta": '{"ops": ["^"]}'}, {"meta": '["*"]'},
+                                 {"quantities": [2.5, 3.0]}, {"quantities": None}, {"meta": ""}])
+def test_planted_solutions_skip_a_problem_without_a_usable_path(bad):
+    """A malformed or foreign row gets no planted solutions (never an exception, never a guessed path)."""
+    from pipelines.synthetic import SyntheticConfig, planted_solutions, synthetic_problem
+
+    p = dict(synthetic_problem(SyntheticConfig(min_steps=1, max_steps=1), 0))
+    assert planted_solutions(p, 2)
+    assert planted_solutions({**p, **bad}, 2) == []
