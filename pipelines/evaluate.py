@@ -3,20 +3,24 @@ the real engine, graded by the automatic verifier, summarised as a table and a p
 tokens per problem (o1's test-time scaling curve).
 
     tasks (problem x strategy[:scorer] x budget) ──driver threads, tasks_in_flight per engine──> strategies
-        ──CallBatcher──> one VLLMGenerator.generate call per engine with every pending request  [Ray actor]
-                     └─> one PRMScorer.score / score_outcome call with every pending solution    [Ray actor]
+        ──each search's own call──> AsyncVLLMGenerator.generate (async engine: continuous batching)   [Ray actor]
+        ──CallBatcher──> one PRMScorer.score / score_outcome call with every pending solution        [Ray actor]
     results ──verify.grade──> EvalRecord rows (schema.EVAL_RECORD) + traces (steps, step scores, candidates)
 
-Why threads in the driver and a batcher, not Ray Data or max_concurrency on the engine: a search makes many small
-dependent engine calls (a beam round, an MCTS expansion), so throughput comes from keeping many searches in flight
-and merging their calls into one batch for vLLM. `vllm.LLM.generate` takes no lock (two concurrent calls would step
-the same engine and could take each other's outputs), so concurrent calls into one actor (max_concurrency > 1) are
-unsafe, and with the default of 1 they run one small batch after another. Ray Data map_batches over problems would
-run each batch's searches to completion before the next, leaving the engine with shrinking batches at every batch's
-tail. Here one batcher per engine (`pipelines.evaluate_batching`) flushes as soon as every search thread of that
-engine is waiting (or `max_wait_s` after the oldest request), so each call carries up to `tasks_in_flight` searches'
+Why threads in the driver, not Ray Data: a search makes many small dependent engine calls (a beam round, an MCTS
+expansion), so throughput comes from keeping many searches in flight. Ray Data map_batches over problems would run
+each batch's searches to completion before the next, leaving the engine with shrinking batches at every batch's
+tail. With the async engine (engine.async_engine, the default) each search thread calls the engine actor itself and
+vLLM's continuous batching merges the requests of all searches as they arrive: no search waits for a flush, and a
+long sequence of one call does not hold back the others. With the synchronous engine (`vllm.LLM.generate` takes
+no lock, so one call at a time per actor) one batcher per engine (`pipelines.evaluate_batching`) merges the
+searches' requests into one call, flushing as soon as every search thread of that engine is waiting (or
+`max_wait_s` after the oldest request). Scorer calls always go through the batcher: a scorer's forward pass is
+cheaper per solution in a batch whose solutions share a prompt. Each call carries up to `tasks_in_flight` searches'
 requests (by default every search of 16 problems); more engines (engine.max_engines, one GPU each) split the
-problems between them. The search logic is light Python in the driver.
+problems between them. The search logic is light Python in the driver. On 2 CPU cores the PRM's forward passes
+cost more than generation (they read every sampled solution's tokens with the prompt): summary.json's
+`prm_busy_s` says how long the scorer calls ran.
 
 Shared samples (share_samples=true): strategies that draw full solutions from the problem's prompt (majority,
 best-of-N, weighted, reflection's first thought) draw from one pool per problem, i.e. the first N i.i.d. samples
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -39,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.config import help_field
-from pipelines.evaluate_batching import CallBatcher, SharedSamples, SharedScores, _BatchedEngine
+from pipelines.evaluate_batching import CallBatcher, SharedSamples, SharedScores, _BatchedEngine, _DirectEngine
 from pipelines.generate import EngineConfig
 from pipelines.problems import SyntheticConfig
 from pipelines.prompts import PromptConfig
@@ -144,29 +149,34 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
              engines: list[Callable[[list[str], list[dict]], list[list[dict]]]],
              scorers: dict[str, Callable[[list[str], list[list[str]]], list[list[float]]]],
              scorer_prompts: dict[str, dict[str, str]], scorer_names: dict[str, str], model: str,
-             log: Callable[[str], None] = print, every_s: float = 10.0
+             log: Callable[[str], None] = print, every_s: float = 10.0, concurrent_engines: bool = False
              ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Run every task; returns (records, failed tasks, facts). `engines`: one batch function per engine
     (VLLMGenerator.generate semantics); `scorers`: "prm"/"orm" batch step scorers; `scorer_prompts`: per scorer,
     problem id -> the text it reads before the steps; `scorer_names` names the scorers in the records; `prompts`:
-    problem id -> generation prompt."""
+    problem id -> generation prompt. `concurrent_engines`: the engines take concurrent calls (async engines), so
+    each search calls its engine directly and only the scorer calls are batched."""
     from pipelines.verify import grade
 
     tasks = make_tasks(problems, cfg)
     engine_tokens = [0] * len(engines)
+    direct = [{"calls": 0, "requests": 0} for _ in engines]
+    lock = threading.Lock()
 
     def engine_fn(e: int):
-        def run(items: list) -> list:
-            out = engines[e]([p for p, _ in items], [s for _, s in items])
-            engine_tokens[e] += sum(len(c["token_ids"]) for comps in out for c in comps)
+        def run(prompts: list, sampling: list) -> list:
+            out = engines[e](prompts, sampling)
+            with lock:
+                engine_tokens[e] += sum(len(c["token_ids"]) for comps in out for c in comps)
             return out
         return run
 
-    def scorer_fn(f):
+    def pairs(f):
         return lambda items: f([p for p, _ in items], [s for _, s in items])
 
-    batchers = [CallBatcher({"generate": engine_fn(e), **{k: scorer_fn(f) for k, f in scorers.items()}},
-                            cfg.max_wait_s) for e in range(len(engines))]
+    batchers = [CallBatcher({**({} if concurrent_engines else {"generate": pairs(engine_fn(e))}),
+                             **{k: pairs(f) for k, f in scorers.items()}}, cfg.max_wait_s)
+                for e in range(len(engines))]
     pool_size = max(cfg.budgets) if any(parse_strategy(s, cfg.prm, cfg.orm)[0] in ("majority", "best_of_n", "weighted")
                                         for s in cfg.strategies) else 0
     samples = {p["id"]: SharedSamples(prompts[p["id"]], pool_size) for p in problems}
@@ -176,8 +186,11 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
         p, batcher = t["problem"], batchers[t["index"] % len(engines)]
         problem = SearchProblem(prompts[p["id"]], p["question"], p["kind"])
         t0 = time.time()
+        e = t["index"] % len(engines)
         with batcher.member():
-            generate = engine_generate(_BatchedEngine(batcher), cfg.search)
+            engine = (_DirectEngine(engine_fn(e), batcher, direct[e]) if concurrent_engines else
+                      _BatchedEngine(batcher))
+            generate = engine_generate(engine, cfg.search)
             if cfg.share_samples:
                 generate = samples[p["id"]].wrap(generate, batcher.waiting)
             if t["scorer"] == "confidence":
@@ -229,8 +242,12 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
             b.close()
     facts = {"tasks": len(tasks), "failed": len(failed), "engine_tokens": sum(engine_tokens),
              "record_tokens": sum(r["tokens_generated"] for r in records), "wall_s": time.time() - t0,
-             "engine_calls": sum(b.calls["generate"] for b in batchers),
-             "engine_requests": sum(b.items["generate"] for b in batchers), "searches_in_flight": in_flight}
+             "engine_calls": sum(d["calls"] for d in direct) + sum(b.calls.get("generate", 0) for b in batchers),
+             "engine_requests": sum(d["requests"] for d in direct) + sum(b.items.get("generate", 0)
+                                                                         for b in batchers),
+             "searches_in_flight": in_flight, "concurrent_engines": concurrent_engines,
+             # wall time inside each batched kind's calls (a kind's calls run one at a time per engine)
+             **{f"{k}_busy_s": round(sum(b.seconds[k] for b in batchers), 1) for k in batchers[0].seconds}}
     return records, failed, facts
 
 

@@ -2,7 +2,9 @@
 searches in flight against one engine.
 
 - CallBatcher: the search threads of one engine call `call(kind, items)`; one call per kind carries every pending
-  request. `_BatchedEngine` puts VLLMGenerator's `generate(prompts, sampling)` on top of it.
+  request. `_BatchedEngine` puts VLLMGenerator's `generate(prompts, sampling)` on top of it; `_DirectEngine` sends
+  each search's generate call straight to an engine that takes concurrent calls (the async engine), leaving the
+  batcher the scorer calls.
 - SharedSamples / SharedScores: per problem, one pool of full samples for every strategy and budget, and one score
   per distinct (prompt, steps).
 
@@ -48,6 +50,7 @@ class CallBatcher:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(fns)), thread_name_prefix="batcher")
         self.calls: dict[str, int] = {k: 0 for k in fns}
         self.items: dict[str, int] = {k: 0 for k in fns}
+        self.seconds: dict[str, float] = {k: 0.0 for k in fns}  # wall time inside each kind's calls
 
     @contextmanager
     def member(self):
@@ -108,6 +111,7 @@ class CallBatcher:
 
         def run_kind(kind: str, reqs: list[_Request]) -> None:
             flat = [x for r in reqs for x in r.items]
+            t0 = time.monotonic()
             try:
                 out = self.fns[kind](flat)
                 if len(out) != len(flat):
@@ -120,6 +124,7 @@ class CallBatcher:
                     r.error = e
             self.calls[kind] += 1
             self.items[kind] += len(flat)
+            self.seconds[kind] += time.monotonic() - t0
 
         futures = [self._pool.submit(run_kind, k, rs) for k, rs in by_kind.items()]
         for f in futures:
@@ -141,6 +146,25 @@ class _BatchedEngine:
     def generate(self, prompts: list[str], sampling: dict | list[dict]) -> list[list[dict]]:
         per = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         return self.batcher.call("generate", list(zip(prompts, per)))
+
+
+class _DirectEngine:
+    """VLLMGenerator's local interface straight onto an engine that takes concurrent calls (an AsyncVLLMGenerator
+    actor: its continuous batching merges the searches' requests as they arrive, with no flush to wait for and no
+    call's tail holding the others back). The caller counts as blocked in the batcher while it waits, so the
+    batcher's scorer calls do not wait for it."""
+
+    def __init__(self, fn: Callable[[list, list], list], batcher: CallBatcher, counts: dict):
+        self.fn, self.batcher, self.counts = fn, batcher, counts
+
+    def generate(self, prompts: list[str], sampling: dict | list[dict]) -> list[list[dict]]:
+        per = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        with self.batcher.waiting():
+            out = self.fn(list(prompts), per)
+        with self.batcher._cv:
+            self.counts["calls"] += 1
+            self.counts["requests"] += len(prompts)
+        return out
 
 
 class SharedSamples:

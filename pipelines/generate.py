@@ -1,7 +1,8 @@
 """Generation on Ray Data: problems -> prompts -> autoscaling vLLM actor pool -> steps, answers, verdicts -> parquet.
 
     problems ──map_batches(FormatPrompts)──> prompt rows (n samples at T, plus one greedy row when asked)
-             ──map_batches(VLLMGenerator, ActorPoolStrategy(min_engines, max_engines))──> one row per completion
+             ──map_batches(AsyncVLLMGenerator, ActorPoolStrategy(min_engines, max_engines,
+                           max_concurrent_calls_per_actor=calls_in_flight))──> one row per completion
              ──map_batches(grade_batch)──> Sample rows (schema.SAMPLE)   [CPU tasks]
              ──iter_batches──> the driver writes each block as a parquet file as soon as it arrives
 
@@ -14,6 +15,7 @@ Ray and its batch retried (Ray Data's actor pools default to max_restarts=-1, ma
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -46,13 +48,20 @@ class EngineConfig:
     min_engines: int = help_field(1, "fewest engine actors in the pool")
     max_engines: int = help_field(1, "most engine actors; the pool grows toward it with the backlog")
     batch_size: int = help_field(16, "prompt rows per engine call")
+    async_engine: bool = help_field(True, "generation and evaluation: vLLM's async engine (AsyncLLM), so that "
+                                          "several calls share its continuous batching and one call's tail does "
+                                          "not idle it; false = the synchronous vllm.LLM, one call at a time")
+    calls_in_flight: int = help_field(4, "with async_engine, in generation: Ray Data tasks (blocks of up to 64 "
+                                         "problems' prompt rows, whose batch_size batches all go to the engine at "
+                                         "once) an engine actor takes at once; the pool grows toward max_engines "
+                                         "when 2 x engines x calls_in_flight blocks wait")
     extra: dict = help_field({}, "more vllm.LLM keyword arguments (e.g. tensor_parallel_size)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_engines <= self.max_engines:
             raise ValueError(f"need 1 <= min_engines <= max_engines, got {self.min_engines}, {self.max_engines}")
-        if self.batch_size < 1 or self.max_model_len < 16:
-            raise ValueError("batch_size must be >= 1 and max_model_len >= 16")
+        if self.batch_size < 1 or self.max_model_len < 16 or self.calls_in_flight < 1:
+            raise ValueError("batch_size and calls_in_flight must be >= 1 and max_model_len >= 16")
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {"max_model_len": self.max_model_len, "dtype": self.dtype, "seed": self.seed,
@@ -182,9 +191,20 @@ def grade_batch(batch: pa.Table, fmt: str = "lines", timeout_s: float = 5.0) -> 
     return schema.to_table(out, "sample")
 
 
+def generator_class(eng: EngineConfig) -> type:
+    """The engine class of the generation pool: AsyncVLLMGenerator (engine.async_engine) or VLLMGenerator."""
+    if eng.async_engine:
+        from actors.vllm_async_generator import AsyncVLLMGenerator
+
+        return AsyncVLLMGenerator
+    from actors.vllm_generator import VLLMGenerator
+
+    return VLLMGenerator
+
+
 def build_generation(problems_ds, cfg: GenerationConfig, model_path: str, generator_cls: type,
                      skip: set[tuple[str, str]] | None = None):
-    """The lazy Ray Dataset of Sample rows. `generator_cls` is VLLMGenerator in real runs."""
+    """The lazy Ray Dataset of Sample rows. `generator_cls` is `generator_class(cfg.engine)` in real runs."""
     import ray.data
 
     eng = cfg.engine
@@ -195,12 +215,15 @@ def build_generation(problems_ds, cfg: GenerationConfig, model_path: str, genera
         batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
         num_cpus=0.1)
     sampling = {k: v for k, v in cfg.sampling.params().items() if k not in ("n", "temperature")}
+    # an async engine class (`async def __call__`) takes calls_in_flight batches at once; a synchronous one, one
+    concurrent = eng.calls_in_flight if inspect.iscoroutinefunction(generator_cls.__call__) else None
     completions = prompts.map_batches(
         generator_cls,
         fn_constructor_kwargs={"model": model_path, "engine_kwargs": eng.engine_kwargs(), "sampling": sampling,
                                "threads": eng.threads, "model_name": cfg.engine.model},
         batch_format="pyarrow", batch_size=eng.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=eng.min_engines, max_size=eng.max_engines),
+        compute=ray.data.ActorPoolStrategy(min_size=eng.min_engines, max_size=eng.max_engines,
+                                           max_concurrent_calls_per_actor=concurrent),
         num_cpus=eng.num_cpus, num_gpus=eng.num_gpus or None)
     return completions.map_batches(grade_batch, fn_kwargs={"fmt": cfg.prompt.format,
                                                            "timeout_s": cfg.verify_timeout_s},

@@ -184,3 +184,21 @@ def resolve_model(name: str, prepare: bool = False) -> Path | str:
                                f"machine runs offline (HF_HUB_OFFLINE=1); download it where a hub is reachable, or "
                                f"set HF_HUB_OFFLINE=0")
     return name  # a hub id
+
+
+def bf16_native(device_type: str) -> bool:
+    """True where this device computes bf16 natively: a CUDA GPU that supports it, or a CPU with avx512_bf16 or
+    AMX (read from the kernel's CPU flags: torch reports no native-bf16 flag for CPUs, and mkldnn's "bf16 supported"
+    is also true where bf16 is emulated, which is slower than fp32); elsewhere than Linux, False. The one test used
+    by training (precision auto) and by the reward-model scorer (dtype auto), on GPU and CPU alike."""
+    import torch
+
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

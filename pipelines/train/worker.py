@@ -112,22 +112,12 @@ def freeze_lower(backbone, n: int) -> None:
 
 def resolve_precision(precision: str, device) -> str:
     """"bf16" or "fp32" for this worker's device (a torch.device): `auto` takes bf16 where the hardware computes it
-    natively. The one place the precision is decided, for GPU and CPU workers alike."""
-    import torch
+    natively (`pipelines.models.bf16_native`). The one place the precision is decided, for GPU and CPU workers."""
+    from pipelines.models import bf16_native
 
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        # torch reports no native-bf16 flag for CPUs (mkldnn "bf16 supported" is also true where it is emulated,
-        # which is slower than fp32), so read the kernel's CPU flags; elsewhere than Linux, fp32.
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return "fp32"
-        return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
-    return "fp32"
+    return "bf16" if bf16_native(device.type) else "fp32"
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:

@@ -42,7 +42,8 @@ def _direct(model: RewardModel, ids: list[int]) -> list[float]:
 
 def test_scores_are_read_at_step_ends_and_do_not_depend_on_batching(rm_folders):
     folders, tok = rm_folders
-    scorer = PRMScorer(str(folders["prm"]), batch_size=2)  # 3 solutions: two micro-batches, sorted by length
+    # 3 solutions: two micro-batches, sorted by length
+    scorer = PRMScorer(str(folders["prm"]), batch_size=2, dtype="float32")
     assert scorer.ready()["kind"] == "prm" and scorer.meta["prompt"] == {"format": "lines"}
     together = scorer.score([PROMPT] * 3, STEPS)
     reference = RewardModel.load(folders["prm"]).eval()
@@ -64,8 +65,8 @@ def test_a_shared_prompt_runs_once_and_gives_the_same_scores(rm_folders):
     other = PROMPT.replace("3 apples", "5 apples")
     prompts = [PROMPT, other, PROMPT, other, PROMPT, "x"]
     steps = [STEPS[0], STEPS[1], STEPS[2], STEPS[0], STEPS[1], STEPS[0]]
-    shared = PRMScorer(str(folders["prm"]), batch_size=2)
-    full = PRMScorer(str(folders["prm"]), batch_size=2, share_prompt=False)
+    shared = PRMScorer(str(folders["prm"]), batch_size=2, dtype="float32")
+    full = PRMScorer(str(folders["prm"]), batch_size=2, share_prompt=False, dtype="float32")
     calls = []
     forward = shared.model.backbone.forward
 
@@ -88,20 +89,33 @@ def test_a_shared_prompt_runs_once_and_gives_the_same_scores(rm_folders):
     assert a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == pytest.approx(b[1], abs=1e-5)
 
 
+def test_dtype_auto_takes_bf16_where_the_device_computes_it_and_stays_near_fp32(rm_folders):
+    """The scorer's default dtype: bf16 on a CPU with avx512_bf16/AMX (or a bf16 GPU), else fp32; the exactness
+    tests here pin fp32. bf16 scores stay within 0.02 of fp32's, step by step."""
+    from pipelines.models import bf16_native
+
+    folders, _ = rm_folders
+    auto = PRMScorer(str(folders["prm"]))
+    assert auto.dtype == ("bfloat16" if bf16_native("cpu") else "float32") == auto.ready()["dtype"]
+    fp32 = PRMScorer(str(folders["prm"]), dtype="float32")
+    got, want = auto.score([PROMPT] * 3, STEPS), fp32.score([PROMPT] * 3, STEPS)
+    assert [x for g in got for x in g] == pytest.approx([x for w in want for x in w], abs=0.02)
+
+
 def test_a_step_score_ignores_later_steps_and_cut_steps_are_nan(rm_folders):
     folders, tok = rm_folders
-    scorer = PRMScorer(str(folders["prm"]))
+    scorer = PRMScorer(str(folders["prm"]), dtype="float32")
     full = scorer.score([PROMPT], [STEPS[2]])[0]
     assert scorer.score([PROMPT], [STEPS[2][:2]])[0] == pytest.approx(full[:2], abs=1e-5)  # causal
     ids, pos = encode_steps(tok, PROMPT, STEPS[2], "\n", 4096)
-    short = PRMScorer(str(folders["prm"]), max_len=pos[1] + 1)  # room for two steps only
+    short = PRMScorer(str(folders["prm"]), max_len=pos[1] + 1, dtype="float32")  # room for two steps only
     cut = short.score([PROMPT], [STEPS[2]])[0]
     assert cut[:2] == pytest.approx(full[:2], abs=1e-5) and all(math.isnan(s) for s in cut[2:])
 
 
 def test_score_outcome_reads_the_last_token(rm_folders):
     folders, tok = rm_folders
-    scorer = PRMScorer(str(folders["orm"]))
+    scorer = PRMScorer(str(folders["orm"]), dtype="float32")
     completions = ["\n".join(s) for s in STEPS]
     got = scorer.score_outcome([PROMPT] * 3, completions)
     reference = RewardModel.load(folders["orm"]).eval()
@@ -130,9 +144,9 @@ def test_as_a_ray_actor_and_a_ray_data_callable_class(rm_folders, ray_session):
     import ray.data
 
     folders, _ = rm_folders
-    local = PRMScorer(str(folders["prm"]))
+    local = PRMScorer(str(folders["prm"]), dtype="float32")  # exact comparisons: fp32 everywhere
     expected = local.score([PROMPT] * 3, STEPS)
-    actor = ray_session.remote(num_cpus=1)(PRMScorer).remote(str(folders["prm"]))
+    actor = ray_session.remote(num_cpus=1)(PRMScorer).remote(str(folders["prm"]), dtype="float32")
     try:
         remote = ray_session.get(actor.score.remote([PROMPT] * 3, STEPS))
         assert [x for r in remote for x in r] == pytest.approx([x for e in expected for x in e], abs=1e-6)
@@ -142,7 +156,8 @@ def test_as_a_ray_actor_and_a_ray_data_callable_class(rm_folders, ray_session):
     items = [{"i": i, "prompt": PROMPT, "steps": s, "completion": "\n".join(s)} for i, s in enumerate(STEPS)]
     for kind in ("prm", "orm"):
         rows = ray.data.from_items(items).map_batches(
-            PRMScorer, fn_constructor_kwargs={"model_path": str(folders[kind])}, batch_format="pyarrow",
+            PRMScorer, fn_constructor_kwargs={"model_path": str(folders[kind]), "dtype": "float32"},
+            batch_format="pyarrow",
             batch_size=2, num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1)).take_all()
         rows = sorted(rows, key=lambda r: r["i"])
         if kind == "prm":
@@ -150,7 +165,7 @@ def test_as_a_ray_actor_and_a_ray_data_callable_class(rm_folders, ray_session):
                 assert list(r["step_scores"]) == pytest.approx(e, abs=1e-6)
                 assert r["score"] == pytest.approx(min(e), abs=1e-6)  # reduce="min" (Let's Verify)
         else:
-            orm = PRMScorer(str(folders["orm"]))
+            orm = PRMScorer(str(folders["orm"]), dtype="float32")
             want = orm.score_outcome([PROMPT] * 3, [it["completion"] for it in items])
             assert [r["score"] for r in rows] == pytest.approx(want, abs=1e-6)
             assert "step_scores" not in rows[0]

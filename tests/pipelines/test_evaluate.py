@@ -277,6 +277,52 @@ def test_driver_sends_each_scorer_its_own_prompt():
     assert beam["tokens_scored"] == 2 * 5 + 2 * (5 + 4)  # round 2 re-reads each beam's first step
 
 
+def test_concurrent_engines_get_each_search_call_directly_with_the_same_records():
+    """concurrent_engines (async engines): every search calls its engine itself, at once with the others (no
+    merging, no flush to wait for), the scorer calls still go through the batcher; the records equal the batched
+    driver's on the same scripted engine and PRM."""
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "prm_items": 0}
+
+    def scripted_engine(prompts, samplings):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.02)  # calls overlap when they are made at once
+        out = []
+        for p, s in zip(prompts, samplings):
+            text = ("The answer is 7." if p.endswith("\n") else "3 + 4 = 7\n") if s.get("stop") else \
+                "3 + 4 = 7\nThe answer is 7."
+            out.append([{"text": text, "token_ids": [0] * len(text.split()), "finish_reason": "stop", "error": "",
+                         "token_logprobs": [], "top_logprobs": []} for _ in range(s["n"])])
+        with lock:
+            state["now"] -= 1
+        return out
+
+    def scripted_prm(prompts, step_lists):
+        state["prm_items"] += len(prompts)
+        return [[0.5] * len(s) for s in step_lists]
+
+    problems = [{"id": f"p{i}", "question": f"q{i}", "answer": "7" if i else "8", "kind": "numeric"} for i in range(4)]
+    cfg = load_config(EvalConfig, overrides=["strategies=[greedy,majority,weighted,beam]", "budgets=[1,2]",
+                                             "prm=scripted"])
+    runs = {}
+    for concurrent in (False, True):
+        state.update(now=0, most=0, prm_items=0)
+        records, failed, facts = evaluate(problems, {p["id"]: f"<{p['id']}>" for p in problems}, cfg,
+                                          [scripted_engine], {"prm": scripted_prm},
+                                          {"prm": {p["id"]: p["id"] for p in problems}}, {"prm": "prm:scripted"},
+                                          "scripted", concurrent_engines=concurrent)
+        assert failed == [] and facts["concurrent_engines"] is concurrent and facts["prm_busy_s"] >= 0
+        runs[concurrent] = ({(r["problem_id"], r["strategy"], r["budget"]): (r["correct"], r["tokens_generated"],
+                                                                            r["tokens_scored"]) for r in records},
+                            facts, state["most"])
+    (batched, b_facts, b_most), (direct, d_facts, d_most) = runs[False], runs[True]
+    assert batched == direct and len(direct) == 4 * (1 + 3 * 2)
+    assert b_most == 1 and b_facts["engine_calls"] < b_facts["engine_requests"]  # merged, one call at a time
+    assert d_most > 1 and d_facts["engine_calls"] > b_facts["engine_calls"]  # each search's own call, at once
+    assert d_facts["engine_tokens"] == b_facts["engine_tokens"]
+
+
 @pytest.fixture(scope="module")
 def reward_models(tiny_model, tmp_path_factory):
     """Untrained PRM and ORM folders on the tiny model (random heads): real checkpoints for actors.prm_scorer,

@@ -129,12 +129,14 @@ def test_a_gsm8k_file_and_code_problems_through_generate(ray_session, tiny_model
 
 @pytest.mark.slow
 def test_the_engine_pool_grows_under_backlog(ray_session, tiny_model, tmp_path):
-    """engine.min_engines=1, max_engines=2: with blocks waiting, Ray Data's actor pool starts a second engine. Each
-    engine marks its start in a folder (the class is defined here, so it travels to the actors by value)."""
+    """engine.min_engines=1, max_engines=2: with blocks waiting, Ray Data's actor pool of async engines starts a
+    second engine. (The pool grows when the blocks waiting reach twice the engines x calls_in_flight; 256 problems
+    make 4 blocks, so calls_in_flight=1 here.) Each engine marks its start in a folder (the
+    class is defined here, so it travels to the actors by value)."""
     import os
     from pathlib import Path
 
-    from actors.vllm_generator import VLLMGenerator
+    from actors.vllm_async_generator import AsyncVLLMGenerator as VLLMGenerator
     from pipelines.generate import build_generation
     from pipelines.problems import SyntheticConfig, load_problems
 
@@ -152,7 +154,7 @@ def test_the_engine_pool_grows_under_backlog(ray_session, tiny_model, tmp_path):
     cfg = load_config(GenerationConfig, overrides=[
         "problems=synthetic", "sampling.n=1", "sampling.max_tokens=8", "engine.model=tiny", "engine.max_model_len=512",
         "engine.batch_size=2", "engine.gpu_memory_utilization=0.05", "engine.num_cpus=0.5", "engine.threads=1",
-        "engine.min_engines=1", "engine.max_engines=2", "greedy=false"])
+        "engine.min_engines=1", "engine.max_engines=2", "engine.calls_in_flight=1", "greedy=false"])
     problems = load_problems("synthetic", synthetic=SyntheticConfig(n=256)).problems  # 4 blocks of 64 prompts
     import ray.data
 
