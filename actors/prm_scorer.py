@@ -29,6 +29,30 @@ from typing import Any
 REDUCE = ("min", "last", "prod", "mean")
 
 
+def torch_setup(threads: int, device: str, dtype: str):
+    """A scorer's torch before it loads weights: (torch, torch.device, dtype name). threads: 0 = what Ray set for the
+    actor's num_cpus, -1 = every core of this node, N = N; device "auto" = the GPU Ray gave this actor if it asked for
+    one (CUDA_VISIBLE_DEVICES is set), else the CPU; dtype "auto" = bfloat16 where that device computes it natively
+    (`pipelines.models.bf16_native`), else float32. Shared by every scorer class (PRMScorer, LikelihoodRatioScorer)."""
+    if threads < 0:
+        threads = os.cpu_count() or 1
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        import ray
+
+        device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+    if dtype == "auto":
+        from pipelines.models import bf16_native
+
+        dtype = "bfloat16" if bf16_native(torch.device(device).type) else "float32"
+    return torch, torch.device(device), dtype
+
+
 class PRMScorer:
     def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 8, max_len: int = 2048,
                  reduce: str = "min", threads: int = 0, dtype: str = "auto", share_prompt: bool = True):
@@ -40,30 +64,14 @@ class PRMScorer:
         share_prompt: solutions with the same prompt reuse its key/value cache (see _logits)."""
         if reduce not in REDUCE:
             raise ValueError(f"reduce {reduce!r} is not one of {list(REDUCE)}")
-        if threads < 0:
-            threads = os.cpu_count() or 1
-        if threads:
-            os.environ["OMP_NUM_THREADS"] = str(threads)
-        import torch
+        t0 = time.time()
+        self.torch, self.device, self.dtype = torch_setup(threads, device, dtype)
+        torch = self.torch
         from transformers import AutoTokenizer
 
         from pipelines.reward_model import RewardModel
 
-        if threads:
-            torch.set_num_threads(threads)
-        t0 = time.time()
-        self.torch = torch
-        if device == "auto":  # what Ray gave this actor: its GPUs if it asked for any (CUDA_VISIBLE_DEVICES is set)
-            import ray
-
-            device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
-        self.device = torch.device(device)
-        if dtype == "auto":
-            from pipelines.models import bf16_native
-
-            dtype = "bfloat16" if bf16_native(self.device.type) else "float32"
-        self.dtype = dtype
-        self.model = RewardModel.load(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.model = RewardModel.load(model_path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             self.tokenizer.eos_token_id

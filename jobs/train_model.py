@@ -1,20 +1,24 @@
-"""Train the generator on its verified samples (SFT), a process reward model or an outcome reward model on Ray Train.
+"""Train the generator on its verified samples (SFT), a process or outcome reward model, or a V-STaR verifier (DPO)
+on Ray Train.
 
     stepray train sft --data runs/gen --base smollm2 --out runs/sft [--workers 2] [--epochs 2] [key=value ...]
     stepray train prm --data runs/annotate --base smollm2 --out runs/prm [labels.target=hard]
     stepray train orm --data runs/gen --base smollm2 --out runs/orm
+    stepray train dpo --data runs/gen --base runs/sft/model --out runs/vstar     (V-STaR: pairs verified over failed)
     stepray train sft --data runs/gen-r2 --base smollm2 --out runs/sft-r2 round_mode=continue previous=runs/sft/model
     python -m jobs.train_model sft ...          (the Ray job entrypoint: ray job submit -- python -m jobs.train_model)
 
---data: Sample rows (a generate run folder or parquet) for sft and orm, Trajectory rows for sft; StepLabel rows,
+--data: Sample rows (a generate run folder or parquet) for sft, orm and dpo, Trajectory rows for sft; StepLabel rows,
 PRM800K ratings (.jsonl) or ProcessBench first-error rows (.json) for prm. Writes under --out: config.json,
-rejects.jsonl, model/ (the trained model: a transformers folder, or a RewardModel folder for prm/orm),
+rejects.jsonl, model/ (the trained model: a transformers folder, for dpo with verifier.json naming its reference,
+or a RewardModel folder for prm/orm),
 history.json, loss_curve.png, eval.json, summary.json, ray_results/<run name>/checkpoint_step_*; logs params,
 loss, learning rate, tokens/s, the loss curve, the model and the evaluation to one MLflow run.
 
 Crash or kill, then re-run the same command: training resumes from the latest checkpoint (same --out) and the
 MLflow run is reopened. Evaluation after training (eval.enabled): sft, greedy accuracy on held-out problems before
-and after; prm, F1 and AUC of "step is wrong" against the step checks and ProcessBench F1; orm, AUC on verdicts.
+and after; prm, F1 and AUC of "step is wrong" against the step checks and ProcessBench F1; orm, AUC on verdicts;
+dpo, how often the verifier ranks the verified solution of a held-out pair first, and its AUC on their verdicts.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     ap = argparse.ArgumentParser(prog="stepray train", description=__doc__.split("\n\n")[0],
                                  epilog="config keys (key=value overrides):\n" + C.describe(TrainConfig),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=["sft", "prm", "orm"], help="what to train")
+    ap.add_argument("task", choices=["sft", "prm", "orm", "dpo"], help="what to train (dpo: a V-STaR verifier)")
     ap.add_argument("--data", help="training rows (sets data=)")
     ap.add_argument("--base", help="base model: smollm2 | tiny | a path (sets base=)")
     ap.add_argument("--out", help="output folder (sets out=)")

@@ -50,7 +50,7 @@ from pipelines.problems import SyntheticConfig
 from pipelines.prompts import PromptConfig
 from pipelines.search import CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem, engine_generate
 
-SCORERS = ("prm", "orm", "confidence")
+SCORERS = ("prm", "orm", "vstar", "confidence")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class EvalConfig:
     budgets: tuple[int, ...] = help_field((1, 2, 4, 8, 16), "budgets to run every strategy at (greedy runs at 1)")
     prm: str = help_field("", "PRM checkpoint (actors.prm_scorer.PRMScorer); empty = no PRM")
     orm: str = help_field("", "ORM checkpoint (PRMScorer.score_outcome); empty = no ORM")
+    vstar: str = help_field("", "V-STaR verifier (`stepray train dpo`: LikelihoodRatioScorer, scored like an ORM); "
+                                "empty = none")
     scorer_input: str = help_field("prompt", "what a PRM/ORM gets before the steps: prompt (the question rendered "
                                              "as in its training, reward_model.json) | question (the raw text)")
     scorer_num_cpus: float = help_field(1.0, "CPUs Ray reserves per scorer actor")
@@ -97,7 +99,7 @@ class EvalConfig:
         if not self.strategies:
             raise ValueError("strategies is empty; give e.g. greedy,majority,best_of_n")
         for spec in self.strategies:
-            parse_strategy(spec, self.prm, self.orm)
+            parse_strategy(spec, self.prm, self.orm, self.vstar)
         if not self.budgets or any(b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be integers >= 1, got {list(self.budgets)}")
         if self.scorer_input not in ("question", "prompt"):
@@ -112,8 +114,9 @@ class EvalConfig:
         return max(1, -(-n_tasks // max(n_problems, 1)) * self.problems_in_flight)
 
 
-def parse_strategy(spec: str, prm: str = "", orm: str = "") -> tuple[str, str]:
-    """"beam:orm" -> ("beam", "orm"); "beam" -> ("beam", the default scorer); "majority" -> ("majority", "")."""
+def parse_strategy(spec: str, prm: str = "", orm: str = "", vstar: str = "") -> tuple[str, str]:
+    """"beam:orm" -> ("beam", "orm"); "beam" -> ("beam", the default scorer: prm, orm, vstar, confidence, the first
+    given); "majority" -> ("majority", "")."""
     name, _, scorer = spec.partition(":")
     if name not in STRATEGIES:
         raise ValueError(f"strategy {name!r} is not one of {sorted(STRATEGIES)}")
@@ -121,10 +124,10 @@ def parse_strategy(spec: str, prm: str = "", orm: str = "") -> tuple[str, str]:
         if scorer:
             raise ValueError(f"strategy {name!r} uses no scorer, so {spec!r} cannot name one")
         return name, ""
-    scorer = scorer or ("prm" if prm else "orm" if orm else "confidence")
+    scorer = scorer or ("prm" if prm else "orm" if orm else "vstar" if vstar else "confidence")
     if scorer not in SCORERS:
         raise ValueError(f"{spec!r}: scorer {scorer!r} is not one of {list(SCORERS)}")
-    if (scorer == "prm" and not prm) or (scorer == "orm" and not orm):
+    if {"prm": not prm, "orm": not orm, "vstar": not vstar}.get(scorer, False):
         raise ValueError(f"{spec!r} needs a {scorer.upper()} checkpoint: give --{scorer} PATH")
     return name, scorer
 
@@ -138,7 +141,7 @@ def make_tasks(problems: list[dict], cfg: EvalConfig) -> list[dict]:
     tasks = []
     for i, p in enumerate(problems):
         for spec in cfg.strategies:
-            name, scorer = parse_strategy(spec, cfg.prm, cfg.orm)
+            name, scorer = parse_strategy(spec, cfg.prm, cfg.orm, cfg.vstar)
             for b in ([1] if name == "greedy" else sorted(set(cfg.budgets))):
                 tasks.append({"index": i, "problem": p, "strategy": spec, "name": name, "scorer": scorer,
                               "budget": b})
@@ -177,7 +180,8 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
     batchers = [CallBatcher({**({} if concurrent_engines else {"generate": pairs(engine_fn(e))}),
                              **{k: pairs(f) for k, f in scorers.items()}}, cfg.max_wait_s)
                 for e in range(len(engines))]
-    pool_size = max(cfg.budgets) if any(parse_strategy(s, cfg.prm, cfg.orm)[0] in ("majority", "best_of_n", "weighted")
+    pool_size = max(cfg.budgets) if any(parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar)[0] in ("majority", "best_of_n",
+                                                                                             "weighted")
                                         for s in cfg.strategies) else 0
     samples = {p["id"]: SharedSamples(prompts[p["id"]], pool_size) for p in problems}
     scores = {(p["id"], k): SharedScores() for p in problems for k in scorers}
@@ -346,9 +350,9 @@ def write_outputs(out: Path, records: list[dict], failed: list[dict], rows: list
 
 
 def start_scorers(cfg: EvalConfig, problems: list[dict]) -> tuple[dict, dict, dict, list]:
-    """One scorer actor per reward model given (--prm, --orm): (scorers by kind, each kind's prompts by problem id,
-    scorer names, the actors to kill). Each scorer reads the question as it was rendered in its training
-    (reward_model.json "prompt"); an ORM scores a path's steps through `orm_as_step_scorer`."""
+    """One scorer actor per verifier given (--prm, --orm, --vstar): (scorers by kind, each kind's prompts by problem
+    id, scorer names, the actors to kill). Each scorer reads the question as it was rendered in its training (its
+    metadata's "prompt"); an ORM or a V-STaR verifier scores a path's steps through `orm_as_step_scorer`."""
     import ray
     from transformers import AutoTokenizer
 
@@ -357,7 +361,7 @@ def start_scorers(cfg: EvalConfig, problems: list[dict]) -> tuple[dict, dict, di
     from pipelines.search import orm_as_step_scorer
 
     scorers, scorer_prompts, names, actors = {}, {}, {"confidence": "confidence"}, []
-    for kind, path in (("prm", cfg.prm), ("orm", cfg.orm)):
+    for kind, path in (("prm", cfg.prm), ("orm", cfg.orm), ("vstar", cfg.vstar)):
         if not path:
             continue
         h, meta = scorer_actor(path, kind, cfg.scorer_num_cpus, cfg.scorer_num_gpus, cfg.scorer_threads)
@@ -368,8 +372,8 @@ def start_scorers(cfg: EvalConfig, problems: list[dict]) -> tuple[dict, dict, di
                                 render(ptok, p["question"], p["kind"], pcfg) for p in problems}
         if kind == "prm":
             scorers["prm"] = lambda ps, ss, h=h: ray.get(h.score.remote(ps, ss))
-        else:
-            scorers["orm"] = orm_as_step_scorer(lambda ps, cs, h=h: ray.get(h.score_outcome.remote(ps, cs)),
-                                                cfg.prompt.format)
+        else:  # an ORM or a V-STaR verifier: one score per solution, a path's steps joined
+            scorers[kind] = orm_as_step_scorer(lambda ps, cs, h=h: ray.get(h.score_outcome.remote(ps, cs)),
+                                               cfg.prompt.format)
         names[kind] = f"{kind}:{path}"
     return scorers, scorer_prompts, names, actors

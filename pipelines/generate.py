@@ -51,10 +51,12 @@ class EngineConfig:
     async_engine: bool = help_field(True, "generation and evaluation: vLLM's async engine (AsyncLLM), so that "
                                           "several calls share its continuous batching and one call's tail does "
                                           "not idle it; false = the synchronous vllm.LLM, one call at a time")
-    calls_in_flight: int = help_field(4, "with async_engine, in generation: Ray Data tasks (blocks of up to 64 "
+    calls_in_flight: int = help_field(2, "with async_engine, in generation: Ray Data tasks (blocks of up to 64 "
                                          "problems' prompt rows, whose batch_size batches all go to the engine at "
-                                         "once) an engine actor takes at once; the pool grows toward max_engines "
-                                         "when 2 x engines x calls_in_flight blocks wait")
+                                         "once) an engine actor takes at once: 2 lets the next block fill the "
+                                         "engine while one block's last sequences finish; more only delays the "
+                                         "first written parts (and a kill loses every block in flight). The pool "
+                                         "grows toward max_engines when 2 x engines x calls_in_flight blocks wait")
     extra: dict = help_field({}, "more vllm.LLM keyword arguments (e.g. tensor_parallel_size)")
 
     def __post_init__(self) -> None:

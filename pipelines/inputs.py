@@ -86,7 +86,23 @@ def read_parquet(path: str | Path, what: str, kind: str | None = None, hint: str
 
 
 def reward_model_folder(path: str | Path, what: str, kind: str | None = None) -> dict:
-    """The metadata of a reward model folder (`stepray train prm|orm` output), read without loading weights."""
+    """The metadata of a reward model folder (`stepray train prm|orm` output; with kind "vstar", a V-STaR verifier
+    of `stepray train dpo` and its reference model), read without loading weights."""
+    if kind == "vstar":
+        from actors.vstar_scorer import VERIFIER_FILE
+
+        hint = "give the model/ folder of `stepray train dpo`"
+        p = existing(path, what, hint)
+        if not (p / VERIFIER_FILE).is_file():
+            raise InputError(f"{what}: {p} is not a V-STaR verifier folder (no {VERIFIER_FILE}); {hint}")
+        try:
+            meta = json.loads((p / VERIFIER_FILE).read_text())
+        except (ValueError, OSError) as e:
+            raise InputError(f"{what}: {p / VERIFIER_FILE} is not readable JSON ({first_line(e)}); train it "
+                             f"again") from None
+        existing(str(meta.get("reference") or ""), f"{what} (its reference model)", "the model `stepray train dpo` "
+                 "started from must stay where it was; train the verifier again if it moved")
+        return meta
     hint = "give the model/ folder of `stepray train prm` (or orm)"
     p = existing(path, what, hint)
     meta_path = p / REWARD_MODEL_META

@@ -11,6 +11,11 @@ hand-built tensors and no model.
   The mean (not the sum of methods.md) over all labelled steps in the batch keeps the learning rate independent
   of solution length; steps without a label (mask 0) contribute nothing.
 - ORM: the same binary cross-entropy on one logit per sequence (the last token), c = Ver(y).
+- DPO (the V-STaR verifier): for a pair of solutions to one problem, y+ verified and y- not,
+  L = -log sigmoid(beta * [(log pi(y+|x) - log pi_ref(y+|x)) - (log pi(y-|x) - log pi_ref(y-|x))]), where
+  log pi(y|x) is the sum of the completion tokens' log-probabilities (`sequence_logps`) and pi_ref the model
+  training started from (the SFT generator); a weighted mean over pairs. The trained verifier scores a solution by
+  beta * (log pi(y|x) - log pi_ref(y|x)).
 
 All reductions return a zero that is still connected to the graph when nothing is labelled, so a DDP step on an
 empty batch still all-reduces gradients on every rank (a rank that skipped backward would hang the others).
@@ -54,6 +59,36 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     if denom <= 0:
         return logits.sum() * 0.0
     return (nll * w).sum() / denom
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over each row's target tokens of log p(token | what precedes it): (B, T, V), (B, T), (B, T) -> (B,).
+
+    loss_mask marks the target tokens as in `sft_loss` (the completion and its end-of-turn token). Like sft_loss it
+    takes the log-softmax only at the N counted positions ((N, V), not all B*T)."""
+    targets = input_ids[:, 1:]  # (B, T-1)
+    mask = loss_mask[:, 1:].bool()  # (B, T-1)
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logits.device)  # (B,)
+    if not mask.any():
+        return out + logits.sum() * 0.0
+    picked = logits[:, :-1][mask]  # (N, V)
+    logp = -F.cross_entropy(picked.float(), targets[mask], reduction="none")  # (N,)
+    rows = mask.nonzero(as_tuple=True)[0]  # (N,) the row of each counted token
+    return out.index_add(0, rows, logp)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """DPO: -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)), a weighted mean over pairs.
+
+    All four are (B,) sequence log-probabilities (`sequence_logps`); the reference's carry no gradient."""
+    margin = beta * ((policy_chosen - ref_chosen.detach()) - (policy_rejected - ref_rejected.detach()))  # (B,)
+    per = -F.logsigmoid(margin.float())  # (B,)
+    w = torch.ones_like(per) if weights is None else weights.to(per.dtype)
+    denom = w.sum()
+    if denom <= 0:
+        return per.sum() * 0.0
+    return (per * w).sum() / denom
 
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,

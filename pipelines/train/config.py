@@ -11,7 +11,7 @@ from pipelines.generate import EngineConfig
 from pipelines.problems import SyntheticConfig
 from pipelines.prompts import PromptConfig
 
-TASKS = ("sft", "prm", "orm")
+TASKS = ("sft", "prm", "orm", "dpo")
 # Training precision. bf16 autocast runs matmuls in bf16 and keeps fp32 master weights, so it changes speed and
 # rounding, not the optimizer. Measured here (SmolLM2 PRM, full fine-tuning, batch 8 x 200 tokens, 2 threads, tuned
 # malloc, AMD EPYC with avx512_bf16): fp32 145 tokens/s, bf16 336; with the lowest 20 of 30 blocks frozen: fp32 430,
@@ -87,7 +87,7 @@ class LabelConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     enabled: bool = help_field(True, "run the evaluation hooks after training")
-    holdout_fraction: float = help_field(0.1, "PRM/ORM: share of problems (by hashed id) kept out of training")
+    holdout_fraction: float = help_field(0.1, "PRM/ORM/DPO: share of problems (by hashed id) kept out of training")
     problems: str = help_field("synthetic", "SFT: held-out problems for greedy accuracy (source name or file)")
     synthetic: SyntheticConfig = help_field(SyntheticConfig(seed=1), "SFT held-out synthetic problems (seed 1: "
                                             "disjoint from the generation default, seed 0)")
@@ -117,7 +117,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = help_field("sft", "sft (generator) | prm (process reward model) | orm (outcome reward model)")
+    task: str = help_field("sft", "sft (generator) | prm (process reward model) | orm (outcome reward model) | "
+                                  "dpo (V-STaR verifier: DPO on verified-over-failed pairs against the model it "
+                                  "starts from)")
     data: str = help_field("", "parquet file or folder (a generate run's folder works), or a .json/.jsonl label file")
     base: str = help_field("smollm2", "base checkpoint: smollm2 | tiny | a local path")
     out: str = help_field("runs/train", "output folder: model/, summary.json, loss_curve.png, ray_results/")
@@ -133,6 +135,10 @@ class TrainConfig:
     epochs: int = help_field(2, "passes over the training rows")
     max_steps: int = help_field(0, "stop after this many optimizer steps (0 = epochs decide)")
     batch_size: int = help_field(4, "rows per worker per step (global batch = batch_size * num_workers)")
+    beta: float = help_field(0.1, "DPO: the weight of the log-likelihood ratio to the reference (the model "
+                                  "training starts from); the verifier's score is beta x that ratio")
+    pairs_per_problem: int = help_field(8, "DPO: most (verified, failed) pairs drawn per problem (V-STaR pairs "
+                                           "every verified with every failed sample of a problem)")
     lr: float = help_field(2e-5, "peak learning rate (AdamW)")
     head_lr: float = help_field(0.0, "PRM/ORM: peak learning rate of the fresh scalar head (0 = lr); see "
                                 "`param_groups`")
@@ -192,6 +198,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.freeze_layers < 0:
             raise ValueError(f"freeze_layers must be >= 0 (0 = train every weight), got {self.freeze_layers}")
+        if self.beta <= 0 or self.pairs_per_problem < 1:
+            raise ValueError(f"need beta > 0 and pairs_per_problem >= 1, got {self.beta}, {self.pairs_per_problem}")
         if self.max_len < 16 or self.lr <= 0:
             raise ValueError("max_len must be >= 16 and lr > 0")
 

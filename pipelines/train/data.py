@@ -89,7 +89,8 @@ def detect_kind(columns: Sequence[str], first: dict) -> str:
     return "unknown"
 
 
-_ACCEPTS = {"sft": ("sample", "trajectory"), "prm": ("step_label", "prm800k", "processbench"), "orm": ("sample",)}
+_ACCEPTS = {"sft": ("sample", "trajectory"), "prm": ("step_label", "prm800k", "processbench"), "orm": ("sample",),
+            "dpo": ("sample",)}
 
 
 def _norm_text(text: str) -> str:
@@ -140,6 +141,48 @@ def select_sft(samples: Sequence[dict], cfg: SelectConfig, problems: dict[str, d
         kept += [{"problem_id": pid, "sample_id": r["sample_id"], "prompt": r["prompt"],
                   "completion": r["completion"], "weight": weight} for r in mine]
     return kept, why
+
+
+def preference_pairs(samples: Sequence[dict], k: int, seed: int = 0, dedup: bool = True
+                     ) -> tuple[list[dict], dict[str, int]]:
+    """V-STaR's preference pairs: per problem, (verified, failed) pairs of its samples, at most k of them drawn
+    without replacement from all such pairs (random.Random(f"{seed}:{problem}"), so the draw is reproducible and does
+    not depend on other problems). Failed means graded and wrong (a generation error is no evidence either way);
+    unfinished wrong samples count as failed, as in V-STaR. Returns (pair examples {problem_id, sample_id
+    "<chosen>><rejected>", prompt, chosen, rejected, weight}, counts of what could not be paired, by reason)."""
+    import random
+
+    why: dict[str, int] = {}
+    by_problem: dict[str, tuple[list[dict], list[dict]]] = {}
+    for r in samples:
+        if r.get("error") or not str(r.get("completion") or "").strip():
+            why["error_or_empty"] = why.get("error_or_empty", 0) + 1
+            continue
+        good, bad = by_problem.setdefault(r["problem_id"], ([], []))
+        (good if r.get("correct") else bad).append(r)
+    out: list[dict] = []
+    for pid, (good, bad) in by_problem.items():
+        if not good or not bad:
+            key = "problem_without_verified" if not good else "problem_without_failed"
+            why[key] = why.get(key, 0) + 1
+            continue
+        uniq = []
+        for side in (good, bad):
+            seen, kept = set(), []
+            for r in sorted(side, key=lambda r: r["sample_id"]):
+                norm = _norm_text(r["completion"])
+                if dedup and norm in seen:
+                    why["duplicate"] = why.get("duplicate", 0) + 1
+                    continue
+                seen.add(norm)
+                kept.append(r)
+            uniq.append(kept)
+        pairs = [(g, b) for g in uniq[0] for b in uniq[1]]
+        random.Random(f"{seed}:{pid}").shuffle(pairs)
+        why["over_k"] = why.get("over_k", 0) + max(0, len(pairs) - k)
+        out += [{"problem_id": pid, "sample_id": f"{g['sample_id']}>{b['sample_id']}", "prompt": g["prompt"],
+                 "chosen": g["completion"], "rejected": b["completion"], "weight": 1.0} for g, b in pairs[:k]]
+    return out, {k_: v for k_, v in why.items() if v}
 
 
 def targets_from_step_label(soft: Sequence[float | None], hard: Sequence[int | None], target: str) -> list[float]:
@@ -211,7 +254,7 @@ def in_holdout(problem_id: str, fraction: float, seed: int = 0) -> bool:
 class Examples:
     kind: str  # the row kind that was read
     train: list[dict]
-    holdout: list[dict]  # PRM/ORM rows of held-out problems (evaluation)
+    holdout: list[dict]  # PRM/ORM/DPO rows of held-out problems (evaluation)
     rejects: list[dict]  # {"row": id, "reason": ...}: rows set aside, with why
     dropped: dict[str, int]  # SFT: samples not selected, by reason
 
@@ -244,6 +287,8 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: 
             out, dropped = select_sft(rows, cfg.select, problems)
         else:
             out = [{k: r[k] for k in ("problem_id", "sample_id", "prompt", "completion", "weight")} for r in rows]
+    elif cfg.task == "dpo":
+        out, dropped = preference_pairs(rows, cfg.pairs_per_problem, cfg.seed, cfg.select.dedup)
     elif cfg.task == "orm":
         seen: set[tuple[str, str]] = set()
         for r in rows:
@@ -289,7 +334,7 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: 
             out.append({"problem_id": pid, "sample_id": sid, "question": q, "steps": steps, "targets": tg,
                         "weight": 1.0})
     train, holdout = out, []
-    if cfg.task in ("prm", "orm") and cfg.eval.enabled and cfg.eval.holdout_fraction > 0:
+    if cfg.task in ("prm", "orm", "dpo") and cfg.eval.enabled and cfg.eval.holdout_fraction > 0:
         train = [e for e in out if not in_holdout(e["problem_id"], cfg.eval.holdout_fraction, cfg.seed)]
         holdout = [e for e in out if in_holdout(e["problem_id"], cfg.eval.holdout_fraction, cfg.seed)]
     return Examples(kind, train, holdout, rejects, dropped)
@@ -332,7 +377,7 @@ def tokenize_examples(task: str, examples: Sequence[dict], tokenizer, cfg: Train
                       ) -> tuple[list[dict], list[dict]]:
     """Examples -> token rows for Ray Data and rejects. Columns: input_ids, weight, and per task
     sft: n_prompt (prompt tokens, no loss); prm: positions (step-end token indices), targets (NaN = no label);
-    orm: target."""
+    orm: target; dpo: input_ids (prompt + chosen), rejected_ids (prompt + rejected), n_prompt."""
     rows, rejects = [], []
     for e in examples:
         row: dict[str, Any] = {"weight": float(e.get("weight", 1.0))}  # only the task's columns (no empty lists)
@@ -342,6 +387,14 @@ def tokenize_examples(task: str, examples: Sequence[dict], tokenizer, cfg: Train
                 rejects.append({"row": e["sample_id"], "reason": f"prompt_too_long: max_len={cfg.max_len}"})
                 continue
             row["input_ids"], row["n_prompt"] = enc
+        elif task == "dpo":
+            chosen = encode_sft(tokenizer, e["prompt"], e["chosen"], cfg.max_len)
+            rejected = encode_sft(tokenizer, e["prompt"], e["rejected"], cfg.max_len)
+            if chosen is None or rejected is None:
+                rejects.append({"row": e["sample_id"], "reason": f"prompt_too_long: max_len={cfg.max_len}"})
+                continue
+            row["input_ids"], row["n_prompt"] = chosen
+            row["rejected_ids"] = rejected[0]
         elif task == "prm":
             from pipelines.reward_model import encode_steps
 

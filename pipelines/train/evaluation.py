@@ -5,6 +5,7 @@
          or the finished samples of a generate run: eval.truth_data), at eval.threshold and at a threshold fitted on
          that truth (cross-fitted; the fit on all of it goes to reward_model.json), and ProcessBench F1 at both
     orm  AUC and accuracy of the score against the verifier's verdicts on held-out problems
+    dpo  pair accuracy (verified ranked above failed) and AUC of the V-STaR score on held-out problems' pairs
 
 Scoring runs the PRMScorer actor pool over a Ray Data dataset (`metrics.scored_rows`); the scorer's torch device
 follows the GPUs Ray gave its actor (eval.engine.num_gpus), so nothing here names a device.
@@ -257,4 +258,31 @@ def evaluate_orm(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
     return res
 
 
-EVALUATE = {"sft": evaluate_sft, "prm": evaluate_prm, "orm": evaluate_orm}
+def evaluate_dpo(cfg: TrainConfig, init_path: str, model_path: str, examples, log) -> dict:
+    """The V-STaR verifier on held-out problems' pairs: how often it ranks the verified solution above the failed
+    one (pair accuracy; ties count half, so the untrained verifier, whose log-ratio is 0 everywhere, scores 0.5), and
+    the AUC of its score against the verdicts over the pairs' distinct solutions."""
+    from actors.vstar_scorer import LikelihoodRatioScorer
+
+    if not examples.holdout:
+        log("[eval dpo] no held-out pairs (eval.holdout_fraction is 0 or too small): skipped")
+        return {"skipped": "no held-out pairs"}
+    scorer = LikelihoodRatioScorer(model_path, batch_size=cfg.eval.batch_size, max_len=cfg.eval.max_len,
+                                   threads=int(cfg.cpus_per_worker) or 1)
+    solutions = {}
+    for e in examples.holdout:
+        solutions[(e["prompt"], e["chosen"])] = True
+        solutions[(e["prompt"], e["rejected"])] = False
+    keys = list(solutions)
+    ratio = dict(zip(keys, scorer.log_ratio([k[0] for k in keys], [k[1] for k in keys])))
+    wins = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in
+            (ratio[(e["prompt"], e["chosen"])] - ratio[(e["prompt"], e["rejected"])] for e in examples.holdout)
+            if not math.isnan(d)]
+    res = {"pair_accuracy": sum(wins) / len(wins) if wins else float("nan"), "pairs": len(examples.holdout),
+           "auc": auc([ratio[k] for k in keys], [solutions[k] for k in keys]), "solutions": len(keys)}
+    log(f"[eval dpo] held-out pairs: the verified solution ranked first in {res['pair_accuracy']:.3f} of "
+        f"{res['pairs']} pairs (chance 0.5); AUC on verdicts {res['auc']:.3f} over {res['solutions']} solutions")
+    return res
+
+
+EVALUATE = {"sft": evaluate_sft, "prm": evaluate_prm, "orm": evaluate_orm, "dpo": evaluate_dpo}

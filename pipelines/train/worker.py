@@ -20,11 +20,15 @@ def collate_batch(task: str, batch: dict[str, Any], pad_id: int) -> dict[str, An
     from pipelines.reward_model import pad_batch
 
     seqs = [list(map(int, x)) for x in batch["input_ids"]]
-    input_ids, attention = pad_batch(seqs, pad_id)  # (B, T), (B, T)
+    n_prompt = [int(n) for n in batch["n_prompt"]] if task in ("sft", "dpo") else []
+    if task == "dpo":  # the chosen rows, then the rejected rows: one forward pass over 2B sequences
+        seqs += [list(map(int, x)) for x in batch["rejected_ids"]]
+        n_prompt += n_prompt
+    input_ids, attention = pad_batch(seqs, pad_id)  # (B or 2B, T), (B or 2B, T)
     out = {"input_ids": input_ids, "attention_mask": attention,
            "weights": torch.tensor([float(w) for w in batch["weight"]], dtype=torch.float32)}  # (B,)
-    if task == "sft":
-        n_prompt = torch.tensor([int(n) for n in batch["n_prompt"]])  # (B,)
+    if task in ("sft", "dpo"):
+        n_prompt = torch.tensor(n_prompt)  # (B,) or (2B,)
         pos = torch.arange(input_ids.shape[1])[None, :]  # (1, T)
         out["loss_mask"] = (pos >= n_prompt[:, None]) & attention.bool()  # (B, T)
     elif task == "prm":
@@ -40,8 +44,9 @@ def collate_batch(task: str, batch: dict[str, Any], pad_id: int) -> dict[str, An
     return out
 
 
-def compute_loss(task: str, model, batch: dict[str, Any]):
-    """The task's loss on a collated batch (model: the causal LM, or a RewardModel; either possibly DDP-wrapped)."""
+def compute_loss(task: str, model, batch: dict[str, Any], reference=None, beta: float = 0.1):
+    """The task's loss on a collated batch (model: the causal LM, or a RewardModel; either possibly DDP-wrapped;
+    reference: DPO's frozen reference model)."""
     import torch
 
     from pipelines import losses
@@ -49,6 +54,13 @@ def compute_loss(task: str, model, batch: dict[str, Any]):
     if task == "sft":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         return losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"], batch["weights"])
+    if task == "dpo":
+        ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]  # (2B, T) each
+        policy = losses.sequence_logps(model(input_ids=ids, attention_mask=mask).logits, ids, targets)  # (2B,)
+        with torch.no_grad():
+            ref = losses.sequence_logps(reference(input_ids=ids, attention_mask=mask).logits, ids, targets)  # (2B,)
+        b = batch["weights"].shape[0]
+        return losses.dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta, batch["weights"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T)
     if task == "prm":
         step_logits, present = losses.gather_positions(logits, batch["positions"])  # (B, S), (B, S)
@@ -59,12 +71,12 @@ def compute_loss(task: str, model, batch: dict[str, Any]):
 
 
 def build_model(task: str, init_path: str, cfg: TrainConfig, meta: dict | None = None):
-    """The model to train, in fp32: a causal LM (sft) or a RewardModel (prm/orm), with LoRA adapters if asked."""
+    """The model to train, in fp32: a causal LM (sft, dpo) or a RewardModel (prm/orm), with LoRA adapters if asked."""
     import torch
 
     from pipelines.reward_model import RewardModel, is_reward_model
 
-    if task == "sft":
+    if task in ("sft", "dpo"):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(init_path, dtype=torch.float32)
@@ -74,19 +86,20 @@ def build_model(task: str, init_path: str, cfg: TrainConfig, meta: dict | None =
             raise ValueError(f"{init_path} is a {model.kind} model, not a {task} model")
     else:
         model = RewardModel.from_base(init_path, kind=task, step_sep=cfg.separator(), meta=meta)
+    lm = task in ("sft", "dpo")
     if cfg.freeze_layers:
-        freeze_lower(model if task == "sft" else model.backbone, cfg.freeze_layers)
+        freeze_lower(model if lm else model.backbone, cfg.freeze_layers)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing works under DDP and with frozen (LoRA) inputs
-        (model if task == "sft" else model.backbone).gradient_checkpointing_enable(
+        (model if lm else model.backbone).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         import peft
 
         lcfg = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                target_modules=list(cfg.lora.target_modules),
-                               task_type="CAUSAL_LM" if task == "sft" else "FEATURE_EXTRACTION")
-        if task == "sft":
+                               task_type="CAUSAL_LM" if lm else "FEATURE_EXTRACTION")
+        if lm:
             model = peft.get_peft_model(model, lcfg)
         else:
             model.backbone = peft.get_peft_model(model.backbone, lcfg)
@@ -144,13 +157,18 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_final_model(task: str, model, tokenizer, path: Path, save_dtype) -> None:
-    """Merge LoRA adapters (if any) and write a loadable folder: a causal LM (sft) or a RewardModel folder."""
-    if task == "sft":
+def save_final_model(task: str, model, tokenizer, path: Path, save_dtype, verifier: dict | None = None) -> None:
+    """Merge LoRA adapters (if any) and write a loadable folder: a causal LM (sft, dpo) or a RewardModel folder.
+    A DPO model is a verifier: `verifier` (its reference model, beta, prompt) goes to its VERIFIER_FILE."""
+    if task in ("sft", "dpo"):
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         model.to(save_dtype).save_pretrained(str(path), safe_serialization=True)
         tokenizer.save_pretrained(str(path))
+        if task == "dpo":
+            from actors.vstar_scorer import VERIFIER_FILE
+
+            (path / VERIFIER_FILE).write_text(json.dumps({"kind": "vstar", **(verifier or {})}, indent=1))
     else:
         if hasattr(model.backbone, "merge_and_unload"):
             model.backbone = model.backbone.merge_and_unload()
@@ -209,6 +227,12 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = build_model(task, config["init"], cfg, meta=config.get("meta"))
+    reference = None
+    if task == "dpo":  # DPO's reference: the model training starts from, frozen (V-STaR: the SFT generator)
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(config["init"], dtype=torch.float32).eval()
+        reference.requires_grad_(False)
     save_dtype = getattr(torch, config.get("save_dtype") or "float32")
 
     state = None
@@ -284,7 +308,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if i >= per_epoch or step >= total:
                     break
                 with torch.autocast(**autocast):  # the loss itself is taken in fp32 (pipelines.losses)
-                    loss = compute_loss(task, model, batch)
+                    loss = compute_loss(task, model, batch, reference, cfg.beta)
                 loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -324,7 +348,9 @@ def train_loop_per_worker(config: dict) -> None:
                         save_state(d, done=last)
                         if last:
                             plot_loss_curve(history, Path(d) / CURVE_FILE, f"{task}: {cfg.resolved_run_name()}")
-                            save_final_model(task, unwrapped(), tokenizer, Path(d) / "model", save_dtype)
+                            save_final_model(task, unwrapped(), tokenizer, Path(d) / "model", save_dtype,
+                                             verifier={"reference": config["init"], "beta": cfg.beta,
+                                                       "prompt": (config.get("meta") or {}).get("prompt")})
                             if mlflow is not None:
                                 mlflow.log_artifact(str(Path(d) / CURVE_FILE))
                                 if cfg.mlflow_log_model:

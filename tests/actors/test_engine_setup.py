@@ -55,3 +55,19 @@ def test_a_users_binding_and_threads_zero_are_left_alone(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "7"
     set_cpu_threads(2)
     assert os.environ[BIND] == "0" and os.environ["OMP_NUM_THREADS"] == "2"
+
+
+@pytest.mark.slow
+def test_an_actor_that_can_never_fit_is_an_error_naming_the_resources_not_a_hang(ray_session):
+    """An engine or scorer asking for more than the cluster has (e.g. three scorers of 0.5 CPU beside a 1-CPU engine
+    on 2 cores) would wait for ever; wait_ready gives up after its timeout with what was asked and what is free."""
+    from actors.start import actor_options, wait_ready
+
+    class Ready:
+        def ready(self):
+            return {}
+
+    asked = actor_options(8, 0)
+    handle = ray_session.remote(**asked)(Ready).remote()
+    with pytest.raises(RuntimeError, match=r"did not start within 3s: each asks for \{'num_cpus': 8\}.*free of"):
+        wait_ready([handle], "the test actor", asked, timeout_s=3)

@@ -250,17 +250,21 @@ def test_driver_batches_searches_over_scripted_engine_functions():
     assert sum(batches) == facts["engine_requests"]
 
 
+def _two_step_engine(prompts, samplings):
+    """Scripted engine: two-step solutions ("3 + 4 = 7", "The answer is 7."), one step per call in step mode."""
+    out = []
+    for p, s in zip(prompts, samplings):
+        text = ("The answer is 7." if p.endswith("\n") else "3 + 4 = 7\n") if s.get("stop") else \
+            "3 + 4 = 7\nThe answer is 7."
+        out.append([{"text": text, "token_ids": [0] * len(text.split()), "finish_reason": "stop", "error": "",
+                     "token_logprobs": [], "top_logprobs": []} for _ in range(s["n"])])
+    return out
+
+
 def test_driver_sends_each_scorer_its_own_prompt():
     seen = []
 
-    def scripted_engine(prompts, samplings):  # scripted: two-step solutions, one step per call in step mode
-        out = []
-        for p, s in zip(prompts, samplings):
-            text = ("The answer is 7." if p.endswith("\n") else "3 + 4 = 7\n") if s.get("stop") else \
-                "3 + 4 = 7\nThe answer is 7."
-            out.append([{"text": text, "token_ids": [0] * len(text.split()), "finish_reason": "stop", "error": "",
-                         "token_logprobs": [], "top_logprobs": []} for _ in range(s["n"])])
-        return out
+    scripted_engine = _two_step_engine
 
     def scripted_prm(prompts, step_lists):
         seen.extend(prompts)
@@ -288,12 +292,7 @@ def test_concurrent_engines_get_each_search_call_directly_with_the_same_records(
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
         time.sleep(0.02)  # calls overlap when they are made at once
-        out = []
-        for p, s in zip(prompts, samplings):
-            text = ("The answer is 7." if p.endswith("\n") else "3 + 4 = 7\n") if s.get("stop") else \
-                "3 + 4 = 7\nThe answer is 7."
-            out.append([{"text": text, "token_ids": [0] * len(text.split()), "finish_reason": "stop", "error": "",
-                         "token_logprobs": [], "top_logprobs": []} for _ in range(s["n"])])
+        out = _two_step_engine(prompts, samplings)
         with lock:
             state["now"] -= 1
         return out
@@ -342,13 +341,25 @@ def reward_models(tiny_model, tmp_path_factory):
         path = tmp_path_factory.mktemp(kind)
         RewardModel.from_base(tiny_model, kind=kind, meta={"prompt": asdict(PromptConfig())}).save(path, tok)
         paths[kind] = str(path)
+    # an untrained V-STaR verifier: the generator itself with the verifier file naming it as its own reference
+    from transformers import AutoModelForCausalLM
+
+    from actors.vstar_scorer import VERIFIER_FILE
+
+    path = tmp_path_factory.mktemp("vstar")
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / VERIFIER_FILE).write_text(json.dumps({"kind": "vstar", "reference": tiny_model, "beta": 0.1,
+                                                  "prompt": asdict(PromptConfig())}))
+    paths["vstar"] = str(path)
     return paths
 
 
 @pytest.mark.slow
 def test_evaluate_job_end_to_end_on_tiny_model(ray_session, tiny_model, reward_models, tmp_path, monkeypatch):
     """The smoke run: tiny model, 3 synthetic problems, every default strategy at budgets 1 and 2, a real PRMScorer
-    actor (untrained PRM) and an ORM for the weighted vote, MLflow on."""
+    actor (untrained PRM), an ORM for the weighted vote and a V-STaR verifier (LikelihoodRatioScorer) for one
+    best-of-N, MLflow on."""
     import mlflow
 
     from jobs.evaluate_search import main
@@ -357,22 +368,27 @@ def test_evaluate_job_end_to_end_on_tiny_model(ray_session, tiny_model, reward_m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "eval"
     rc = main(["--problems", "synthetic", "--model", "tiny", "--limit", "3", "--budgets", "1,2",
-               "--prm", reward_models["prm"], "--orm", reward_models["orm"],
-               "--strategies", "greedy,majority,best_of_n,weighted:orm,beam,mcts", "--out", str(out),
+               "--prm", reward_models["prm"], "--orm", reward_models["orm"], "--vstar", reward_models["vstar"],
+               "--strategies", "greedy,majority,best_of_n,weighted:orm,best_of_n:vstar,beam,mcts", "--out", str(out),
                "engine.max_model_len=512", "engine.gpu_memory_utilization=0.05", "search.max_tokens=24",
-               "search.step_tokens=8", "search.max_steps=3", "search.expansions=2", "scorer_num_cpus=0.5"])
+               "search.step_tokens=8", "search.max_steps=3", "search.expansions=2", "scorer_num_cpus=0.3"])
     assert rc == 0
     table = schema.check_table(pq.read_table(out / "records.parquet"), "eval_record")
-    assert table.num_rows == 3 * (1 + 5 * 2)
+    assert table.num_rows == 3 * (1 + 6 * 2)
     rows = table.to_pylist()
     assert all(0 < r["tokens_generated"] and r["model"] == "tiny" for r in rows)
     assert {r["prm"] for r in rows if r["strategy"] in ("best_of_n", "beam", "mcts")} == {
         f"prm:{reward_models['prm']}"}
     assert {r["prm"] for r in rows if r["strategy"] == "weighted:orm"} == {f"orm:{reward_models['orm']}"}
+    vstar = [r for r in rows if r["strategy"] == "best_of_n:vstar"]
+    assert {r["prm"] for r in vstar} == {f"vstar:{reward_models['vstar']}"}
+    # the untrained verifier is its own reference: every candidate's log-ratio is 0, so its score is sigmoid(0)
+    traces = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
+    assert {round(t["score"], 6) for t in traces if t["strategy"] == "best_of_n:vstar"} == {0.5}
     for r in rows:  # the scored strategies read what they generated (beam and MCTS re-read prefixes)
         if r["strategy"] in ("greedy", "majority"):
             assert r["tokens_scored"] == 0
-        elif r["strategy"] in ("best_of_n", "weighted:orm"):
+        elif r["strategy"] in ("best_of_n", "weighted:orm", "best_of_n:vstar"):
             assert r["tokens_scored"] == r["tokens_generated"]
         else:
             assert r["tokens_scored"] >= r["tokens_generated"]

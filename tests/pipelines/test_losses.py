@@ -121,3 +121,29 @@ def test_gather_positions_and_last_positions():
     assert picked[mask].tolist() == [1.0, 4.0, 6.0]
     attention = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
     assert losses.last_positions(attention).tolist() == [2, 5]
+
+
+def test_sequence_logps_sums_the_target_tokens_log_probabilities():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)  # (B, T, V)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])  # targets: completion tokens only
+    got = losses.sequence_logps(logits, ids, mask)
+    logp = torch.log_softmax(logits, -1)
+    want = [sum(logp[b, t - 1, ids[b, t]].item() for t in range(1, 5) if mask[b, t]) for b in range(2)]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_dpo_loss_is_log2_at_the_reference_and_falls_as_the_chosen_ratio_grows():
+    zero = torch.zeros(3)
+    assert losses.dpo_loss(zero, zero, zero, zero, beta=0.1).item() == pytest.approx(math.log(2))
+    chosen = torch.zeros(3, requires_grad=True)
+    loss = losses.dpo_loss(chosen, zero, zero, zero, beta=0.5)
+    loss.backward()
+    assert (chosen.grad < 0).all()  # raising the chosen solution's likelihood lowers the loss
+    # weights: a zero-weight pair does not count; the reference side carries no gradient
+    policy, ref = torch.zeros(3, requires_grad=True), torch.tensor([5.0, 0.0, 0.0], requires_grad=True)
+    w = losses.dpo_loss(policy, zero, ref, zero, beta=1.0, weights=torch.tensor([0.0, 1.0, 1.0]))
+    assert w.item() == pytest.approx(math.log(2))
+    w.backward()
+    assert ref.grad is None and policy.grad[0] == 0 and (policy.grad[1:] < 0).all()

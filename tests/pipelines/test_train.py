@@ -270,7 +270,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="STaR restarts from the base model"):  # the old name is not silently kept
         load_config(T.TrainConfig, base={"round_mode": "star", "previous": "runs/r1/model"})
     with pytest.raises(ConfigError, match="task"):
-        load_config(T.TrainConfig, base={"task": "dpo"})
+        load_config(T.TrainConfig, base={"task": "grpo"})
     with pytest.raises(ConfigError, match="labels.target"):
         load_config(T.TrainConfig, overrides=["labels.target=medium"])
     cfg = load_config(T.TrainConfig, overrides=["out=runs/x", "task=prm"])
@@ -473,6 +473,38 @@ def test_tokenize_and_collate_each_task(tok):
     rows, _ = T.tokenize_examples("orm", ex.train, tok, cfg_orm)
     b = T.collate_batch("orm", {k: [r[k] for r in rows] for k in rows[0]}, tok.pad_token_id)
     assert b["targets"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_preference_pairs_pair_verified_with_failed_within_a_problem():
+    """V-STaR pairs: only within a problem, verified over failed, duplicates and errors out, at most k, the draw
+    reproducible and independent of the other problems."""
+    rows = sample_rows(3) + [sample("p9", 0, "1 + 1 = 2", True), sample("p9", 1, "x", False, error="engine_error")]
+    pairs, why = T.preference_pairs(rows, k=8)
+    assert len(pairs) == 3 * 2  # per problem: 2 distinct verified x 1 failed; p9 has no failed sample left
+    assert why == {"duplicate": 3, "error_or_empty": 1, "problem_without_failed": 1}
+    for p in pairs:
+        chosen_id, rejected_id = p["sample_id"].split(">")
+        assert chosen_id.split("/")[0] == rejected_id.split("/")[0] == p["problem_id"]
+        assert "oops" in p["rejected"] and "oops" not in p["chosen"]
+    one, why1 = T.preference_pairs(rows, k=1, seed=3)
+    assert len(one) == 3 and why1["over_k"] == 3
+    assert [p for p in T.preference_pairs(rows[4:], k=1, seed=3)[0]] == one[1:]  # p0 left out: the others unchanged
+
+
+def test_dpo_rows_collate_chosen_then_rejected(tok):
+    cfg = load_config(T.TrainConfig, base={"task": "dpo", "max_len": 256, "eval": {"holdout_fraction": 0.0}})
+    ex = T.build_examples("sample", sample_rows(2), cfg)
+    rows, rejects = T.tokenize_examples("dpo", ex.train, tok, cfg)
+    assert len(rows) == 4 and not rejects and ex.dropped == {"duplicate": 2}
+    b = T.collate_batch("dpo", {k: [r[k] for r in rows] for k in rows[0]}, tok.pad_token_id)
+    assert b["input_ids"].shape[0] == 8 and b["weights"].shape == (4,)
+    for i, r in enumerate(rows):  # row i: chosen; row 4 + i: its rejected, both masked after the shared prompt
+        for seq, ids in ((i, r["input_ids"]), (4 + i, r["rejected_ids"])):
+            assert b["input_ids"][seq, : len(ids)].tolist() == ids
+            assert b["loss_mask"][seq].tolist() == [False] * r["n_prompt"] + [True] * (len(ids) - r["n_prompt"]) + \
+                [False] * (b["input_ids"].shape[1] - len(ids))
+    with pytest.raises(ConfigError, match="beta > 0"):
+        load_config(T.TrainConfig, base={"task": "dpo", "beta": 0})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -704,3 +736,37 @@ def test_param_groups_give_the_reward_head_its_own_rate(tmp_path, tiny_model):
     assert [round(g["lr"], 12) for g in opt.param_groups] == [0.5e-5, 0.5e-3]
     with pytest.raises(ValueError, match="head_lr"):
         cfg_for("prm", "x", tmp_path, base=tiny_model, head_lr=-1.0)
+
+
+@pytest.mark.slow
+def test_vstar_verifier_trains_with_dpo_and_scores_in_the_evaluation(tmp_path, ray_session, tiny_model):
+    """V-STaR end to end on the tiny model: `stepray train dpo` (Ray Train, 1 worker) on verified-over-failed pairs
+    starting from the generator, its held-out pair evaluation, the LikelihoodRatioScorer (at the start the policy is
+    the reference, so every log-ratio is 0; after training the verified solutions of the training pairs must rank
+    above the failed ones). `stepray evaluate --vstar` runs in test_evaluate's end-to-end test."""
+    from actors.vstar_scorer import LikelihoodRatioScorer
+    from jobs.train_model import run
+
+    data = write(sample_rows(12), "sample", tmp_path / "samples.parquet")
+    cfg = cfg_for("dpo", data, tmp_path / "vstar", base=tiny_model, lr=1e-3, batch_size=2, epochs=2, num_workers=1,
+                  cpus_per_worker=1, checkpoint_every=100, log_every=1, mlflow=False, beta=0.5,
+                  eval={"holdout_fraction": 0.25})
+    examples = T.read_examples(cfg)
+    assert examples.holdout and examples.train
+    assert run(cfg) == 0
+    summary = json.loads((tmp_path / "vstar" / "summary.json").read_text())
+    assert summary["task"] == "dpo" and summary["train"]["steps"] > 0
+    assert summary["train"]["first_loss"] == pytest.approx(math.log(2), abs=1e-3)  # step 1: policy == reference
+    assert 0.0 <= summary["eval"]["pair_accuracy"] <= 1.0 and summary["eval"]["pairs"] == len(examples.holdout)
+    model = tmp_path / "vstar" / "model"
+    meta = json.loads((model / "verifier.json").read_text())
+    assert meta["kind"] == "vstar" and meta["beta"] == 0.5 and meta["reference"] == tiny_model
+
+    scorer = LikelihoodRatioScorer(str(model), dtype="float32")
+    pairs = examples.train
+    chosen = scorer.log_ratio([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = scorer.log_ratio([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    assert sum(margins) / len(margins) > 0 and sum(m > 0 for m in margins) > len(margins) / 2
+    assert all(0 < s < 1 for s in scorer.score_outcome([pairs[0]["prompt"]], [pairs[0]["chosen"]]))
+
