@@ -748,7 +748,7 @@ def test_vstar_verifier_trains_with_dpo_and_scores_in_the_evaluation(tmp_path, r
     from jobs.train_model import run
 
     data = write(sample_rows(12), "sample", tmp_path / "samples.parquet")
-    cfg = cfg_for("dpo", data, tmp_path / "vstar", base=tiny_model, lr=1e-3, batch_size=2, epochs=2, num_workers=1,
+    cfg = cfg_for("dpo", data, tmp_path / "vstar", base=tiny_model, lr=1e-3, batch_size=2, epochs=1, num_workers=1,
                   cpus_per_worker=1, checkpoint_every=100, log_every=1, mlflow=False, beta=0.5,
                   eval={"holdout_fraction": 0.25})
     examples = T.read_examples(cfg)
