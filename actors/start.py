@@ -49,7 +49,7 @@ def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = N
     VLLMGenerator (one call at a time); the same `generate` contract. `.ready.remote()` waits for it."""
     import ray
 
-    if getattr(eng, "async_engine", False):
+    if eng.async_engine:
         from actors.vllm_async_generator import AsyncVLLMGenerator as cls
     else:
         from actors.vllm_generator import VLLMGenerator as cls

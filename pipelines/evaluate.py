@@ -162,15 +162,16 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
     from pipelines.verify import grade
 
     tasks = make_tasks(problems, cfg)
-    engine_tokens = [0] * len(engines)
-    direct = [{"calls": 0, "requests": 0} for _ in engines]
+    engine_tokens, engine_calls, engine_requests = [0] * len(engines), [0] * len(engines), [0] * len(engines)
     lock = threading.Lock()
 
-    def engine_fn(e: int):
+    def engine_fn(e: int):  # every call that reaches engine e (merged by the batcher, or a search's own), counted
         def run(prompts: list, sampling: list) -> list:
             out = engines[e](prompts, sampling)
             with lock:
                 engine_tokens[e] += sum(len(c["token_ids"]) for comps in out for c in comps)
+                engine_calls[e] += 1
+                engine_requests[e] += len(prompts)
             return out
         return run
 
@@ -192,7 +193,7 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
         t0 = time.time()
         e = t["index"] % len(engines)
         with batcher.member():
-            engine = (_DirectEngine(engine_fn(e), batcher, direct[e]) if concurrent_engines else
+            engine = (_DirectEngine(engine_fn(e), batcher) if concurrent_engines else
                       _BatchedEngine(batcher))
             generate = engine_generate(engine, cfg.search)
             if cfg.share_samples:
@@ -246,9 +247,7 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
             b.close()
     facts = {"tasks": len(tasks), "failed": len(failed), "engine_tokens": sum(engine_tokens),
              "record_tokens": sum(r["tokens_generated"] for r in records), "wall_s": time.time() - t0,
-             "engine_calls": sum(d["calls"] for d in direct) + sum(b.calls.get("generate", 0) for b in batchers),
-             "engine_requests": sum(d["requests"] for d in direct) + sum(b.items.get("generate", 0)
-                                                                         for b in batchers),
+             "engine_calls": sum(engine_calls), "engine_requests": sum(engine_requests),
              "searches_in_flight": in_flight, "concurrent_engines": concurrent_engines,
              # wall time inside each batched kind's calls (a kind's calls run one at a time per engine)
              **{f"{k}_busy_s": round(sum(b.seconds[k] for b in batchers), 1) for k in batchers[0].seconds}}

@@ -154,17 +154,13 @@ class _DirectEngine:
     call's tail holding the others back). The caller counts as blocked in the batcher while it waits, so the
     batcher's scorer calls do not wait for it."""
 
-    def __init__(self, fn: Callable[[list, list], list], batcher: CallBatcher, counts: dict):
-        self.fn, self.batcher, self.counts = fn, batcher, counts
+    def __init__(self, fn: Callable[[list, list], list], batcher: CallBatcher):
+        self.fn, self.batcher = fn, batcher
 
     def generate(self, prompts: list[str], sampling: dict | list[dict]) -> list[list[dict]]:
         per = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         with self.batcher.waiting():
-            out = self.fn(list(prompts), per)
-        with self.batcher._cv:
-            self.counts["calls"] += 1
-            self.counts["requests"] += len(prompts)
-        return out
+            return self.fn(list(prompts), per)
 
 
 class SharedSamples:
