@@ -69,6 +69,15 @@ class AsyncVLLMGenerator(VLLMGenerator):
             results[i] = out
         return results
 
+    async def reload_weights(self, path: str) -> dict:  # type: ignore[override]
+        """As VLLMGenerator.reload_weights: new weights in place from a checkpoint folder, prefix cache dropped.
+        Callers pause their own requests first (the RL loop samples, then updates, then reloads)."""
+        t0 = time.time()
+        await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        await self.engine.collective_rpc("refresh_tied_head")
+        await self.engine.reset_prefix_cache()
+        return {"reload_s": time.time() - t0}
+
     async def stream(self, prompt: str, sampling: dict | None = None) -> AsyncIterator[dict]:
         """Yield {"delta": text, "n_tokens": tokens so far, "finish_reason": ...} as tokens arrive (n must be 1)."""
         token_ids, params, results = self._prepare([prompt], sampling)

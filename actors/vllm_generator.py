@@ -83,10 +83,11 @@ def set_cpu_threads(threads: int) -> None:
 
 
 def engine_setup(engine_kwargs: dict[str, Any] | None, threads: int) -> dict[str, Any]:
-    """What every engine of ours does before vLLM starts: threads (set_cpu_threads), our defaults (eager, seed 0)
-    under the caller's kwargs, and on CPU the KV cache in bytes (size_cpu_kv_cache). Returns the vLLM kwargs."""
+    """What every engine of ours does before vLLM starts: threads (set_cpu_threads), our defaults (eager, seed 0,
+    our WorkerExtension for in-place weight reloads) under the caller's kwargs, and on CPU the KV cache in bytes (size_cpu_kv_cache). Returns the vLLM kwargs."""
     set_cpu_threads(threads)
-    return size_cpu_kv_cache({"enforce_eager": True, "seed": 0, **(engine_kwargs or {})})
+    return size_cpu_kv_cache({"enforce_eager": True, "seed": 0,
+                              "worker_extension_cls": "actors.vllm_generator.WorkerExtension", **(engine_kwargs or {})})
 
 
 class VLLMGenerator:
@@ -117,6 +118,17 @@ class VLLMGenerator:
     def ready(self) -> dict:
         """Engine facts (and a cheap way for a driver to wait until the engine is up)."""
         return {"model": self.model_name, "max_model_len": self.max_model_len, "load_s": self.load_s}
+
+    def reload_weights(self, path: str) -> dict:
+        """Load new weights into the running engine, in place, from a checkpoint folder (safetensors of the same
+        architecture): vLLM's own `reload_weights` on every worker (collective_rpc), then the prefix cache is
+        dropped, since its KV entries were computed by the old weights. The online RL loop hands its policy back
+        this way after each update (pipelines/train/grpo.py). A path the engine's node cannot read fails here."""
+        t0 = time.time()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        self.llm.collective_rpc("refresh_tied_head")
+        self.llm.reset_prefix_cache()
+        return {"reload_s": time.time() - t0}
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
@@ -188,6 +200,30 @@ class VLLMGenerator:
         """Ray Data entry point (batch_format="pyarrow"): one output row per completion, input columns repeated."""
         prompts, sampling = batch_requests(batch)
         return completions_table(batch, self.generate(prompts, sampling), self.model_name)
+
+
+class WorkerExtension:
+    """Methods mixed into every vLLM worker of our engines (vLLM's `worker_extension_cls`, set by `engine_setup`),
+    called by name through `collective_rpc`: vLLM's supported way to run code inside its workers (a pickled callable
+    would need VLLM_ALLOW_INSECURE_SERIALIZATION)."""
+
+    def refresh_tied_head(self) -> bool:
+        """After an in-place reload: a model whose output layer is tied to its input embeddings (SmolLM2, the tiny
+        model) gets the output layer's kernel data rebuilt from the new weights. Returns whether it ran.
+
+        Why: vLLM's reload skips `lm_head.weight` of a tied model (the checkpoint has one matrix for both) and
+        reprocesses only the layers it loaded; on CPU, processing packs each linear layer's weight into a separate
+        oneDNN / sgl buffer (`dispatch_cpu_unquantized_gemm`), so the tied head kept multiplying by the old packed
+        matrix while the embedding lookup used the new one (found by comparing a reloaded engine with a fresh one
+        on the same checkpoint: different greedy tokens). On GPU the head reads the shared tensor and nothing
+        changes."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        head = getattr(model, "lm_head", None)
+        config = getattr(model, "config", None)
+        if head is None or not getattr(config, "tie_word_embeddings", False) or not hasattr(head, "quant_method"):
+            return False
+        head.quant_method.process_weights_after_loading(head)
+        return True
 
 
 def batch_requests(batch: pa.Table) -> tuple[list, list[dict]]:

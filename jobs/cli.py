@@ -7,6 +7,7 @@
     stepray verify FILE.jsonl --kind math          jobs/verify_samples.py
     stepray annotate --samples DIR --method binary jobs/annotate_steps.py
     stepray train sft|prm|orm --data DIR --base smollm2   jobs/train_model.py
+    stepray rl --base runs/sft/model --steps 50    jobs/train_policy.py
     stepray evaluate --problems synthetic --model smollm2 --budgets 1,2,4   jobs/evaluate_search.py
     stepray serve --config configs/serve/cpu.yaml  jobs/serve_endpoint.py
     stepray iterate --config configs/cpu/iterate.yaml   jobs/iterate.py
@@ -28,6 +29,8 @@ COMMANDS = {
     "annotate": ("jobs.annotate_steps", "label solution steps: Monte-Carlo rollouts (naive / first-error search, "
                                         "reuse, early stop) or a judge"),
     "train": ("jobs.train_model", "Ray Train: the generator on verified samples (SFT), a PRM or an ORM; resumable"),
+    "rl": ("jobs.train_policy", "online RL against the verifier (GRPO): vLLM samples, Ray Train updates, the "
+                                "engines get the new weights every step; resumable"),
     "evaluate": ("jobs.evaluate_search", "test-time search: accuracy against generated tokens per strategy and budget"),
     "iterate": ("jobs.iterate", "the self-improvement loop: rounds of generate, annotate, train, evaluate; resumable"),
     "bench": ("jobs.benchmark", "run the benchmarks side by side; write JSON and a markdown table of ratios"),

@@ -16,6 +16,11 @@ hand-built tensors and no model.
   log pi(y|x) is the sum of the completion tokens' log-probabilities (`sequence_logps`) and pi_ref the model
   training started from (the SFT generator); a weighted mean over pairs. The trained verifier scores a solution by
   beta * (log pi(y|x) - log pi_ref(y|x)).
+- GRPO (online RL against the verifier, DeepSeekMath): for G samples o_1..o_G of one problem with rewards r_i,
+  the advantage of every token of o_i is A_i = (r_i - mean(r)) / (std(r) + eps) (`group_advantages`); with
+  rho_t = pi(o_t | .) / pi_old(o_t | .),
+  L = -1/G sum_i 1/|o_i| sum_t [min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta KL_t], where
+  KL_t = pi_ref/pi - log(pi_ref/pi) - 1 (the k3 estimator, >= 0, unbiased for KL(pi || pi_ref)).
 
 All reductions return a zero that is still connected to the graph when nothing is labelled, so a DDP step on an
 empty batch still all-reduces gradients on every rank (a rank that skipped backward would hang the others).
@@ -133,3 +138,62 @@ def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> tuple[tor
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row of a right-padded batch: attention_mask (B, T) -> (B,)."""
     return attention_mask.long().sum(dim=1) - 1
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token | what precedes it) at every target position: (B, T, V), (B, T), (B, T) -> (B, T-1), 0 where
+    loss_mask is 0 (read at the target's position, as in `sft_loss`). The log-softmax is taken at the counted
+    positions only ((N, V), not all B*T)."""
+    targets = input_ids[:, 1:]  # (B, T-1)
+    mask = loss_mask[:, 1:].bool()  # (B, T-1)
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)  # (B, T-1)
+    if not mask.any():
+        return out + logits.sum() * 0.0
+    picked = logits[:, :-1][mask]  # (N, V)
+    logp = -F.cross_entropy(picked.float(), targets[mask], reduction="none")  # (N,)
+    return out.masked_scatter(mask, logp)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalised advantages: rewards (B*G,) in groups of G consecutive samples of one problem ->
+    (r - group mean) / (group std + eps), or r - group mean with scale=False (Dr. GRPO: no std division, which
+    otherwise up-weights groups that are nearly all right or all wrong). A group whose rewards are all equal gets 0:
+    it carries no signal. The std is the population std over the G samples."""
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    centred = r - r.mean(dim=1, keepdim=True)  # (B, G)
+    if scale:
+        centred = centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss (see the module docstring) and its parts for logging.
+
+    logps, old_logps, ref_logps: (B, T) per-token log-probabilities of the sampled tokens under the policy being
+    trained, the policy that sampled them (detached) and the frozen reference (None or beta = 0: no KL term);
+    advantages: (B,); mask: (B, T), 1 on completion tokens. Each sequence's tokens are averaged, then sequences are
+    averaged (GRPO's 1/G sum_i 1/|o_i| sum_t). Returns (loss, {"kl", "clip_frac", "ratio"}: token means, detached).
+    """
+    m = mask.to(logps.dtype)  # (B, T)
+    ratio = torch.exp(logps - old_logps.detach())  # (B, T)
+    adv = advantages.to(logps.dtype)[:, None]  # (B, 1)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)  # (B, T)
+    per_token = -surrogate
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None and beta:
+        delta = ref_logps.detach() - logps  # (B, T) log(pi_ref / pi)
+        kl = torch.exp(delta) - delta - 1.0
+        per_token = per_token + beta * kl
+    lengths = m.sum(dim=1)  # (B,)
+    has = lengths > 0
+    if not has.any():
+        return logps.sum() * 0.0, {"kl": torch.tensor(0.0), "clip_frac": torch.tensor(0.0),
+                                   "ratio": torch.tensor(1.0)}
+    per_seq = (per_token * m).sum(dim=1)[has] / lengths[has]  # (B',)
+    n_tok = m.sum()
+    clipped = ((ratio - 1.0).abs() > clip_eps).to(m.dtype)
+    stats = {"kl": ((kl * m).sum() / n_tok).detach(), "clip_frac": ((clipped * m).sum() / n_tok).detach(),
+             "ratio": ((ratio * m).sum() / n_tok).detach()}
+    return per_seq.mean(), stats
