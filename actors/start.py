@@ -60,12 +60,14 @@ def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = N
 
 def scorer_actor(path: str, kind: str, num_cpus: float = 1.0, num_gpus: float = 0.0, threads: int = 0):
     """A scorer Ray actor on `path`, started and checked: (handle, its ready() metadata): a PRMScorer for kind prm
-    or orm, a LikelihoodRatioScorer for vstar (a V-STaR verifier). A folder holding another kind of verifier (an
+    or orm, a LikelihoodRatioScorer for vstar (a V-STaR verifier), a GenerativeVerifierScorer for genrm. A folder holding another kind of verifier (an
     ORM given as a PRM, or back) is refused by name."""
     import ray
 
     if kind == "vstar":
         from actors.vstar_scorer import LikelihoodRatioScorer as cls
+    elif kind == "genrm":
+        from actors.genrm_scorer import GenerativeVerifierScorer as cls
     else:
         from actors.prm_scorer import PRMScorer as cls
 

@@ -25,7 +25,7 @@ from actors.start import actor_options, engine_actor, wait_ready
 from pipelines import config as C
 from pipelines import inputs
 from pipelines.config import InputError
-from pipelines.evaluate import EvalConfig, accuracy_table, evaluate, format_table, start_scorers, write_outputs
+from pipelines.evaluate import VERIFIERS, EvalConfig, accuracy_table, evaluate, format_table, start_scorers, write_outputs
 from pipelines.models import load_path
 from pipelines.problems import load_problems, write_rejects
 from pipelines.runs import write_problems
@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EvalConfig]:
     ap.add_argument("--prm", help="PRM checkpoint path (sets prm=)")
     ap.add_argument("--orm", help="ORM checkpoint path (sets orm=)")
     ap.add_argument("--vstar", help="V-STaR verifier path, from `stepray train dpo` (sets vstar=)")
+    ap.add_argument("--genrm", help="GenRM verifier path, from `stepray train genrm` (sets genrm=)")
     ap.add_argument("--strategies", help="comma-separated strategy[:scorer] list (sets strategies=)")
     ap.add_argument("--budgets", help="comma-separated budgets (sets budgets=)")
     ap.add_argument("--limit", type=int, help="first N problems only (sets limit=)")
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EvalConfig]:
     args = ap.parse_args(argv)
     overrides = list(args.overrides)
     for flag, key in (("problems", "problems"), ("model", "engine.model"), ("prm", "prm"), ("orm", "orm"),
-                      ("vstar", "vstar"),
+                      ("vstar", "vstar"), ("genrm", "genrm"),
                       ("limit", "limit"), ("out", "out")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
@@ -71,9 +72,9 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
         raise InputError(f"problems: {cfg.problems} holds no numeric or math problems to evaluate "
                          f"({loaded.summary()})")
     model_path = load_path(cfg.engine.model)
-    for kind, path in (("prm", cfg.prm), ("orm", cfg.orm), ("vstar", cfg.vstar)):
-        if path:
-            inputs.reward_model_folder(path, f"--{kind}", kind)
+    for kind in VERIFIERS:
+        if getattr(cfg, kind):
+            inputs.reward_model_folder(getattr(cfg, kind), f"--{kind}", kind)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1, default=str))
@@ -96,8 +97,8 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
     try:
         scorers, scorer_prompts, names, scorer_actors = start_scorers(cfg, problems)
         actors += scorer_actors
-        if not (cfg.prm or cfg.orm or cfg.vstar):
-            log("[evaluate] no --prm, --orm or --vstar given: best_of_n, weighted, beam, dvts and mcts score solutions with "
+        if not any(getattr(cfg, k) for k in VERIFIERS):
+            log("[evaluate] no --prm, --orm, --vstar or --genrm given: best_of_n, weighted, beam, dvts and mcts score solutions with "
                 "Marco-o1 confidence from token logprobs, not with a trained verifier")
         ready = wait_ready(engines, f"{len(engines)} engine(s)", actor_options(eng.num_cpus, eng.num_gpus))
         log(f"[evaluate] {len(engines)} engine(s) up ({ready[0]['load_s']:.0f}s load); scorers: "
@@ -115,7 +116,7 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
              f"{names.get('prm') or names.get('orm') or 'confidence'}")
     paths = write_outputs(out, records, failed, rows, title)
     summary = {"problems": len(problems), "rejected_problems": len(rejects), **facts,
-               "scorer_fallback": not (cfg.prm or cfg.orm or cfg.vstar), "table": rows}
+               "scorer_fallback": not any(getattr(cfg, k) for k in VERIFIERS), "table": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log("\n" + format_table(rows))
     log(f"[evaluate] engine generated {facts['engine_tokens']} tokens; records count {facts['record_tokens']} "

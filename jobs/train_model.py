@@ -5,6 +5,7 @@ on Ray Train.
     stepray train prm --data runs/annotate --base smollm2 --out runs/prm [labels.target=hard]
     stepray train orm --data runs/gen --base smollm2 --out runs/orm
     stepray train dpo --data runs/gen --base runs/sft/model --out runs/vstar     (V-STaR: pairs verified over failed)
+    stepray train genrm --data runs/gen --base smollm2 --out runs/genrm          (GenRM: "Is the answer correct?")
     stepray train sft --data runs/gen-r2 --base smollm2 --out runs/sft-r2 round_mode=continue previous=runs/sft/model
     python -m jobs.train_model sft ...          (the Ray job entrypoint: ray job submit -- python -m jobs.train_model)
 
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     ap = argparse.ArgumentParser(prog="stepray train", description=__doc__.split("\n\n")[0],
                                  epilog="config keys (key=value overrides):\n" + C.describe(TrainConfig),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=["sft", "prm", "orm", "dpo"], help="what to train (dpo: a V-STaR verifier)")
+    ap.add_argument("task", choices=["sft", "prm", "orm", "dpo", "genrm"],
+                    help="what to train (dpo: a V-STaR verifier; genrm: a generative verifier)")
     ap.add_argument("--data", help="training rows (sets data=)")
     ap.add_argument("--base", help="base model: smollm2 | tiny | a path (sets base=)")
     ap.add_argument("--out", help="output folder (sets out=)")

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> GRPOConfig:
     ap.add_argument("--base", help="the policy to start from (sets base=)")
     ap.add_argument("--out", help="output folder (sets out=)")
     ap.add_argument("--steps", type=int, help="sets steps=")
-    ap.add_argument("--reward", help="verifier | prm | orm | vstar | module:function (sets reward=)")
+    ap.add_argument("--reward", help="verifier | prm | orm | vstar | genrm | module:function (sets reward=)")
     ap.add_argument("--reward-model", help="sets reward_model=")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. group_size=8 beta=0.04")
@@ -127,7 +127,8 @@ def run(cfg: GRPOConfig, log=print) -> int:
             scorer, meta = scorer_actor(cfg.reward_model, cfg.reward, num_cpus=0.5)
             pcfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else cfg.prompt
             ptok = AutoTokenizer.from_pretrained(cfg.reward_model)
-            scorer_prompts = {p["id"]: render(ptok, p["question"], p["kind"], pcfg) for p in problems}
+            scorer_prompts = {p["id"]: p["question"] if cfg.reward == "genrm" else  # GenRM wraps the question
+                              render(ptok, p["question"], p["kind"], pcfg) for p in problems}
         tok = AutoTokenizer.from_pretrained(init_path)
         held_prompts = [render(tok, p["question"], p["kind"], cfg.prompt) for p in held]
         evaluation: dict = {}

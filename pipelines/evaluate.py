@@ -50,7 +50,8 @@ from pipelines.problems import SyntheticConfig
 from pipelines.prompts import PromptConfig
 from pipelines.search import CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem, engine_generate
 
-SCORERS = ("prm", "orm", "vstar", "confidence")
+SCORERS = ("prm", "orm", "vstar", "genrm", "confidence")
+VERIFIERS = ("prm", "orm", "vstar", "genrm")  # the trained ones, each an EvalConfig field holding its folder
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class EvalConfig:
     orm: str = help_field("", "ORM checkpoint (PRMScorer.score_outcome); empty = no ORM")
     vstar: str = help_field("", "V-STaR verifier (`stepray train dpo`: LikelihoodRatioScorer, scored like an ORM); "
                                 "empty = none")
+    genrm: str = help_field("", "GenRM verifier (`stepray train genrm`: GenerativeVerifierScorer, p(Yes) after the "
+                                "question and the solution, scored like an ORM); empty = none")
     scorer_input: str = help_field("prompt", "what a PRM/ORM gets before the steps: prompt (the question rendered "
                                              "as in its training, reward_model.json) | question (the raw text)")
     scorer_num_cpus: float = help_field(1.0, "CPUs Ray reserves per scorer actor")
@@ -99,7 +102,7 @@ class EvalConfig:
         if not self.strategies:
             raise ValueError("strategies is empty; give e.g. greedy,majority,best_of_n")
         for spec in self.strategies:
-            parse_strategy(spec, self.prm, self.orm, self.vstar)
+            parse_strategy(spec, self.prm, self.orm, self.vstar, self.genrm)
         if not self.budgets or any(b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be integers >= 1, got {list(self.budgets)}")
         if self.scorer_input not in ("question", "prompt"):
@@ -114,9 +117,9 @@ class EvalConfig:
         return max(1, -(-n_tasks // max(n_problems, 1)) * self.problems_in_flight)
 
 
-def parse_strategy(spec: str, prm: str = "", orm: str = "", vstar: str = "") -> tuple[str, str]:
-    """"beam:orm" -> ("beam", "orm"); "beam" -> ("beam", the default scorer: prm, orm, vstar, confidence, the first
-    given); "majority" -> ("majority", "")."""
+def parse_strategy(spec: str, prm: str = "", orm: str = "", vstar: str = "", genrm: str = "") -> tuple[str, str]:
+    """"beam:orm" -> ("beam", "orm"); "beam" -> ("beam", the default scorer: prm, orm, vstar, genrm, confidence, the
+    first given); "majority" -> ("majority", "")."""
     name, _, scorer = spec.partition(":")
     if name not in STRATEGIES:
         raise ValueError(f"strategy {name!r} is not one of {sorted(STRATEGIES)}")
@@ -124,10 +127,10 @@ def parse_strategy(spec: str, prm: str = "", orm: str = "", vstar: str = "") -> 
         if scorer:
             raise ValueError(f"strategy {name!r} uses no scorer, so {spec!r} cannot name one")
         return name, ""
-    scorer = scorer or ("prm" if prm else "orm" if orm else "vstar" if vstar else "confidence")
+    scorer = scorer or ("prm" if prm else "orm" if orm else "vstar" if vstar else "genrm" if genrm else "confidence")
     if scorer not in SCORERS:
         raise ValueError(f"{spec!r}: scorer {scorer!r} is not one of {list(SCORERS)}")
-    if {"prm": not prm, "orm": not orm, "vstar": not vstar}.get(scorer, False):
+    if {"prm": not prm, "orm": not orm, "vstar": not vstar, "genrm": not genrm}.get(scorer, False):
         raise ValueError(f"{spec!r} needs a {scorer.upper()} checkpoint: give --{scorer} PATH")
     return name, scorer
 
@@ -141,7 +144,7 @@ def make_tasks(problems: list[dict], cfg: EvalConfig) -> list[dict]:
     tasks = []
     for i, p in enumerate(problems):
         for spec in cfg.strategies:
-            name, scorer = parse_strategy(spec, cfg.prm, cfg.orm, cfg.vstar)
+            name, scorer = parse_strategy(spec, cfg.prm, cfg.orm, cfg.vstar, cfg.genrm)
             for b in ([1] if name == "greedy" else sorted(set(cfg.budgets))):
                 tasks.append({"index": i, "problem": p, "strategy": spec, "name": name, "scorer": scorer,
                               "budget": b})
@@ -181,7 +184,7 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
     batchers = [CallBatcher({**({} if concurrent_engines else {"generate": pairs(engine_fn(e))}),
                              **{k: pairs(f) for k, f in scorers.items()}}, cfg.max_wait_s)
                 for e in range(len(engines))]
-    pool_size = max(cfg.budgets) if any(parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar)[0] in ("majority", "best_of_n",
+    pool_size = max(cfg.budgets) if any(parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar, cfg.genrm)[0] in ("majority", "best_of_n",
                                                                                              "weighted")
                                         for s in cfg.strategies) else 0
     samples = {p["id"]: SharedSamples(prompts[p["id"]], pool_size) for p in problems}
@@ -360,18 +363,20 @@ def start_scorers(cfg: EvalConfig, problems: list[dict]) -> tuple[dict, dict, di
     from pipelines.search import orm_as_step_scorer
 
     scorers, scorer_prompts, names, actors = {}, {}, {"confidence": "confidence"}, []
-    for kind, path in (("prm", cfg.prm), ("orm", cfg.orm), ("vstar", cfg.vstar)):
+    for kind in VERIFIERS:
+        path = getattr(cfg, kind)
         if not path:
             continue
         h, meta = scorer_actor(path, kind, cfg.scorer_num_cpus, cfg.scorer_num_gpus, cfg.scorer_threads)
         actors.append(h)
         pcfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else cfg.prompt
         ptok = AutoTokenizer.from_pretrained(path)
-        scorer_prompts[kind] = {p["id"]: p["question"] if cfg.scorer_input == "question" else
+        # GenRM builds its own verification prompt around the question (pipelines.train.data.genrm_prompt)
+        scorer_prompts[kind] = {p["id"]: p["question"] if cfg.scorer_input == "question" or kind == "genrm" else
                                 render(ptok, p["question"], p["kind"], pcfg) for p in problems}
         if kind == "prm":
             scorers["prm"] = lambda ps, ss, h=h: ray.get(h.score.remote(ps, ss))
-        else:  # an ORM or a V-STaR verifier: one score per solution, a path's steps joined
+        else:  # an ORM, a V-STaR or a GenRM verifier: one score per solution, a path's steps joined
             scorers[kind] = orm_as_step_scorer(lambda ps, cs, h=h: ray.get(h.score_outcome.remote(ps, cs)),
                                                cfg.prompt.format)
         names[kind] = f"{kind}:{path}"

@@ -88,6 +88,19 @@ def read_parquet(path: str | Path, what: str, kind: str | None = None, hint: str
 def reward_model_folder(path: str | Path, what: str, kind: str | None = None) -> dict:
     """The metadata of a reward model folder (`stepray train prm|orm` output; with kind "vstar", a V-STaR verifier
     of `stepray train dpo` and its reference model), read without loading weights."""
+    if kind == "genrm":
+        from actors.vstar_scorer import VERIFIER_FILE
+
+        hint = "give the model/ folder of `stepray train genrm`"
+        p = existing(path, what, hint)
+        try:
+            meta = json.loads((p / VERIFIER_FILE).read_text()) if (p / VERIFIER_FILE).is_file() else {}
+        except (ValueError, OSError) as e:
+            raise InputError(f"{what}: {p / VERIFIER_FILE} is not readable JSON ({first_line(e)}); train it "
+                             f"again") from None
+        if meta.get("kind") != "genrm":
+            raise InputError(f"{what}: {p} is not a GenRM verifier folder (no {VERIFIER_FILE} of kind genrm); {hint}")
+        return meta
     if kind == "vstar":
         from actors.vstar_scorer import VERIFIER_FILE
 

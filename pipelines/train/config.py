@@ -11,7 +11,7 @@ from pipelines.generate import EngineConfig
 from pipelines.problems import SyntheticConfig
 from pipelines.prompts import PromptConfig
 
-TASKS = ("sft", "prm", "orm", "dpo")
+TASKS = ("sft", "prm", "orm", "dpo", "genrm")
 # Training precision. bf16 autocast runs matmuls in bf16 and keeps fp32 master weights, so it changes speed and
 # rounding, not the optimizer. Measured here (SmolLM2 PRM, full fine-tuning, batch 8 x 200 tokens, 2 threads, tuned
 # malloc, AMD EPYC with avx512_bf16): fp32 145 tokens/s, bf16 336; with the lowest 20 of 30 blocks frozen: fp32 430,
@@ -139,6 +139,10 @@ class TrainConfig:
                                   "training starts from); the verifier's score is beta x that ratio")
     pairs_per_problem: int = help_field(8, "DPO: most (verified, failed) pairs drawn per problem (V-STaR pairs "
                                            "every verified with every failed sample of a problem)")
+    genrm_per_problem: int = help_field(4, "GenRM: most verified and most failed samples per problem that become "
+                                           "verification examples (each side; balances the verdicts)")
+    genrm_lambda: float = help_field(1.0, "GenRM: weight of SFT on the verified solutions beside the verification "
+                                          "loss (the unified objective; 0 = verification only)")
     lr: float = help_field(2e-5, "peak learning rate (AdamW)")
     head_lr: float = help_field(0.0, "PRM/ORM: peak learning rate of the fresh scalar head (0 = lr); see "
                                 "`param_groups`")
@@ -198,6 +202,9 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.freeze_layers < 0:
             raise ValueError(f"freeze_layers must be >= 0 (0 = train every weight), got {self.freeze_layers}")
+        if self.genrm_per_problem < 1 or self.genrm_lambda < 0:
+            raise ValueError(f"need genrm_per_problem >= 1 and genrm_lambda >= 0, got {self.genrm_per_problem}, "
+                             f"{self.genrm_lambda}")
         if self.beta <= 0 or self.pairs_per_problem < 1:
             raise ValueError(f"need beta > 0 and pairs_per_problem >= 1, got {self.beta}, {self.pairs_per_problem}")
         if self.max_len < 16 or self.lr <= 0:

@@ -90,7 +90,7 @@ def detect_kind(columns: Sequence[str], first: dict) -> str:
 
 
 _ACCEPTS = {"sft": ("sample", "trajectory"), "prm": ("step_label", "prm800k", "processbench"), "orm": ("sample",),
-            "dpo": ("sample",)}
+            "dpo": ("sample",), "genrm": ("sample",)}
 
 
 def _norm_text(text: str) -> str:
@@ -182,6 +182,50 @@ def preference_pairs(samples: Sequence[dict], k: int, seed: int = 0, dedup: bool
         why["over_k"] = why.get("over_k", 0) + max(0, len(pairs) - k)
         out += [{"problem_id": pid, "sample_id": f"{g['sample_id']}>{b['sample_id']}", "prompt": g["prompt"],
                  "chosen": g["completion"], "rejected": b["completion"], "weight": 1.0} for g, b in pairs[:k]]
+    return out, {k_: v for k_, v in why.items() if v}
+
+
+def genrm_examples(samples: Sequence[dict], problems: dict[str, dict], k: int, lam: float, seed: int = 0,
+                   dedup: bool = True) -> tuple[list[dict], dict[str, int]]:
+    """GenRM's training examples from graded samples (the unified objective of Zhang et al.: verification SFT plus
+    lambda x SFT on correct solutions). Per problem, at most k verified and k failed distinct samples (drawn with
+    random.Random(f"{seed}:{problem}")) each become a verification example {question, solution, verdict "Yes"/"No"};
+    with lam > 0 every kept verified sample is also a solution example {prompt, completion} of weight lam. The
+    question comes from the run's problems (`problems`, by id). Generation errors and empty samples are no
+    evidence and are left out. Returns (examples, counts of what was left out, by reason)."""
+    import random
+
+    why: dict[str, int] = {}
+    by_problem: dict[str, tuple[list[dict], list[dict]]] = {}
+    for r in samples:
+        if r.get("error") or not str(r.get("completion") or "").strip():
+            why["error_or_empty"] = why.get("error_or_empty", 0) + 1
+            continue
+        if r["problem_id"] not in problems:
+            why["problem_not_in_run"] = why.get("problem_not_in_run", 0) + 1
+            continue
+        good, bad = by_problem.setdefault(r["problem_id"], ([], []))
+        (good if r.get("correct") else bad).append(r)
+    out: list[dict] = []
+    for pid, sides in by_problem.items():
+        rng = random.Random(f"{seed}:{pid}")
+        for side, verdict in zip(sides, ("Yes", "No")):
+            seen, kept = set(), []
+            for r in sorted(side, key=lambda r: r["sample_id"]):
+                norm = _norm_text(r["completion"])
+                if dedup and norm in seen:
+                    why["duplicate"] = why.get("duplicate", 0) + 1
+                    continue
+                seen.add(norm)
+                kept.append(r)
+            rng.shuffle(kept)
+            why["over_k"] = why.get("over_k", 0) + max(0, len(kept) - k)
+            for r in kept[:k]:
+                out.append({"problem_id": pid, "sample_id": r["sample_id"], "question": problems[pid]["question"],
+                            "solution": r["completion"], "verdict": verdict, "weight": 1.0})
+                if verdict == "Yes" and lam > 0:
+                    out.append({"problem_id": pid, "sample_id": f"{r['sample_id']}/sft", "prompt": r["prompt"],
+                                "completion": r["completion"], "weight": lam})
     return out, {k_: v for k_, v in why.items() if v}
 
 
@@ -289,6 +333,12 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: 
             out = [{k: r[k] for k in ("problem_id", "sample_id", "prompt", "completion", "weight")} for r in rows]
     elif cfg.task == "dpo":
         out, dropped = preference_pairs(rows, cfg.pairs_per_problem, cfg.seed, cfg.select.dedup)
+    elif cfg.task == "genrm":
+        if not problems:
+            raise InputError(f"training data {cfg.data}: GenRM needs each sample's question, read from its run's "
+                             f"problems.parquet or config.json; give the folder of a `stepray generate` run")
+        out, dropped = genrm_examples(rows, problems, cfg.genrm_per_problem, cfg.genrm_lambda, cfg.seed,
+                                      cfg.select.dedup)
     elif cfg.task == "orm":
         seen: set[tuple[str, str]] = set()
         for r in rows:
@@ -334,7 +384,7 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: 
             out.append({"problem_id": pid, "sample_id": sid, "question": q, "steps": steps, "targets": tg,
                         "weight": 1.0})
     train, holdout = out, []
-    if cfg.task in ("prm", "orm", "dpo") and cfg.eval.enabled and cfg.eval.holdout_fraction > 0:
+    if cfg.task in ("prm", "orm", "dpo", "genrm") and cfg.eval.enabled and cfg.eval.holdout_fraction > 0:
         train = [e for e in out if not in_holdout(e["problem_id"], cfg.eval.holdout_fraction, cfg.seed)]
         holdout = [e for e in out if in_holdout(e["problem_id"], cfg.eval.holdout_fraction, cfg.seed)]
     return Examples(kind, train, holdout, rejects, dropped)
@@ -349,7 +399,7 @@ def read_examples(cfg: TrainConfig) -> Examples:
                              f"give rows of one kind")
         rows += extra_rows
     problems: dict[str, dict] = {}
-    if cfg.task == "sft" and cfg.select.step_checks and kind == "sample":
+    if (cfg.task == "sft" and cfg.select.step_checks or cfg.task == "genrm") and kind == "sample":
         from pipelines.runs import run_problems
 
         for src in (cfg.data, *cfg.extra_data):
@@ -360,6 +410,20 @@ def read_examples(cfg: TrainConfig) -> Examples:
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizing (driver side; collating is on the workers, worker.py)
 # ----------------------------------------------------------------------------------------------------------
+
+GENRM_SYSTEM = "You check solutions to math word problems. Answer Yes if the solution's final answer is correct, else No."
+GENRM_QUESTION = "Is the answer correct? Answer Yes or No."
+
+
+def genrm_prompt(tokenizer, question: str, solution: str) -> str:
+    """GenRM's verification prompt (chat template): the problem, the proposed solution, and GENRM_QUESTION; the
+    assistant's next token is the verdict. The same text in training (`tokenize_examples`) and scoring
+    (`actors/genrm_scorer.py`)."""
+    msgs = [{"role": "system", "content": GENRM_SYSTEM},
+            {"role": "user", "content": f"Problem: {question}\n\nProposed solution:\n{solution.strip()}\n\n"
+                                        f"{GENRM_QUESTION}"}]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
 
 def encode_sft(tokenizer, prompt: str, completion: str, max_len: int) -> tuple[list[int], int] | None:
     """prompt + completion + eos -> (ids, number of prompt tokens); the completion is cut at max_len.
@@ -387,6 +451,20 @@ def tokenize_examples(task: str, examples: Sequence[dict], tokenizer, cfg: Train
                 rejects.append({"row": e["sample_id"], "reason": f"prompt_too_long: max_len={cfg.max_len}"})
                 continue
             row["input_ids"], row["n_prompt"] = enc
+        elif task == "genrm":
+            # verification rows: the verdict's tokens; solution rows: the solution's. Each row's weight is spread
+            # over its target tokens, so the token-mean SFT loss weighs rows, not tokens: L_verify + lambda L_SFT
+            # (a one-word verdict would otherwise count for 2 tokens against a solution's ~60)
+            if "verdict" in e:
+                enc = encode_sft(tokenizer, genrm_prompt(tokenizer, e["question"], e["solution"]), e["verdict"],
+                                 cfg.max_len)
+            else:
+                enc = encode_sft(tokenizer, e["prompt"], e["completion"], cfg.max_len)
+            if enc is None:
+                rejects.append({"row": e["sample_id"], "reason": f"prompt_too_long: max_len={cfg.max_len}"})
+                continue
+            row["input_ids"], row["n_prompt"] = enc
+            row["weight"] /= max(1, len(enc[0]) - enc[1])
         elif task == "dpo":
             chosen = encode_sft(tokenizer, e["prompt"], e["chosen"], cfg.max_len)
             rejected = encode_sft(tokenizer, e["prompt"], e["rejected"], cfg.max_len)

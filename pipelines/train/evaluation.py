@@ -285,4 +285,27 @@ def evaluate_dpo(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
     return res
 
 
-EVALUATE = {"sft": evaluate_sft, "prm": evaluate_prm, "orm": evaluate_orm, "dpo": evaluate_dpo}
+def evaluate_genrm(cfg: TrainConfig, init_path: str, model_path: str, examples, log) -> dict:
+    """The GenRM verifier on held-out problems' solutions: AUC of p(Yes) against the verdicts, and the accuracy of
+    p(Yes) >= 0.5."""
+    from actors.genrm_scorer import GenerativeVerifierScorer
+
+    held = [e for e in examples.holdout if "verdict" in e]
+    if not held:
+        log("[eval genrm] no held-out solutions (eval.holdout_fraction is 0 or too small): skipped")
+        return {"skipped": "no held-out solutions"}
+    scorer = GenerativeVerifierScorer(model_path, batch_size=cfg.eval.batch_size, max_len=cfg.eval.max_len,
+                                      threads=int(cfg.cpus_per_worker) or 1)
+    scores = scorer.score_outcome([e["question"] for e in held], [e["solution"] for e in held])
+    labels = [e["verdict"] == "Yes" for e in held]
+    ok = [(sc, y) for sc, y in zip(scores, labels) if not math.isnan(sc)]
+    res = {"auc": auc([sc for sc, _ in ok], [y for _, y in ok]),
+           "accuracy": sum((sc >= 0.5) == y for sc, y in ok) / max(len(ok), 1),
+           "positives": sum(labels), "rows": len(held)}
+    log(f"[eval genrm] held-out verdicts: AUC {res['auc']:.3f}, accuracy@0.5 {res['accuracy']:.3f} "
+        f"({res['positives']} correct of {res['rows']})")
+    return res
+
+
+EVALUATE = {"sft": evaluate_sft, "prm": evaluate_prm, "orm": evaluate_orm, "dpo": evaluate_dpo,
+            "genrm": evaluate_genrm}

@@ -56,7 +56,7 @@ from pipelines.problems import SyntheticConfig
 from pipelines.prompts import PromptConfig
 from pipelines.train.config import PRECISIONS, STATE_FILE, HISTORY_FILE, TrainConfig
 
-LEARNED_REWARDS = ("prm", "orm", "vstar")
+LEARNED_REWARDS = ("prm", "orm", "vstar", "genrm")
 REWARD_CURVE_FILE = "reward_curve.png"
 
 
@@ -79,9 +79,9 @@ class GRPOConfig:
     temperature: float = help_field(1.0, "sampling temperature")
     top_p: float = help_field(1.0, "nucleus sampling")
     max_tokens: int = help_field(128, "most new tokens per sample")
-    reward: str = help_field("verifier", "verifier (1 if the verifier accepts the answer, else 0) | prm | orm | vstar "
+    reward: str = help_field("verifier", "verifier (1 if the verifier accepts the answer, else 0) | prm | orm | vstar | genrm "
                                          "(a learned verifier's score, reward_model) | module:function")
-    reward_model: str = help_field("", "reward=prm|orm|vstar: the verifier's folder")
+    reward_model: str = help_field("", "reward=prm|orm|vstar|genrm: the verifier's folder")
     reward_reduce: str = help_field("min", "reward=prm: a sample's reward from its step scores: min | last | prod")
     scale_rewards: bool = help_field(True, "divide the group-centred rewards by the group's std (GRPO); false = "
                                            "centre only (Dr. GRPO)")
@@ -130,7 +130,7 @@ class GRPOConfig:
         if self.reward in LEARNED_REWARDS and not self.reward_model:
             raise ValueError(f"reward={self.reward} scores samples with a trained verifier: set reward_model=<folder>")
         if self.reward not in ("verifier", *LEARNED_REWARDS) and ":" not in self.reward:
-            raise ValueError(f"reward must be verifier, prm, orm, vstar or module:function, got {self.reward!r}")
+            raise ValueError(f"reward must be verifier, prm, orm, vstar, genrm or module:function, got {self.reward!r}")
         if self.reward_reduce not in ("min", "last", "prod"):
             raise ValueError(f"reward_reduce must be min, last or prod, got {self.reward_reduce!r}")
         if self.beta < 0 or not 0 < self.clip_eps < 1 or self.lr <= 0:

@@ -13,6 +13,8 @@ from typing import Any
 
 from pipelines.train.config import CURVE_FILE, HISTORY_FILE, STATE_FILE, TrainConfig, malloc_tuned
 
+LM_TASKS = ("sft", "dpo", "genrm")  # tasks that train a causal LM (the others a RewardModel with a scalar head)
+
 def collate_batch(task: str, batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
     """A batch of token rows (dict of columns, lists or numpy arrays) -> padded tensors for the task's loss."""
     import torch
@@ -20,14 +22,14 @@ def collate_batch(task: str, batch: dict[str, Any], pad_id: int) -> dict[str, An
     from pipelines.reward_model import pad_batch
 
     seqs = [list(map(int, x)) for x in batch["input_ids"]]
-    n_prompt = [int(n) for n in batch["n_prompt"]] if task in ("sft", "dpo") else []
+    n_prompt = [int(n) for n in batch["n_prompt"]] if task in LM_TASKS else []
     if task == "dpo":  # the chosen rows, then the rejected rows: one forward pass over 2B sequences
         seqs += [list(map(int, x)) for x in batch["rejected_ids"]]
         n_prompt += n_prompt
     input_ids, attention = pad_batch(seqs, pad_id)  # (B or 2B, T), (B or 2B, T)
     out = {"input_ids": input_ids, "attention_mask": attention,
            "weights": torch.tensor([float(w) for w in batch["weight"]], dtype=torch.float32)}  # (B,)
-    if task in ("sft", "dpo"):
+    if task in LM_TASKS:
         n_prompt = torch.tensor(n_prompt)  # (B,) or (2B,)
         pos = torch.arange(input_ids.shape[1])[None, :]  # (1, T)
         out["loss_mask"] = (pos >= n_prompt[:, None]) & attention.bool()  # (B, T)
@@ -51,7 +53,7 @@ def compute_loss(task: str, model, batch: dict[str, Any], reference=None, beta: 
 
     from pipelines import losses
 
-    if task == "sft":
+    if task in ("sft", "genrm"):  # GenRM is SFT on verdicts (and weighted solutions): tokenize_examples
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         return losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"], batch["weights"])
     if task == "dpo":
@@ -71,12 +73,13 @@ def compute_loss(task: str, model, batch: dict[str, Any], reference=None, beta: 
 
 
 def build_model(task: str, init_path: str, cfg: TrainConfig, meta: dict | None = None):
-    """The model to train, in fp32: a causal LM (sft, dpo) or a RewardModel (prm/orm), with LoRA adapters if asked."""
+    """The model to train, in fp32: a causal LM (sft, dpo, genrm) or a RewardModel (prm/orm), with LoRA adapters if
+    asked."""
     import torch
 
     from pipelines.reward_model import RewardModel, is_reward_model
 
-    if task in ("sft", "dpo"):
+    if task in LM_TASKS:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(init_path, dtype=torch.float32)
@@ -86,7 +89,7 @@ def build_model(task: str, init_path: str, cfg: TrainConfig, meta: dict | None =
             raise ValueError(f"{init_path} is a {model.kind} model, not a {task} model")
     else:
         model = RewardModel.from_base(init_path, kind=task, step_sep=cfg.separator(), meta=meta)
-    lm = task in ("sft", "dpo")
+    lm = task in LM_TASKS
     if cfg.freeze_layers:
         freeze_lower(model if lm else model.backbone, cfg.freeze_layers)
     if cfg.gradient_checkpointing:
@@ -158,17 +161,21 @@ def trainable_state(model) -> dict:
 
 
 def save_final_model(task: str, model, tokenizer, path: Path, save_dtype, verifier: dict | None = None) -> None:
-    """Merge LoRA adapters (if any) and write a loadable folder: a causal LM (sft, dpo) or a RewardModel folder.
-    A DPO model is a verifier: `verifier` (its reference model, beta, prompt) goes to its VERIFIER_FILE."""
-    if task in ("sft", "dpo"):
+    """Merge LoRA adapters (if any) and write a loadable folder: a causal LM (sft, dpo, genrm) or a RewardModel
+    folder. DPO and GenRM models are verifiers: VERIFIER_FILE says which (and, for DPO, its reference and beta)."""
+    if task in LM_TASKS:
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         model.to(save_dtype).save_pretrained(str(path), safe_serialization=True)
         tokenizer.save_pretrained(str(path))
-        if task == "dpo":
+        if task in ("dpo", "genrm"):
             from actors.vstar_scorer import VERIFIER_FILE
 
-            (path / VERIFIER_FILE).write_text(json.dumps({"kind": "vstar", **(verifier or {})}, indent=1))
+            kind = {"dpo": "vstar", "genrm": "genrm"}[task]
+            meta = verifier or {}
+            if task == "genrm":  # p(Yes) needs no reference model
+                meta = {"prompt": meta.get("prompt")}
+            (path / VERIFIER_FILE).write_text(json.dumps({"kind": kind, **meta}, indent=1))
     else:
         if hasattr(model.backbone, "merge_and_unload"):
             model.backbone = model.backbone.merge_and_unload()

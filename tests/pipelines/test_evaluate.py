@@ -352,14 +352,20 @@ def reward_models(tiny_model, tmp_path_factory):
     (path / VERIFIER_FILE).write_text(json.dumps({"kind": "vstar", "reference": tiny_model, "beta": 0.1,
                                                   "prompt": asdict(PromptConfig())}))
     paths["vstar"] = str(path)
+    # an untrained GenRM verifier: the generator itself, read as p(Yes) after the verification prompt
+    path = tmp_path_factory.mktemp("genrm")
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / VERIFIER_FILE).write_text(json.dumps({"kind": "genrm", "prompt": None}))
+    paths["genrm"] = str(path)
     return paths
 
 
 @pytest.mark.slow
 def test_evaluate_job_end_to_end_on_tiny_model(ray_session, tiny_model, reward_models, tmp_path, monkeypatch):
     """The smoke run: tiny model, 3 synthetic problems, every default strategy at budgets 1 and 2, a real PRMScorer
-    actor (untrained PRM), an ORM for the weighted vote and a V-STaR verifier (LikelihoodRatioScorer) for one
-    best-of-N, MLflow on."""
+    actor (untrained PRM), an ORM for the weighted vote, a V-STaR verifier (LikelihoodRatioScorer) for one
+    best-of-N and a GenRM verifier (GenerativeVerifierScorer) for another weighted vote, MLflow on."""
     import mlflow
 
     from jobs.evaluate_search import main
@@ -369,12 +375,14 @@ def test_evaluate_job_end_to_end_on_tiny_model(ray_session, tiny_model, reward_m
     out = tmp_path / "eval"
     rc = main(["--problems", "synthetic", "--model", "tiny", "--limit", "3", "--budgets", "1,2",
                "--prm", reward_models["prm"], "--orm", reward_models["orm"], "--vstar", reward_models["vstar"],
-               "--strategies", "greedy,majority,best_of_n,weighted:orm,best_of_n:vstar,beam,mcts", "--out", str(out),
-               "engine.max_model_len=512", "engine.gpu_memory_utilization=0.05", "search.max_tokens=24",
-               "search.step_tokens=8", "search.max_steps=3", "search.expansions=2", "scorer_num_cpus=0.3"])
+               "--genrm", reward_models["genrm"],
+               "--strategies", "greedy,majority,best_of_n,weighted:orm,best_of_n:vstar,weighted:genrm,beam,mcts",
+               "--out", str(out), "engine.max_model_len=512", "engine.gpu_memory_utilization=0.05",
+               "search.max_tokens=24", "search.step_tokens=8", "search.max_steps=3", "search.expansions=2",
+               "scorer_num_cpus=0.25"])
     assert rc == 0
     table = schema.check_table(pq.read_table(out / "records.parquet"), "eval_record")
-    assert table.num_rows == 3 * (1 + 6 * 2)
+    assert table.num_rows == 3 * (1 + 7 * 2)
     rows = table.to_pylist()
     assert all(0 < r["tokens_generated"] and r["model"] == "tiny" for r in rows)
     assert {r["prm"] for r in rows if r["strategy"] in ("best_of_n", "beam", "mcts")} == {
@@ -385,10 +393,11 @@ def test_evaluate_job_end_to_end_on_tiny_model(ray_session, tiny_model, reward_m
     # the untrained verifier is its own reference: every candidate's log-ratio is 0, so its score is sigmoid(0)
     traces = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
     assert {round(t["score"], 6) for t in traces if t["strategy"] == "best_of_n:vstar"} == {0.5}
+    assert {r["prm"] for r in rows if r["strategy"] == "weighted:genrm"} == {f"genrm:{reward_models['genrm']}"}
     for r in rows:  # the scored strategies read what they generated (beam and MCTS re-read prefixes)
         if r["strategy"] in ("greedy", "majority"):
             assert r["tokens_scored"] == 0
-        elif r["strategy"] in ("best_of_n", "weighted:orm", "best_of_n:vstar"):
+        elif r["strategy"] in ("best_of_n", "weighted:orm", "best_of_n:vstar", "weighted:genrm"):
             assert r["tokens_scored"] == r["tokens_generated"]
         else:
             assert r["tokens_scored"] >= r["tokens_generated"]
