@@ -58,19 +58,35 @@ def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = N
         model_path, eng.engine_kwargs(), sampling or {}, eng.threads, name)
 
 
+def _prm_scorer():
+    from actors.prm_scorer import PRMScorer
+
+    return PRMScorer
+
+
+def _vstar_scorer():
+    from actors.vstar_scorer import LikelihoodRatioScorer
+
+    return LikelihoodRatioScorer
+
+
+def _genrm_scorer():
+    from actors.genrm_scorer import GenerativeVerifierScorer
+
+    return GenerativeVerifierScorer
+
+
+# verifier kind -> a function returning its scorer class (imported only when asked for: torch and transformers)
+SCORER_CLASSES = {"prm": _prm_scorer, "orm": _prm_scorer, "vstar": _vstar_scorer, "genrm": _genrm_scorer}
+
+
 def scorer_actor(path: str, kind: str, num_cpus: float = 1.0, num_gpus: float = 0.0, threads: int = 0):
     """A scorer Ray actor on `path`, started and checked: (handle, its ready() metadata): a PRMScorer for kind prm
-    or orm, a LikelihoodRatioScorer for vstar (a V-STaR verifier), a GenerativeVerifierScorer for genrm. A folder holding another kind of verifier (an
-    ORM given as a PRM, or back) is refused by name."""
+    or orm, a LikelihoodRatioScorer for vstar (a V-STaR verifier), a GenerativeVerifierScorer for genrm. A folder
+    holding another kind of verifier (an ORM given as a PRM, or back) is refused by name."""
     import ray
 
-    if kind == "vstar":
-        from actors.vstar_scorer import LikelihoodRatioScorer as cls
-    elif kind == "genrm":
-        from actors.genrm_scorer import GenerativeVerifierScorer as cls
-    else:
-        from actors.prm_scorer import PRMScorer as cls
-
+    cls = SCORER_CLASSES[kind]()
     handle = ray.remote(**actor_options(num_cpus, num_gpus))(cls).remote(path, device="auto", threads=threads)
     meta = wait_ready([handle], f"the {kind} scorer on {path}", actor_options(num_cpus, num_gpus))[0]
     if meta["kind"] != kind:

@@ -6,7 +6,8 @@
 Three deployments, each with its own autoscaling_config and resources in the config file's `deployments:`:
 - Generator:     actors/vllm_async_generator.AsyncVLLMGenerator (vLLM's async engine; continuous batching across
                  concurrent requests);
-- PRM:           actors/prm_scorer.PRMScorer (a trained reward model folder), only when `prm` is set;
+- PRM:           the verifier of the scored strategies, only when `prm` is set: a PRM (actors/prm_scorer), or an
+                 ORM, V-STaR or GenRM verifier scoring whole solutions (`PRMDeployment`);
 - SearchIngress: FastAPI; validates requests, runs `pipelines.search.STRATEGIES[strategy]` over the two through
                  deployment handles, and answers in OpenAI's shapes.
 
@@ -36,6 +37,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -66,7 +68,9 @@ class ServeConfig:
         "the Generator's vLLM engine (model, max_model_len, dtype, seed, prefix caching, KV share, threads, extra); "
         "its resources and replicas are the `Generator` deployment's options, not engine.num_gpus & co.")
     model_name: str = help_field("stepray", "the model id clients name (GET /v1/models)")
-    prm: str = help_field("", "reward model folder for scored strategies; empty = Marco-o1 confidence only")
+    prm: str = help_field("", "the verifier of scored strategies: a PRM or ORM folder (`stepray train prm|orm`) or "
+                              "a V-STaR or GenRM verifier (`stepray train dpo|genrm`); empty = Marco-o1 confidence "
+                              "only")
     device: str = help_field("auto", "PRM device: auto (the GPU Ray gave the PRM replica, else the CPU) | cpu | cuda")
     prompt: PromptConfig = help_field(PromptConfig(), "step format of solutions (splitting, the step separator)")
     search: SearchConfig = help_field(SearchConfig(max_tokens=256), "search defaults; requests override some")
@@ -222,12 +226,15 @@ class SearchIngress:
         self.tok = AutoTokenizer.from_pretrained(load_path(self.cfg.engine.model))
         self.api_key = self.cfg.api_key or os.environ.get("STEPRAY_API_KEY", "")
         self.prm_prompt: PromptConfig | None = None if prm is not None else self.cfg.prompt
+        self.prm_kind = "prm"
 
     async def _scorer_prompt_cfg(self) -> PromptConfig:
-        """How the PRM saw questions in training (its reward_model.json), asked once from the PRM deployment."""
+        """How the verifier saw questions in training (its reward_model.json / verifier.json) and its kind, asked
+        once from the PRM deployment."""
         if self.prm_prompt is None:
             meta = await self.prm.meta.remote()
             self.prm_prompt = PromptConfig(**meta["prompt"]) if meta.get("prompt") else self.cfg.prompt
+            self.prm_kind = meta.get("kind") or "prm"
         return self.prm_prompt
 
     # ---------------------------------------------------------------------------------------------- checks
@@ -295,7 +302,9 @@ class SearchIngress:
             score = CONFIDENCE if search.prm == "confidence" else calls.score
         scorer_prompt = prompt
         if self.prm is not None and search.strategy in SCORED and search.prm == "default":
-            scorer_prompt = render(self.tok, question, "numeric", await self._scorer_prompt_cfg())
+            pcfg = await self._scorer_prompt_cfg()
+            # GenRM wraps the raw question in its own verification prompt; the others read it as in training
+            scorer_prompt = question if self.prm_kind == "genrm" else render(self.tok, question, "numeric", pcfg)
         problem = SearchProblem(prompt=prompt, question=scorer_prompt, kind=search.answer_kind)
         fn = STRATEGIES[search.strategy]
         t0 = time.time()
@@ -319,7 +328,7 @@ class SearchIngress:
                        "answer": result.answer,
                        "steps": result.steps, "step_scores": [_num(v) for v in result.step_scores],
                        "score": _num(result.score), "scorer": "none" if score is None else
-                       ("confidence" if score is CONFIDENCE else "prm"),
+                       ("confidence" if score is CONFIDENCE else self.prm_kind),
                        "tokens_generated": result.tokens_generated, "tokens_scored": result.tokens_scored,
                        "chosen_tokens": chosen_tokens, "sequences": result.sequences,
                        "candidates": [{k: _num(v) if isinstance(v, float) else v for k, v in c.items()}
@@ -396,19 +405,37 @@ class SearchIngress:
         return {"status": "ok", "model": self.cfg.model_name, "prm": bool(self.prm)}
 
 
+def verifier_kind(path: str) -> str:
+    """What a verifier folder holds: prm or orm (reward_model.json), vstar or genrm (verifier.json)."""
+    from actors.vstar_scorer import VERIFIER_FILE
+    from pipelines.reward_model import is_reward_model
+
+    if (Path(path) / VERIFIER_FILE).is_file():
+        return str(json.loads((Path(path) / VERIFIER_FILE).read_text()).get("kind", ""))
+    if is_reward_model(path):
+        return str(json.loads((Path(path) / "reward_model.json").read_text()).get("kind", "prm"))
+    raise C.ConfigError(f"prm: {path} is neither a reward model folder (`stepray train prm|orm`) nor a verifier "
+                        f"folder (`stepray train dpo|genrm`)")
+
+
 class PRMDeployment:
-    """PRMScorer plus `meta()` (how its prompts were rendered in training), as the PRM deployment's body."""
+    """The verifier behind the scored strategies, as the PRM deployment's body: a PRM (step scores), or an ORM, a
+    V-STaR or a GenRM verifier (one score per solution, read as the last step's score, as `stepray evaluate` does),
+    plus `meta()` (its kind and how its prompts were rendered in training; GenRM reads the raw question)."""
 
     def __init__(self, model_path: str, device: str = "auto", threads: int = 1):
-        from actors.prm_scorer import PRMScorer
+        from actors.start import SCORER_CLASSES
+        from pipelines.search import orm_as_step_scorer
 
-        self.scorer = PRMScorer(model_path, device=device, threads=threads)
+        self.kind = verifier_kind(model_path)
+        self.scorer = SCORER_CLASSES[self.kind]()(model_path, device=device, threads=threads)
+        self._score = self.scorer.score if self.kind == "prm" else orm_as_step_scorer(self.scorer.score_outcome)
 
     def meta(self) -> dict:
-        return dict(self.scorer.meta)
+        return {**self.scorer.ready(), "kind": self.kind}
 
     def score(self, prompts: list[str], steps: list[list[str]]) -> list[list[float]]:
-        return self.scorer.score(prompts, steps)
+        return self._score(prompts, steps)
 
 
 def build_app(args: dict[str, Any]):
@@ -431,6 +458,7 @@ def build_app(args: dict[str, Any]):
         model_path, cfg.engine.engine_kwargs(), {}, cfg.engine.threads, cfg.model_name)
     prm = None
     if cfg.prm:
+        verifier_kind(cfg.prm)  # a folder that is no verifier is refused here, not in a replica that keeps restarting
         prm = serve.deployment(PRMDeployment, name="PRM", **options(
             "PRM", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})).bind(cfg.prm, cfg.device, 1)
     return SearchIngress.options(**options("SearchIngress", ray_actor_options={"num_cpus": 0.1})).bind(

@@ -6,6 +6,7 @@ RAY_AUTH_MODE=disabled is set for every process of the run so that the driver, w
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -55,3 +56,43 @@ def smollm2() -> str:
     from pipelines.models import resolve_model
 
     return str(resolve_model("smollm2", prepare=True))
+
+
+@pytest.fixture(scope="session")
+def reward_models(tiny_model, tmp_path_factory):
+    """Untrained verifier folders on the tiny model, one of each kind (PRM and ORM with random heads, V-STaR and
+    GenRM verifiers that are the tiny model itself): real checkpoints for the scorers, for the plumbing, not for
+    their scores."""
+    from dataclasses import asdict
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipelines.prompts import PromptConfig
+    from pipelines.reward_model import RewardModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    paths = {}
+    for kind in ("prm", "orm"):
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(kind)
+        RewardModel.from_base(tiny_model, kind=kind, meta={"prompt": asdict(PromptConfig())}).save(path, tok)
+        paths[kind] = str(path)
+    # an untrained V-STaR verifier: the generator itself with the verifier file naming it as its own reference
+    from transformers import AutoModelForCausalLM
+
+    from actors.vstar_scorer import VERIFIER_FILE
+
+    path = tmp_path_factory.mktemp("vstar")
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / VERIFIER_FILE).write_text(json.dumps({"kind": "vstar", "reference": tiny_model, "beta": 0.1,
+                                                  "prompt": asdict(PromptConfig())}))
+    paths["vstar"] = str(path)
+    # an untrained GenRM verifier: the generator itself, read as p(Yes) after the verification prompt
+    path = tmp_path_factory.mktemp("genrm")
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / VERIFIER_FILE).write_text(json.dumps({"kind": "genrm", "prompt": None}))
+    paths["genrm"] = str(path)
+    return paths

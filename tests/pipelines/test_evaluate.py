@@ -322,45 +322,6 @@ def test_concurrent_engines_get_each_search_call_directly_with_the_same_records(
     assert d_facts["engine_tokens"] == b_facts["engine_tokens"]
 
 
-@pytest.fixture(scope="module")
-def reward_models(tiny_model, tmp_path_factory):
-    """Untrained PRM and ORM folders on the tiny model (random heads): real checkpoints for actors.prm_scorer,
-    for the plumbing, not for their scores."""
-    from dataclasses import asdict
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from pipelines.prompts import PromptConfig
-    from pipelines.reward_model import RewardModel
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    paths = {}
-    for kind in ("prm", "orm"):
-        torch.manual_seed(0)
-        path = tmp_path_factory.mktemp(kind)
-        RewardModel.from_base(tiny_model, kind=kind, meta={"prompt": asdict(PromptConfig())}).save(path, tok)
-        paths[kind] = str(path)
-    # an untrained V-STaR verifier: the generator itself with the verifier file naming it as its own reference
-    from transformers import AutoModelForCausalLM
-
-    from actors.vstar_scorer import VERIFIER_FILE
-
-    path = tmp_path_factory.mktemp("vstar")
-    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / VERIFIER_FILE).write_text(json.dumps({"kind": "vstar", "reference": tiny_model, "beta": 0.1,
-                                                  "prompt": asdict(PromptConfig())}))
-    paths["vstar"] = str(path)
-    # an untrained GenRM verifier: the generator itself, read as p(Yes) after the verification prompt
-    path = tmp_path_factory.mktemp("genrm")
-    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / VERIFIER_FILE).write_text(json.dumps({"kind": "genrm", "prompt": None}))
-    paths["genrm"] = str(path)
-    return paths
-
-
 @pytest.mark.slow
 def test_evaluate_job_end_to_end_on_tiny_model(ray_session, tiny_model, reward_models, tmp_path, monkeypatch):
     """The smoke run: tiny model, 3 synthetic problems, every default strategy at budgets 1 and 2, a real PRMScorer

@@ -278,3 +278,25 @@ def test_the_prm_deployment_grows_under_backlog(client, server):
                 time.sleep(0.5)
             assert all(f.result().choices[0].message.content is not None for f in futures)
     assert grown, "the PRM deployment stayed at one replica under 8 concurrent beam searches"
+
+
+@pytest.mark.parametrize("kind", ["prm", "orm", "vstar", "genrm"])
+def test_the_verifier_deployment_serves_every_kind_of_verifier(kind, reward_models):
+    """The body of the endpoint's PRM deployment on each kind of verifier folder: a PRM gives a score per step, the
+    others one per solution (read as the last step's, as in `stepray evaluate`), and meta() names the kind so the
+    ingress gives GenRM the raw question. A folder that holds no verifier is refused by name."""
+    from pipelines.serve import PRMDeployment, verifier_kind
+
+    dep = PRMDeployment(reward_models[kind], device="cpu", threads=1)
+    assert dep.meta()["kind"] == kind == verifier_kind(reward_models[kind])
+    scores = dep.score(["What is 2 + 3?", "What is 1 + 1?"], [["2 + 3 = 5", "The answer is 5."], ["1 + 1 = 3"]])
+    assert [len(s) for s in scores] == ([2, 1] if kind == "prm" else [1, 1])
+    assert all(0.0 <= v <= 1.0 for s in scores for v in s)
+
+
+def test_serve_refuses_a_folder_that_is_no_verifier(tmp_path):
+    from pipelines.config import ConfigError
+    from pipelines.serve import verifier_kind
+
+    with pytest.raises(ConfigError, match="neither a reward model folder"):
+        verifier_kind(str(tmp_path))
