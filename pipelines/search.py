@@ -30,6 +30,9 @@ Budgets, respected exactly (the ledger refuses a generate callable that returns 
                 rollout when it ends before a terminal (its tokens are counted)
     reflection  N = budget thoughts: one solution, then N-1 times the reflection cue and a continuation; the answer
                 is the last one stated (never calls score)
+    revise      up to N = budget attempts: a solution, then while the verifier scores the latest below
+                cfg.revise_threshold, a revision written with the attempt and cfg.revise_cue as context; the answer
+                is the best-scored attempt (learning to correct; a generator trained on correction pairs)
 
 Token accounting (SearchResult): tokens_generated = the engine's token counts of every sequence the strategy
 received, kept or discarded; tokens_scored = the generated tokens of every (partial) solution sent to a learned
@@ -45,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 from pipelines.prompts import join_steps, separator
 from pipelines.search_ledger import (Completion, SearchConfig, SearchProblem, SearchResult, _answer, _check_budget,
-                                     _Ledger, _Path)
+                                     _Ledger, _Path, revision_prompt)
 from pipelines.search_mcts import search_mcts
 from pipelines.votes import argmax_group, best_index, default_equivalence, group_answers, reduce_steps, vote_index
 
@@ -268,6 +271,27 @@ def search_reflection(problem: SearchProblem, generate, score, budget: int, cfg:
                       {"rounds": rounds, "answers": [_answer(c.text) for c in pieces]})
 
 
+def search_revise(problem: SearchProblem, generate, score, budget: int, cfg: SearchConfig) -> SearchResult:
+    """Learning to correct, at test time: a solution, scored; while its score is below `revise_threshold` and
+    attempts remain (budget = most attempts), the generator revises it (`revision_prompt`: the attempt and the
+    revise cue as context) and the revision is scored. The answer is the best-scored attempt (the one that satisfied
+    the verifier, if any did). Meant for a generator trained on correction pairs (`stepray train sft
+    select.corrections=N`); any generator runs it."""
+    _check_budget("revise", budget)
+    led = _Ledger(problem, generate, score, cfg)
+    c = led.generate([problem.prompt], 1, False, cfg.max_tokens)[0][0]
+    attempts = [_Path((c,), True)]
+    led.score(attempts)
+    while len(attempts) < budget and c.finish_reason != "error" and \
+            reduce_steps(attempts[-1].scores, cfg.agg) < cfg.revise_threshold:
+        c = led.generate([revision_prompt(problem.prompt, attempts[-1].text, cfg.revise_cue)], 1, False,
+                         cfg.max_tokens)[0][0]
+        attempts.append(_Path((c,), True))
+        led.score(attempts[-1:])
+    return _pick_best(led, "revise", budget, attempts,
+                      {"attempts": len(attempts), "scores": [reduce_steps(p.scores, cfg.agg) for p in attempts]})
+
+
 STRATEGIES = {
     "greedy": search_greedy,
     "majority": search_majority,
@@ -277,5 +301,6 @@ STRATEGIES = {
     "dvts": search_dvts,
     "mcts": search_mcts,
     "reflection": search_reflection,
+    "revise": search_revise,
 }
-SCORED = {"best_of_n", "weighted", "beam", "dvts", "mcts"}  # strategies that call the scorer
+SCORED = {"best_of_n", "weighted", "beam", "dvts", "mcts", "revise"}  # strategies that call the scorer

@@ -20,6 +20,14 @@ from pipelines.prompts import FORMATS, separator, split_steps
 from pipelines.votes import AGGREGATE, reduce_steps
 
 REFLECTION_CUE = "Wait! Maybe I made some mistakes! I need to rethink from scratch."
+# What follows an attempt in a revision prompt: the same text in correction training rows
+# (`pipelines.train.data.correction_pairs`) and in the `revise` strategy, so a generator trained on the rows knows it.
+REVISE_CUE = "Let me check that solution and write a corrected one."
+
+
+def revision_prompt(prompt: str, attempt: str, cue: str = REVISE_CUE) -> str:
+    """The prompt of a revision: the problem's prompt, the attempt, then the cue on its own line."""
+    return f"{prompt}{attempt.rstrip()}\n{cue}\n"
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,10 @@ class SearchConfig:
     mcts_value: str = help_field("score", "MCTS leaf value: score (the scorer on the new child's path) | rollout "
                                           "(the scorer on one rollout from the child to a terminal)")
     reflection_cue: str = help_field(REFLECTION_CUE, "text appended before each reflection")
+    revise_cue: str = help_field(REVISE_CUE, "revise: the text after an attempt that asks for a corrected solution "
+                                             "(a generator trained with select.corrections learned this one)")
+    revise_threshold: float = help_field(0.5, "revise: an attempt whose solution score reaches this satisfies the "
+                                              "verifier, and the search stops")
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:

@@ -13,7 +13,7 @@ Three deployments, each with its own autoscaling_config and resources in the con
 
 API (works with the official `openai` client):
 - POST /v1/chat/completions, POST /v1/completions: OpenAI bodies plus an optional `search` object
-  {"strategy": greedy|majority|best_of_n|weighted|beam|dvts|mcts|reflection, "n": budget, "beam_width": k,
+  {"strategy": greedy|majority|best_of_n|weighted|beam|dvts|mcts|reflection|revise, "n": budget, "beam_width": k,
    "max_steps": s, "prm": "default"|"confidence"}. The response carries the chosen solution as the message, and
   `search`: {strategy, budget, answer, steps, step_scores, score, tokens_generated, tokens_scored, candidates}.
   usage.completion_tokens counts every token the search generated (the compute the request spent); the chosen
@@ -105,7 +105,8 @@ class ServeConfig:
 
 class SearchParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    strategy: Literal["greedy", "majority", "best_of_n", "weighted", "beam", "dvts", "mcts", "reflection"] = "greedy"
+    strategy: Literal["greedy", "majority", "best_of_n", "weighted", "beam", "dvts", "mcts", "reflection",
+                      "revise"] = "greedy"
     n: int = Field(1, ge=1, description="the budget: samples, beam width x expansions, simulations")
     beam_width: int | None = Field(None, ge=1, description="beams kept per step (beam, dvts)")
     max_steps: int | None = Field(None, ge=1, le=64)

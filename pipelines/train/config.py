@@ -57,13 +57,15 @@ class SelectConfig:
     dedup: bool = help_field(True, "drop samples of a problem whose whitespace-normalised text repeats")
     balance: bool = help_field(False, "SFT: weight samples 1/n_p so each problem weighs the same")
     require_stop: bool = help_field(True, "SFT: keep only samples that ended with a stop, not at max_tokens")
+    corrections: int = help_field(0, "SFT: also up to N correction rows per problem (learning to correct): a failed "
+                                     "sample and the revise cue as context, a verified one as the target; 0 = none")
     step_checks: bool = help_field(False, "SFT: where a problem allows step checks (synthetic: every intermediate "
                                    "value known), drop verified samples with a wrong step (a right answer reached "
                                    "by wrong steps, e.g. after a STaR hint); other problems keep outcome verification")
 
     def __post_init__(self) -> None:
-        if self.k < 0:
-            raise ValueError(f"select.k must be >= 0, got {self.k}")
+        if self.k < 0 or self.corrections < 0:
+            raise ValueError(f"select.k and select.corrections must be >= 0, got {self.k}, {self.corrections}")
 
 
 @dataclass(frozen=True)

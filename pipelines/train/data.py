@@ -185,6 +185,21 @@ def preference_pairs(samples: Sequence[dict], k: int, seed: int = 0, dedup: bool
     return out, {k_: v for k_, v in why.items() if v}
 
 
+def correction_pairs(samples: Sequence[dict], k: int, seed: int = 0, dedup: bool = True, cue: str = ""
+                     ) -> tuple[list[dict], dict[str, int]]:
+    """Learning-to-correct rows: per problem, at most k (failed, verified) pairs of its samples (drawn as in
+    `preference_pairs`), each an SFT row whose prompt is the generator's prompt, the failed attempt and the revise
+    cue (`search_ledger.revision_prompt`, the prompt the `revise` strategy writes) and whose target is the verified
+    solution. Returns (rows {problem_id, sample_id, prompt, completion, weight}, counts of what was left out)."""
+    from pipelines.search_ledger import REVISE_CUE, revision_prompt
+
+    pairs, why = preference_pairs(samples, k, seed, dedup)
+    rows = [{"problem_id": p["problem_id"], "sample_id": f"{p['sample_id']}/revise",
+             "prompt": revision_prompt(p["prompt"], p["rejected"], cue or REVISE_CUE), "completion": p["chosen"],
+             "weight": 1.0} for p in pairs]
+    return rows, why
+
+
 def genrm_examples(samples: Sequence[dict], problems: dict[str, dict], k: int, lam: float, seed: int = 0,
                    dedup: bool = True) -> tuple[list[dict], dict[str, int]]:
     """GenRM's training examples from graded samples (the unified objective of Zhang et al.: verification SFT plus
@@ -329,6 +344,10 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: 
     if cfg.task == "sft":
         if kind == "sample":
             out, dropped = select_sft(rows, cfg.select, problems)
+            if cfg.select.corrections:
+                fixes, why = correction_pairs(rows, cfg.select.corrections, cfg.seed, cfg.select.dedup)
+                out += fixes
+                dropped.update({f"corrections_{k}": v for k, v in why.items()})
         else:
             out = [{k: r[k] for k in ("problem_id", "sample_id", "prompt", "completion", "weight")} for r in rows]
     elif cfg.task == "dpo":

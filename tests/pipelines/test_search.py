@@ -449,3 +449,53 @@ def test_step_boundaries_and_beam_search_on_smollm2(engine, ray_session, smollm2
         assert res.answer is not None
     finally:
         ray_session.kill(actor)
+
+
+def _revise_world(right_after: int):
+    """A scripted generator whose attempt k (0-based) is wrong before `right_after` and right from it on, and a
+    scorer that scores right solutions 0.9 and wrong ones 0.1. Returns (generate, score, prefixes seen)."""
+    seen = []
+
+    def generate(prefixes, n, stop_at_step, max_tokens, greedy=False):
+        seen.extend(prefixes)
+        k = len(seen) - 1
+        text = "3 + 4 = 7\nThe answer is 7." if k >= right_after else f"3 + 4 = {8 + k}\nThe answer is {8 + k}."
+        return [[Completion(text, 9, "stop")] * n for _ in prefixes]
+
+    def score(prompts, step_lists):
+        return [[0.9 if "= 7" in "".join(s) else 0.1] * len(s) for s in step_lists]
+
+    return generate, score, seen
+
+
+def test_revise_rewrites_until_the_verifier_is_satisfied_and_keeps_the_best_attempt():
+    from pipelines.search_ledger import REVISE_CUE, revision_prompt
+
+    generate, score, seen = _revise_world(right_after=2)
+    res = STRATEGIES["revise"](PROBLEM, generate, score, 4, CFG)
+    assert res.answer == "7" and res.meta["attempts"] == 3  # wrong, wrong, right: satisfied, stop before 4
+    assert res.meta["scores"] == pytest.approx([0.1, 0.1, 0.9])
+    assert seen[0] == PROBLEM.prompt
+    assert seen[1] == revision_prompt(PROBLEM.prompt, "3 + 4 = 8\nThe answer is 8.") and REVISE_CUE in seen[1]
+    assert seen[2].startswith(PROBLEM.prompt + "3 + 4 = 9") and seen[2].endswith(REVISE_CUE + "\n")
+    assert res.tokens_generated == 27 and res.tokens_scored == 27
+    # satisfied at once: one attempt; never satisfied: the budget's attempts and the best-scored (the first) answer
+    assert STRATEGIES["revise"](PROBLEM, *_revise_world(0)[:2], 4, CFG).meta["attempts"] == 1
+    never = STRATEGIES["revise"](PROBLEM, *_revise_world(99)[:2], 3, CFG)
+    assert never.meta["attempts"] == 3 and never.answer == "8"
+
+
+def test_correction_pairs_put_a_failed_attempt_and_the_cue_before_a_verified_solution():
+    from pipelines.search_ledger import revision_prompt
+    from pipelines.train.data import correction_pairs
+
+    rows = [{"problem_id": "a", "sample_id": f"a/s{i}", "prompt": "P:", "completion": c, "correct": ok, "error": ""}
+            for i, (c, ok) in enumerate([("3 + 4 = 7\nThe answer is 7.", True), ("3 + 4 = 8\nThe answer is 8.", False),
+                                         ("3 + 4 = 9\nThe answer is 9.", False)])]
+    rows.append({"problem_id": "b", "sample_id": "b/s0", "prompt": "Q:", "completion": "1", "correct": False,
+                 "error": ""})
+    out, why = correction_pairs(rows, k=1)
+    assert len(out) == 1 and out[0]["completion"] == "3 + 4 = 7\nThe answer is 7."
+    assert out[0]["prompt"] in (revision_prompt("P:", "3 + 4 = 8\nThe answer is 8."),
+                                revision_prompt("P:", "3 + 4 = 9\nThe answer is 9."))
+    assert why == {"over_k": 1, "problem_without_verified": 1}
