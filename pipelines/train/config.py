@@ -59,13 +59,17 @@ class SelectConfig:
     require_stop: bool = help_field(True, "SFT: keep only samples that ended with a stop, not at max_tokens")
     corrections: int = help_field(0, "SFT: also up to N correction rows per problem (learning to correct): a failed "
                                      "sample and the revise cue as context, a verified one as the target; 0 = none")
+    stream_of_search: int = help_field(0, "SFT: also one stream-of-search row per solved problem: up to N failed "
+                                          "attempts cut at their first wrong step, each followed by a backtrack "
+                                          "line, then a verified solution; 0 = none")
     step_checks: bool = help_field(False, "SFT: where a problem allows step checks (synthetic: every intermediate "
                                    "value known), drop verified samples with a wrong step (a right answer reached "
                                    "by wrong steps, e.g. after a STaR hint); other problems keep outcome verification")
 
     def __post_init__(self) -> None:
-        if self.k < 0 or self.corrections < 0:
-            raise ValueError(f"select.k and select.corrections must be >= 0, got {self.k}, {self.corrections}")
+        if min(self.k, self.corrections, self.stream_of_search) < 0:
+            raise ValueError(f"select.k, select.corrections and select.stream_of_search must be >= 0, got {self.k}, "
+                             f"{self.corrections}, {self.stream_of_search}")
 
 
 @dataclass(frozen=True)

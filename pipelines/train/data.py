@@ -200,6 +200,58 @@ def correction_pairs(samples: Sequence[dict], k: int, seed: int = 0, dedup: bool
     return rows, why
 
 
+BACKTRACK = "That step is wrong. Back to the start, another way:"
+DEAD_END = "That does not reach the answer. Back to the start, another way:"
+
+
+def stream_of_search(samples: Sequence[dict], problems: dict[str, dict], k: int, fmt: str = "lines", seed: int = 0
+                     ) -> tuple[list[dict], dict[str, int]]:
+    """Stream-of-search rows: per problem with a verified sample, one SFT row whose target is a linearised search:
+    up to k failed attempts (dead ends), each cut after its first wrong step where the step checks can tell
+    (synthetic problems: `metrics.step_truth`) and followed by a backtrack line (BACKTRACK; DEAD_END where no step is
+    known wrong), then the verified solution, whose final answer is the row's last. The tree searched is the
+    problem's samples (a root with N children, each a path); the dead ends are drawn with
+    random.Random(f"{seed}:{problem}"). Returns (rows {problem_id, sample_id, prompt, completion, weight}, counts)."""
+    import random
+
+    from pipelines.prompts import join_steps, split_steps
+    from pipelines.train.metrics import step_truth
+
+    why: dict[str, int] = {}
+    by_problem: dict[str, tuple[list[dict], list[dict]]] = {}
+    for r in samples:
+        if r.get("error") or not str(r.get("completion") or "").strip():
+            why["error_or_empty"] = why.get("error_or_empty", 0) + 1
+            continue
+        good, bad = by_problem.setdefault(r["problem_id"], ([], []))
+        (good if r.get("correct") and r.get("finish_reason", "stop") == "stop" else bad).append(r)
+    out: list[dict] = []
+    for pid, (good, bad) in by_problem.items():
+        if not good:
+            why["problem_without_verified"] = why.get("problem_without_verified", 0) + 1
+            continue
+        rng = random.Random(f"{seed}:{pid}")
+        bad = sorted(bad, key=lambda r: r["sample_id"])
+        rng.shuffle(bad)
+        target = sorted(good, key=lambda r: r["sample_id"])[0]
+        problem = problems.get(pid) or {}
+        parts = []
+        for r in bad[:k]:
+            steps = list(r.get("steps") or split_steps(r["completion"], fmt))
+            truth = step_truth(problem, steps, bool(r.get("correct")), str(r.get("answer") or "")) \
+                if problem.get("quantities") else [True] * len(steps)
+            if False in truth:  # cut after the first wrong step: where the search turns back
+                parts.append(join_steps(steps[: truth.index(False) + 1], fmt) + BACKTRACK + "\n")
+            else:
+                parts.append(join_steps(steps, fmt) + DEAD_END + "\n")
+        if not parts:
+            why["problem_without_failed"] = why.get("problem_without_failed", 0) + 1
+            continue
+        out.append({"problem_id": pid, "sample_id": f"{target['sample_id']}/sos", "prompt": target["prompt"],
+                    "completion": "".join(parts) + target["completion"], "weight": 1.0})
+    return out, {k_: v for k_, v in why.items() if v}
+
+
 def genrm_examples(samples: Sequence[dict], problems: dict[str, dict], k: int, lam: float, seed: int = 0,
                    dedup: bool = True) -> tuple[list[dict], dict[str, int]]:
     """GenRM's training examples from graded samples (the unified objective of Zhang et al.: verification SFT plus
@@ -344,6 +396,10 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: 
     if cfg.task == "sft":
         if kind == "sample":
             out, dropped = select_sft(rows, cfg.select, problems)
+            if cfg.select.stream_of_search:
+                sos, why = stream_of_search(rows, problems, cfg.select.stream_of_search, cfg.prompt.format, cfg.seed)
+                out += sos
+                dropped.update({f"sos_{k}": v for k, v in why.items()})
             if cfg.select.corrections:
                 fixes, why = correction_pairs(rows, cfg.select.corrections, cfg.seed, cfg.select.dedup)
                 out += fixes
@@ -418,7 +474,8 @@ def read_examples(cfg: TrainConfig) -> Examples:
                              f"give rows of one kind")
         rows += extra_rows
     problems: dict[str, dict] = {}
-    if (cfg.task == "sft" and cfg.select.step_checks or cfg.task == "genrm") and kind == "sample":
+    if (cfg.task == "sft" and (cfg.select.step_checks or cfg.select.stream_of_search) or cfg.task == "genrm") \
+            and kind == "sample":
         from pipelines.runs import run_problems
 
         for src in (cfg.data, *cfg.extra_data):

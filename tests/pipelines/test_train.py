@@ -840,3 +840,27 @@ def test_genrm_verifier_trains_on_ray_train_and_scores_p_yes(tmp_path, ray_sessi
     no = [s for s, e in zip(p, verify) if e["verdict"] == "No"]
     assert all(0 < s < 1 for s in p)
     assert min(yes) > max(no)  # the training verdicts are separated (the prior leans Yes: 2 verified to 1 failed)
+
+
+def test_stream_of_search_rows_backtrack_at_the_first_wrong_step_and_end_on_a_verified_solution():
+    """One row per solved problem: failed attempts cut after their first wrong step (the step checks of a synthetic
+    problem: 3 + 4 = 7, then x 2 = 14) with a backtrack line, then the verified solution; without step checks a
+    failed attempt is kept whole and marked a dead end; a problem with no verified sample gives no row."""
+    from pipelines.train.data import BACKTRACK, DEAD_END, stream_of_search
+
+    prob = {"id": "a", "question": "Q", "answer": "14", "kind": "numeric", "source": "synthetic",
+            "quantities": [3.0, 4.0, 2.0], "ref_steps": ["3 + 4 = 7", "7 x 2 = 14"], "ref_values": [7.0, 14.0]}
+    good = "3 + 4 = 7\n7 x 2 = 14\nThe answer is 14."
+    rows = [sample("a", 0, good, True), sample("a", 1, "3 + 4 = 8\n8 x 2 = 16\nThe answer is 16.", False),
+            sample("b", 0, "1 + 1 = 2\nThe answer is 2.", True), sample("b", 1, "1 + 1 = 3\nThe answer is 3.", False),
+            sample("c", 0, "no", False)]
+    for r in rows:
+        r["steps"] = r["completion"].split("\n")
+    out, why = stream_of_search(rows, {"a": prob}, k=2)
+    by = {r["problem_id"]: r["completion"] for r in out}
+    assert by["a"] == f"3 + 4 = 8\n{BACKTRACK}\n{good}"  # cut after the wrong first step
+    assert by["b"] == f"1 + 1 = 3\nThe answer is 3.\n{DEAD_END}\n1 + 1 = 2\nThe answer is 2."  # no checks for b
+    assert why == {"problem_without_verified": 1}
+    from pipelines.verify import extract_answer
+
+    assert extract_answer(by["a"]).answer == "14"  # the row's answer is the verified solution's
