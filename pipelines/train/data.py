@@ -143,6 +143,33 @@ def select_sft(samples: Sequence[dict], cfg: SelectConfig, problems: dict[str, d
     return kept, why
 
 
+def _by_verdict(samples: Sequence[dict], why: dict[str, int], verified=lambda r: bool(r.get("correct"))
+                ) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Problem id -> (verified samples, failed samples); generation errors and empty samples are no evidence either
+    way and are counted in why["error_or_empty"]."""
+    by_problem: dict[str, tuple[list[dict], list[dict]]] = {}
+    for r in samples:
+        if r.get("error") or not str(r.get("completion") or "").strip():
+            why["error_or_empty"] = why.get("error_or_empty", 0) + 1
+            continue
+        good, bad = by_problem.setdefault(r["problem_id"], ([], []))
+        (good if verified(r) else bad).append(r)
+    return by_problem
+
+
+def _distinct(side: Sequence[dict], dedup: bool, why: dict[str, int]) -> list[dict]:
+    """The samples in sample-id order, without whitespace-normalised repeats when dedup (counted in why)."""
+    seen, kept = set(), []
+    for r in sorted(side, key=lambda r: r["sample_id"]):
+        norm = _norm_text(r["completion"])
+        if dedup and norm in seen:
+            why["duplicate"] = why.get("duplicate", 0) + 1
+            continue
+        seen.add(norm)
+        kept.append(r)
+    return kept
+
+
 def preference_pairs(samples: Sequence[dict], k: int, seed: int = 0, dedup: bool = True
                      ) -> tuple[list[dict], dict[str, int]]:
     """V-STaR's preference pairs: per problem, (verified, failed) pairs of its samples, at most k of them drawn
@@ -153,31 +180,13 @@ def preference_pairs(samples: Sequence[dict], k: int, seed: int = 0, dedup: bool
     import random
 
     why: dict[str, int] = {}
-    by_problem: dict[str, tuple[list[dict], list[dict]]] = {}
-    for r in samples:
-        if r.get("error") or not str(r.get("completion") or "").strip():
-            why["error_or_empty"] = why.get("error_or_empty", 0) + 1
-            continue
-        good, bad = by_problem.setdefault(r["problem_id"], ([], []))
-        (good if r.get("correct") else bad).append(r)
     out: list[dict] = []
-    for pid, (good, bad) in by_problem.items():
+    for pid, (good, bad) in _by_verdict(samples, why).items():
         if not good or not bad:
             key = "problem_without_verified" if not good else "problem_without_failed"
             why[key] = why.get(key, 0) + 1
             continue
-        uniq = []
-        for side in (good, bad):
-            seen, kept = set(), []
-            for r in sorted(side, key=lambda r: r["sample_id"]):
-                norm = _norm_text(r["completion"])
-                if dedup and norm in seen:
-                    why["duplicate"] = why.get("duplicate", 0) + 1
-                    continue
-                seen.add(norm)
-                kept.append(r)
-            uniq.append(kept)
-        pairs = [(g, b) for g in uniq[0] for b in uniq[1]]
+        pairs = [(g, b) for g in _distinct(good, dedup, why) for b in _distinct(bad, dedup, why)]
         random.Random(f"{seed}:{pid}").shuffle(pairs)
         why["over_k"] = why.get("over_k", 0) + max(0, len(pairs) - k)
         out += [{"problem_id": pid, "sample_id": f"{g['sample_id']}>{b['sample_id']}", "prompt": g["prompt"],
@@ -218,15 +227,9 @@ def stream_of_search(samples: Sequence[dict], problems: dict[str, dict], k: int,
     from pipelines.train.metrics import step_truth
 
     why: dict[str, int] = {}
-    by_problem: dict[str, tuple[list[dict], list[dict]]] = {}
-    for r in samples:
-        if r.get("error") or not str(r.get("completion") or "").strip():
-            why["error_or_empty"] = why.get("error_or_empty", 0) + 1
-            continue
-        good, bad = by_problem.setdefault(r["problem_id"], ([], []))
-        (good if r.get("correct") and r.get("finish_reason", "stop") == "stop" else bad).append(r)
     out: list[dict] = []
-    for pid, (good, bad) in by_problem.items():
+    finished = _by_verdict(samples, why, lambda r: bool(r.get("correct")) and r.get("finish_reason", "stop") == "stop")
+    for pid, (good, bad) in finished.items():
         if not good:
             why["problem_without_verified"] = why.get("problem_without_verified", 0) + 1
             continue
@@ -263,28 +266,14 @@ def genrm_examples(samples: Sequence[dict], problems: dict[str, dict], k: int, l
     import random
 
     why: dict[str, int] = {}
-    by_problem: dict[str, tuple[list[dict], list[dict]]] = {}
-    for r in samples:
-        if r.get("error") or not str(r.get("completion") or "").strip():
-            why["error_or_empty"] = why.get("error_or_empty", 0) + 1
-            continue
-        if r["problem_id"] not in problems:
-            why["problem_not_in_run"] = why.get("problem_not_in_run", 0) + 1
-            continue
-        good, bad = by_problem.setdefault(r["problem_id"], ([], []))
-        (good if r.get("correct") else bad).append(r)
     out: list[dict] = []
-    for pid, sides in by_problem.items():
+    for pid, sides in _by_verdict(samples, why).items():
+        if pid not in problems:
+            why["problem_not_in_run"] = why.get("problem_not_in_run", 0) + len(sides[0]) + len(sides[1])
+            continue
         rng = random.Random(f"{seed}:{pid}")
         for side, verdict in zip(sides, ("Yes", "No")):
-            seen, kept = set(), []
-            for r in sorted(side, key=lambda r: r["sample_id"]):
-                norm = _norm_text(r["completion"])
-                if dedup and norm in seen:
-                    why["duplicate"] = why.get("duplicate", 0) + 1
-                    continue
-                seen.add(norm)
-                kept.append(r)
+            kept = _distinct(side, dedup, why)
             rng.shuffle(kept)
             why["over_k"] = why.get("over_k", 0) + max(0, len(kept) - k)
             for r in kept[:k]:

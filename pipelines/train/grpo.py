@@ -48,7 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from pipelines.config import ConfigError, help_field
 from pipelines.generate import EngineConfig
@@ -283,14 +283,14 @@ def grpo_loop_per_worker(config: dict) -> None:
     import torch
     from ray.train import Checkpoint
     from ray.train.torch import prepare_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from pipelines import losses
     from pipelines.config import load_config
     from pipelines.prompts import render
     from pipelines.train.config import malloc_tuned
-    from pipelines.train.worker import (build_model, lr_factor, param_groups, plot_loss_curve, resolve_precision,
-                                        save_final_model, trainable_state)
+    from pipelines.train.worker import (build_model, frozen_model, lr_factor, param_groups, plot_loss_curve,
+                                        resolve_precision, restore_latest, save_final_model, trainable_state)
     from pipelines.votes import reduce_steps
 
     t_begin = time.time()
@@ -302,17 +302,9 @@ def grpo_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = build_model("sft", config["init"], cfg.model_config())
-    reference = None
-    if cfg.beta > 0:
-        reference = AutoModelForCausalLM.from_pretrained(config["reference"], dtype=torch.float32).eval()
-        reference.requires_grad_(False)
+    reference = frozen_model(config["reference"]) if cfg.beta > 0 else None  # beta = 0: no KL, no reference held
     save_dtype = getattr(torch, config.get("save_dtype") or "float32")
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"], strict=False)
+    state = restore_latest(model)
     model = prepare_model(model)
     device = ray.train.torch.get_device()
     if reference is not None:

@@ -126,6 +126,34 @@ def freeze_lower(backbone, n: int) -> None:
         block.requires_grad_(False)
 
 
+def frozen_model(path: str):
+    """A causal LM in fp32, in eval mode, with no parameter trained: a reference model (DPO's, GRPO's KL)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def restore_latest(model) -> dict | None:
+    """Inside a Ray Train worker: the state of the checkpoint Ray Train resumes from (None on a fresh run), its
+    trained parameters loaded into `model` (a checkpoint holding parameters the model lacks is refused)."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    missing = set(state["model"]) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise RuntimeError(f"checkpoint does not fit this model: unknown parameters {sorted(missing)[:5]}")
+    model.load_state_dict(state["model"], strict=False)
+    return state
+
+
 def resolve_precision(precision: str, device) -> str:
     """"bf16" or "fp32" for this worker's device (a torch.device): `auto` takes bf16 where the hardware computes it
     natively (`pipelines.models.bf16_native`). The one place the precision is decided, for GPU and CPU workers."""
@@ -234,23 +262,10 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = build_model(task, config["init"], cfg, meta=config.get("meta"))
-    reference = None
-    if task == "dpo":  # DPO's reference: the model training starts from, frozen (V-STaR: the SFT generator)
-        from transformers import AutoModelForCausalLM
-
-        reference = AutoModelForCausalLM.from_pretrained(config["init"], dtype=torch.float32).eval()
-        reference.requires_grad_(False)
+    # DPO's reference: the model training starts from, frozen (V-STaR: the SFT generator)
+    reference = frozen_model(config["init"]) if task == "dpo" else None
     save_dtype = getattr(torch, config.get("save_dtype") or "float32")
-
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        missing = set(state["model"]) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise RuntimeError(f"checkpoint does not fit this model: unknown parameters {sorted(missing)[:5]}")
-        model.load_state_dict(state["model"], strict=False)
+    state = restore_latest(model)
     torch.manual_seed(cfg.seed * 1000 + 1 + rank)  # LoRA dropout: different masks per rank, reproducible
     model = prepare_model(model)
     device = ray.train.torch.get_device()
