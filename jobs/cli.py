@@ -6,7 +6,7 @@
     stepray generate --problems synthetic --n 8    jobs/generate_samples.py
     stepray verify FILE.jsonl --kind math          jobs/verify_samples.py
     stepray annotate --samples DIR --method binary jobs/annotate_steps.py
-    stepray train sft|prm|orm --data DIR --base smollm2   jobs/train_model.py
+    stepray train sft|prm|orm|dpo|genrm --data DIR --base smollm2   jobs/train_model.py
     stepray rl --base runs/sft/model --steps 50    jobs/train_policy.py
     stepray evaluate --problems synthetic --model smollm2 --budgets 1,2,4   jobs/evaluate_search.py
     stepray serve --config configs/serve/cpu.yaml  jobs/serve_endpoint.py
@@ -28,7 +28,8 @@ COMMANDS = {
     "verify": ("jobs.verify_samples", "grade a jsonl of predictions: math, numeric or code (sandboxed)"),
     "annotate": ("jobs.annotate_steps", "label solution steps: Monte-Carlo rollouts (naive / first-error search, "
                                         "reuse, early stop) or a judge"),
-    "train": ("jobs.train_model", "Ray Train: the generator on verified samples (SFT), a PRM or an ORM; resumable"),
+    "train": ("jobs.train_model", "Ray Train: the generator on verified samples (SFT), a PRM, an ORM, a V-STaR (dpo) or "
+                                  "GenRM verifier; resumable"),
     "rl": ("jobs.train_policy", "online RL against the verifier (GRPO): vLLM samples, Ray Train updates, the "
                                 "engines get the new weights every step; resumable"),
     "evaluate": ("jobs.evaluate_search", "test-time search: accuracy against generated tokens per strategy and budget"),
