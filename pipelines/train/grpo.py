@@ -283,24 +283,19 @@ def grpo_loop_per_worker(config: dict) -> None:
     import torch
     from ray.train import Checkpoint
     from ray.train.torch import prepare_model
-    from transformers import AutoTokenizer
 
     from pipelines import losses
     from pipelines.config import load_config
     from pipelines.prompts import render
     from pipelines.train.config import malloc_tuned
     from pipelines.train.worker import (build_model, frozen_model, lr_factor, param_groups, plot_loss_curve,
-                                        resolve_precision, restore_latest, save_final_model, trainable_state)
+                                        resolve_precision, restore_latest, save_final_model, trainable_state,
+                                        worker_setup)
     from pipelines.votes import reduce_steps
 
     t_begin = time.time()
     cfg = load_config(GRPOConfig, base=config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rank, world, tokenizer, pad_id = worker_setup(cfg, config["tokenizer"])
     model = build_model("sft", config["init"], cfg.model_config())
     reference = frozen_model(config["reference"]) if cfg.beta > 0 else None  # beta = 0: no KL, no reference held
     save_dtype = getattr(torch, config.get("save_dtype") or "float32")

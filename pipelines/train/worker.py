@@ -126,6 +126,21 @@ def freeze_lower(backbone, n: int) -> None:
         block.requires_grad_(False)
 
 
+def worker_setup(cfg, tokenizer_path: str):
+    """What every training worker does first (the Ray Train loop's and GRPO's): its rank and world size, torch threads
+    (cfg.threads, else its CPUs) and seed, the tokenizer and its pad id. Returns (rank, world, tokenizer, pad_id)."""
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ctx.get_world_rank(), ctx.get_world_size(), tokenizer, pad_id
+
+
 def frozen_model(path: str):
     """A causal LM in fp32, in eval mode, with no parameter trained: a reference model (DPO's, GRPO's KL)."""
     import torch
@@ -248,19 +263,13 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     import ray.train.torch
     from ray.train.torch import prepare_model
-    from transformers import AutoTokenizer
 
     from pipelines.config import load_config
 
     t_begin = time.time()
     cfg = load_config(TrainConfig, base=config["cfg"])
     task = cfg.task
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rank, world, tokenizer, pad_id = worker_setup(cfg, config["tokenizer"])
     model = build_model(task, config["init"], cfg, meta=config.get("meta"))
     # DPO's reference: the model training starts from, frozen (V-STaR: the SFT generator)
     reference = frozen_model(config["init"]) if task == "dpo" else None
