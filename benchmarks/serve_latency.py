@@ -2,12 +2,13 @@
 
     python -m benchmarks.serve_latency [--model smollm2] [--prm PATH] [--requests 8] [--json out.json]
 
-One run, in order, on this machine:
-1. direct: the endpoint's engine class and settings as a plain actor (actors/start.engine_actor) and a PRMScorer
-   actor, `search_best_of_n` called from the driver over them for R questions, the PRM reading the same text the
-   endpoint gives it; median latency per request;
-2. endpoint: the Serve app (pipelines/serve.py: Generator, PRM, SearchIngress) on 127.0.0.1, the same R questions
-   as best-of-4 chat requests through the `openai` client; median latency; ratio endpoint / direct (goal <= 1.10);
+One run on this machine:
+1-2. side by side, both started at once: direct (the endpoint's engine class and settings as a plain actor,
+   actors/start.engine_actor, and a PRMScorer actor; `search_best_of_n` called from the driver over them, the PRM
+   reading the same text the endpoint gives it) and the endpoint (the Serve app, pipelines/serve.py: Generator,
+   PRM, SearchIngress, on 127.0.0.1, best-of-4 /v1/completions requests through the `openai` client). Each of R
+   questions goes to both in turn (ABBA order) with the same `seed`, so both sides generate the same tokens; the
+   ratio is endpoint time / direct time over the same requests (goal <= 1.10);
 3. load test (loopback only, bounded by request count and a time limit): greedy and best-of-4 at concurrency
    1, 2, 4, plus a share of malformed requests, reporting throughput, p50/p99 latency and the 4xx/5xx counts.
 Without --prm, an untrained reward head on the generator's backbone stands in as the PRM: the scores are
@@ -25,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 QUESTIONS = [
@@ -86,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     scfg = SearchConfig(max_tokens=args.max_tokens, fmt=pcfg.format, logprobs=0)
     ray_ = init_ray()
 
-    # 1. direct --------------------------------------------------------------------------------------------
-    # the endpoint's own engine class and settings (actors/start.engine_actor: AsyncVLLMGenerator for this
+    # Both sides run at once, and each question goes to both, one after the other (ABBA order, so that drift of
+    # the machine over the run falls on both), with the same sampling seed: the same tokens are generated on both
+    # sides, and the ratio is of the same work. Run one side after the other with free sampling, the ratio moved
+    # by +-0.5 between runs from the lengths of the samples and the first requests of a fresh engine alone.
+    # direct: the endpoint's own engine class and settings (actors/start.engine_actor: AsyncVLLMGenerator for this
     # EngineConfig, as the Generator deployment) and scorer (PRMScorer with one thread, as the PRM deployment)
-    gen = engine_actor(eng, model_path, "direct")
-    prm = ray.remote(num_cpus=0.5)(PRMScorer).remote(prm_path, threads=1)
+    # Ray's CPU reservations are halved on both sides so that the two apps fit on 2 logical CPUs at once; the
+    # threads (engine 2, PRM 1) are what they would be alone
+    gen = engine_actor(replace(eng, num_cpus=0.5), model_path, "direct")
+    prm = ray.remote(num_cpus=0.25)(PRMScorer).remote(prm_path, threads=1)
     ray.get([gen.ready.remote(), prm.ready.remote()])
-    generate = engine_generate(gen, scfg)
     meta = ray.get(prm.ready.remote())
     prm_cfg = PromptConfig(**meta["prompt"]) if meta.get("prompt") else pcfg
 
@@ -105,18 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         prompt = render(tok, q, "numeric", pcfg)
         return SearchProblem(prompt, render(tok, prompt, "numeric", prm_cfg))
 
-    direct, direct_tokens = [], []
-    search_best_of_n(problem(questions[0]), generate, score, 4, scfg)
-    for q in questions:
-        t0 = time.time()
-        r = search_best_of_n(problem(q), generate, score, 4, scfg)
-        direct.append(time.time() - t0)
-        direct_tokens.append(r.tokens_generated)
-    ray.kill(gen)
-    ray.kill(prm)
-    print(f"[bench] direct best-of-4: median {statistics.median(direct):.2f}s over {len(direct)} requests", flush=True)
+    def direct_bo4(q: str, seed: int):
+        return search_best_of_n(problem(q), engine_generate(gen, replace(scfg, seed=seed)), score, 4, scfg)
 
-    # 2. endpoint ------------------------------------------------------------------------------------------
+    # endpoint: the Serve app (Generator, PRM, SearchIngress) over HTTP
     from openai import OpenAI
     from ray import serve
 
@@ -127,29 +125,40 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build_app({"engine": {"model": eng.model, "max_model_len": eng.max_model_len, "threads": eng.threads},
                          "prm": prm_path,
                          "max_tokens": args.max_tokens, "max_total_tokens": 4 * args.max_tokens,
-                         "search": {"max_tokens": args.max_tokens, "logprobs": 0}}),
+                         "search": {"max_tokens": args.max_tokens, "logprobs": 0},
+                         "deployments": {"Generator": {"ray_actor_options": {"num_cpus": 0.5}},
+                                         "PRM": {"ray_actor_options": {"num_cpus": 0.25}}}}),
               name="bench", route_prefix="/")
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
 
-    def bo4(q: str):
+    def bo4(q: str, seed: int | None = None):
         # /v1/completions with the very prompt the direct side used: the same work on both sides (a chat request
         # would get the chat template without the system prompt and few-shot turn, and longer answers)
         return client.completions.create(
-            model="stepray", prompt=render(tok, q, "numeric", pcfg), max_tokens=args.max_tokens,
+            model="stepray", prompt=render(tok, q, "numeric", pcfg), max_tokens=args.max_tokens, seed=seed,
             extra_body={"search": {"strategy": "best_of_n", "n": 4}})
 
-    def greedy(q: str):
-        return client.chat.completions.create(model="stepray", messages=[{"role": "user", "content": q}],
-                                              max_tokens=args.max_tokens)
-
-    bo4(questions[0])  # warm-up, as on the direct side
-    endpoint, endpoint_tokens = [], []
-    for q in questions:
-        t0 = time.time()
-        r = bo4(q)
-        endpoint.append(time.time() - t0)
-        endpoint_tokens.append(r.usage.completion_tokens)
-    print(f"[bench] endpoint best-of-4: median {statistics.median(endpoint):.2f}s", flush=True)
+    for i in range(2):  # warm-up: the first requests of a fresh engine run new shapes
+        direct_bo4(questions[i % len(questions)], 10 + i)
+        bo4(questions[i % len(questions)], 10 + i)
+    direct, direct_tokens, endpoint, endpoint_tokens = [], [], [], []
+    for i, q in enumerate(questions):
+        seed = 1000 * (i + 1)
+        for side in (("d", "e") if i % 2 == 0 else ("e", "d")):
+            t0 = time.time()
+            if side == "d":
+                r = direct_bo4(q, seed)
+                direct.append(time.time() - t0)
+                direct_tokens.append(r.tokens_generated)
+            else:
+                r = bo4(q, seed)
+                endpoint.append(time.time() - t0)
+                endpoint_tokens.append(r.usage.completion_tokens)
+    ray.kill(gen)
+    ray.kill(prm)
+    print(f"[bench] best-of-4 over {len(direct)} requests: direct median {statistics.median(direct):.2f}s, "
+          f"endpoint median {statistics.median(endpoint):.2f}s; tokens equal on {sum(a == b for a, b in zip(direct_tokens, endpoint_tokens))}"
+          f" of {len(direct)}", flush=True)
 
     # 3. load test -----------------------------------------------------------------------------------------
     import httpx
@@ -194,11 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         "direct_mean_tokens": statistics.mean(direct_tokens), "endpoint_mean_tokens": statistics.mean(endpoint_tokens),
         "load": load,
     }
-    result["ratio"] = result["endpoint_median_s"] / result["direct_median_s"]
+    # the ratio of total time over the same requests (the medians of two skewed sets can pair different requests)
+    result["ratio"] = sum(endpoint) / sum(direct)
+    result["per_request_ratio_median"] = statistics.median(e / d for e, d in zip(endpoint, direct))
+    result["direct_s"], result["endpoint_s"] = [round(x, 3) for x in direct], [round(x, 3) for x in endpoint]
+    result["tokens_equal"] = sum(a == b for a, b in zip(direct_tokens, endpoint_tokens))
     print(json.dumps(result, indent=1))
-    print(f"\nbest-of-4 latency: endpoint {result['endpoint_median_s']:.2f}s vs direct {result['direct_median_s']:.2f}s "
-          f"= {result['ratio']:.2f}x (goal <= 1.10); tokens/request {result['endpoint_mean_tokens']:.0f} vs "
-          f"{result['direct_mean_tokens']:.0f}")
+    print(f"\nbest-of-4 latency: endpoint {sum(endpoint):.1f}s vs direct {sum(direct):.1f}s over the same "
+          f"{len(direct)} requests = {result['ratio']:.2f}x (goal <= 1.10; per request, median "
+          f"{result['per_request_ratio_median']:.2f}x); medians {result['endpoint_median_s']:.2f}s vs "
+          f"{result['direct_median_s']:.2f}s; tokens/request {result['endpoint_mean_tokens']:.0f} vs "
+          f"{result['direct_mean_tokens']:.0f} (equal on {result['tokens_equal']} of {len(direct)})")
     print(f"{'kind':<11}{'conc':>5}{'ok':>5}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}{'4xx':>5}{'5xx':>5}")
     for c in load:
         print(f"{c['kind']:<11}{c['concurrency']:>5}{c['ok']:>5}{c['rps']:>8.2f}{c['p50_s']:>8.2f}{c['p99_s']:>8.2f}"

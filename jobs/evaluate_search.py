@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from actors.start import actor_options, engine_actor, wait_ready
 from pipelines import config as C
 from pipelines import inputs
 from pipelines.config import InputError
-from pipelines.evaluate import VERIFIERS, EvalConfig, accuracy_table, evaluate, format_table, start_scorers, write_outputs
+from pipelines.evaluate import (VERIFIERS, EvalConfig, accuracy_table, engine_threads, evaluate, format_table,
+                                start_scorers, write_outputs)
 from pipelines.models import load_path
 from pipelines.problems import load_problems, write_rejects
 from pipelines.runs import write_problems
@@ -92,6 +94,11 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
 
     ray = init_ray()
     eng = cfg.engine
+    threads, why = engine_threads(cfg, int(ray.cluster_resources().get("CPU", 0)),
+                                  sum(1 for n in ray.nodes() if n.get("Alive")))
+    if why:
+        log(f"[evaluate] {why}")
+        eng = replace(eng, threads=threads)
     engines = [engine_actor(eng, model_path, eng.model) for _ in range(eng.max_engines)]
     actors = list(engines)
     try:
@@ -115,7 +122,7 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
     title = (f"{eng.model} on {cfg.problems} ({len(problems)} problems); scorer: "
              f"{names.get('prm') or names.get('orm') or 'confidence'}")
     paths = write_outputs(out, records, failed, rows, title)
-    summary = {"problems": len(problems), "rejected_problems": len(rejects), **facts,
+    summary = {"problems": len(problems), "rejected_problems": len(rejects), **facts, "engine_threads": eng.threads,
                "scorer_fallback": not any(getattr(cfg, k) for k in VERIFIERS), "table": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log("\n" + format_table(rows))

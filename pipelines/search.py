@@ -117,6 +117,7 @@ def engine_generate(engine, cfg: SearchConfig) -> Callable[..., list[list[Comple
     """
     remote = hasattr(getattr(engine, "generate", None), "remote")
     sep = separator(cfg.fmt)
+    calls = [0]  # sampled engine calls made so far (a seeded search's k-th call samples from seed + 1000 k)
 
     def generate(prefixes: list[str], n: int, stop_at_step: bool, max_tokens: int,
                  greedy: bool = False) -> list[list[Completion]]:
@@ -124,6 +125,10 @@ def engine_generate(engine, cfg: SearchConfig) -> Callable[..., list[list[Comple
                                   "top_p": 1.0 if greedy else cfg.top_p}
         if cfg.logprobs:
             params["logprobs"] = cfg.logprobs
+        if cfg.seed is not None and not greedy:
+            # vLLM gives the i-th of n samples seed + i; spacing calls by 1,000 keeps every sample's seed distinct
+            params["seed"] = cfg.seed + 1000 * calls[0]
+            calls[0] += 1
         if stop_at_step:
             params.update(stop=[sep], include_stop_str_in_output=True)
         if remote:

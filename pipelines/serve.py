@@ -124,12 +124,14 @@ class Message(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use (user, seed, ...)
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use (user, ...)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, description="sampling seed: the same request on the same engine samples "
+                                                     "the same candidates")
     n: int = Field(1, ge=1, le=1, description="one choice per request; ask for more compute with search.n")
     stream: bool = False
     search: SearchParams | None = None
@@ -280,6 +282,8 @@ class SearchIngress:
             s = replace(s, temperature=body.temperature)
         if body.top_p is not None:
             s = replace(s, top_p=body.top_p)
+        if body.seed is not None:
+            s = replace(s, seed=body.seed)
         if search.max_steps is not None:
             s = replace(s, max_steps=search.max_steps)
         if search.beam_width is not None:

@@ -10,8 +10,8 @@ import pytest
 
 from pipelines import schema
 from pipelines.config import ConfigError, load_config
-from pipelines.evaluate import (EvalConfig, accuracy_table, evaluate, format_table, make_tasks, parse_strategy,
-                                plot_accuracy)
+from pipelines.evaluate import (EvalConfig, accuracy_table, engine_threads, evaluate, format_table, make_tasks,
+                                parse_strategy, plot_accuracy)
 from pipelines.evaluate_batching import CallBatcher, SharedSamples, SharedScores
 from pipelines.search import Completion
 
@@ -64,6 +64,23 @@ def test_searches_in_flight_default_covers_whole_problems():
     assert load_config(EvalConfig, overrides=["tasks_in_flight=5"]).searches_in_flight(14, 2) == 5
     with pytest.raises(ConfigError, match="problems_in_flight"):
         load_config(EvalConfig, overrides=["problems_in_flight=0"])
+
+
+@pytest.mark.parametrize("overrides, cpus, nodes, expected", [
+    (["prm=/p"], 2, 1, 1),                                   # 2 engine + 1 PRM thread on 2 cores: the engine gives one
+    (["prm=/p", "orm=/o"], 4, 1, 2),                         # two scorers, 4 cores: 2 left for the engine
+    (["prm=/p"], 8, 1, 2),                                   # room for both: engine.threads kept
+    ([], 2, 1, 2),                                           # no scorer process
+    (["prm=/p"], 2, 2, 2),                                   # several nodes: Ray may place them apart
+    (["prm=/p", "engine.num_gpus=1"], 2, 1, 2),              # a GPU engine
+    (["prm=/p", "share_cores=false"], 2, 1, 2),
+    (["prm=/p", "scorer_threads=2"], 2, 1, 1),               # never below one thread
+    (["prm=/p", "engine.max_engines=2", "engine.threads=2"], 6, 1, 2),
+])
+def test_engine_threads_leave_the_cpu_scorers_their_cores(overrides, cpus, nodes, expected):
+    cfg = load_config(EvalConfig, overrides=overrides)
+    threads, why = engine_threads(cfg, cpus, nodes)
+    assert threads == expected and bool(why) == (threads != cfg.engine.threads)
 
 
 def _members_call(batcher, n, kind="generate"):

@@ -333,6 +333,14 @@ def test_engine_adapter_sampling_params_and_token_counts():
                              "stop": ["\n\n"], "include_stop_str_in_output": True}
     gen(["p"], 1, False, 8, greedy=True)
     assert eng.params[1]["temperature"] == 0.0 and "stop" not in eng.params[1]
+    assert "seed" not in eng.params[0]  # unseeded: the engine's own random state
+    # seeded: each sampled call of the search draws from its own seed (vLLM adds the sample index within a call)
+    eng = ScriptedEngine()
+    gen = engine_generate(eng, SearchConfig(seed=7))
+    gen(["p"], 4, False, 8)
+    gen(["p"], 1, False, 8, greedy=True)
+    gen(["p"], 2, True, 8)
+    assert [p.get("seed") for p in eng.params] == [7, None, 1007]
 
 
 # ------------------------------------------------------------------------------------ the real engine (tiny)

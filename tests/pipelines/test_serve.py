@@ -117,6 +117,12 @@ def test_completions_endpoint(client):
                                      extra_body={"search": {"strategy": "majority", "n": 2}})
     assert resp.object == "text_completion" and isinstance(resp.choices[0].text, str)
     assert resp.usage.completion_tokens == resp.search["tokens_generated"] > 0
+    # OpenAI's `seed`: the same seeded request samples the same candidates (what the latency benchmark relies on)
+    seeded = [client.completions.create(model="tiny", prompt="2 + 2 =", max_tokens=8, seed=seed, temperature=1.0,
+                                        extra_body={"search": {"strategy": "majority", "n": 3}})
+              for seed in (5, 5, 6)]
+    texts = [r.choices[0].text for r in seeded]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
 
 
 @pytest.mark.slow
