@@ -18,6 +18,8 @@ API (works with the official `openai` client):
   `search`: {strategy, budget, answer, steps, step_scores, score, tokens_generated, tokens_scored, candidates}.
   usage.completion_tokens counts every token the search generated (the compute the request spent); the chosen
   solution's own length is search.chosen_tokens.
+  `seed` (OpenAI's field) seeds the search's sampling: the same request on the same engine samples the same
+  candidates.
 - `stream: true` streams server-sent events for the plain greedy strategy.
 - GET /v1/models, GET /health.
 Errors are OpenAI-style JSON {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON, unknown or
