@@ -864,3 +864,74 @@ def test_stream_of_search_rows_backtrack_at_the_first_wrong_step_and_end_on_a_ve
     from pipelines.verify import extract_answer
 
     assert extract_answer(by["a"]).answer == "14"  # the row's answer is the verified solution's
+
+
+def _mean_logprob(model_path: str, prompts: list[str], targets: list[str]) -> float:
+    """Mean token log-probability of each target after its prompt, averaged over the rows (transformers, fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    means = []
+    with torch.inference_mode():
+        for p, t in zip(prompts, targets):
+            n = len(tok.encode(p, add_special_tokens=False))
+            ids = torch.tensor([tok.encode(p + t, add_special_tokens=False)])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            means.append(logp[torch.arange(n - 1, ids.shape[1] - 1), ids[0, n:]].mean().item())
+    return sum(means) / len(means)
+
+
+@pytest.mark.slow
+def test_reviser_and_stream_of_search_train_through_ray_train_and_the_model_runs_revise(tmp_path, ray_session,
+                                                                                       tiny_model):
+    """Learning to correct and stream of search end to end on the tiny model: SFT (Ray Train, 1 worker) on a
+    generate run's samples with select.corrections and select.stream_of_search; both kinds of rows are in the
+    training data, the model learns them (the verified solution after a failed attempt and the revise cue, and the
+    linearised search, are likelier than under the base model), and the trained model runs the `revise` strategy
+    on the real vLLM engine: each attempt after the first is generated from the previous attempt and the cue."""
+    import ray
+
+    from actors.vllm_generator import VLLMGenerator
+    from jobs.train_model import run
+    from pipelines.search import SearchConfig, SearchProblem, engine_generate, search_revise
+    from pipelines.search_ledger import REVISE_CUE
+    from pipelines.train.data import DEAD_END
+
+    data = _genrm_run(tmp_path, 8)
+    cfg = cfg_for("sft", data, tmp_path / "reviser", base=tiny_model, lr=2e-3, batch_size=8, epochs=3,
+                  num_workers=1, cpus_per_worker=1, checkpoint_every=100, log_every=1, mlflow=False,
+                  select={"k": 1, "corrections": 1, "stream_of_search": 1})
+    train = T.read_examples(cfg).train
+    fixes = [e for e in train if e["prompt"].endswith(f"\n{REVISE_CUE}\n")]
+    searches = [e for e in train if DEAD_END in e["completion"]]
+    assert len(fixes) == 8 and len(searches) == 8  # one of each per problem (each has a failed and a verified)
+    assert run(cfg) == 0
+    summary = json.loads((tmp_path / "reviser" / "summary.json").read_text())
+    assert summary["train"]["final_loss"] < summary["train"]["first_loss"]
+    model = str(tmp_path / "reviser" / "model")
+    for rows in (fixes, searches):
+        prompts, targets = [e["prompt"] for e in rows], [e["completion"] for e in rows]
+        assert _mean_logprob(model, prompts, targets) > _mean_logprob(tiny_model, prompts, targets) + 1.0
+
+    engine = ray.remote(num_cpus=1)(VLLMGenerator).remote(model, {"max_model_len": 512,
+                                                                  "gpu_memory_utilization": 0.05}, {}, 1, "reviser")
+    try:
+        seen = []
+
+        class Recorder:  # the engine actor, with each call's prompts kept
+            def generate(self, prompts, sampling):
+                seen.append(list(prompts))
+                return ray.get(engine.generate.remote(prompts, sampling))
+
+        scfg = SearchConfig(max_tokens=16, temperature=0.7, seed=0)
+        plain = next(e for e in train if e not in fixes and e not in searches)  # a generator prompt
+        problem = SearchProblem(plain["prompt"], "What is 3 + 4?", "numeric")
+        never_satisfied = lambda ps, steps: [[0.0] * len(s) for s in steps]  # noqa: E731
+        result = search_revise(problem, engine_generate(Recorder(), scfg), never_satisfied, 3, scfg)
+    finally:
+        ray.kill(engine)
+    assert result.tokens_generated > 0 and len(seen) == 3
+    assert seen[0] == [problem.prompt]
+    assert all(p[0].startswith(problem.prompt) and p[0].endswith(f"\n{REVISE_CUE}\n") for p in seen[1:])
