@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 endpoint_tokens.append(r.usage.completion_tokens)
     ray.kill(gen)
     ray.kill(prm)
+    tokens_equal = sum(a == b for a, b in zip(direct_tokens, endpoint_tokens))
     print(f"[bench] best-of-4 over {len(direct)} requests: direct median {statistics.median(direct):.2f}s, "
-          f"endpoint median {statistics.median(endpoint):.2f}s; tokens equal on {sum(a == b for a, b in zip(direct_tokens, endpoint_tokens))}"
-          f" of {len(direct)}", flush=True)
+          f"endpoint median {statistics.median(endpoint):.2f}s; tokens equal on {tokens_equal} of {len(direct)}",
+          flush=True)
 
     # 3. load test -----------------------------------------------------------------------------------------
     import httpx
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     result["ratio"] = sum(endpoint) / sum(direct)
     result["per_request_ratio_median"] = statistics.median(e / d for e, d in zip(endpoint, direct))
     result["direct_s"], result["endpoint_s"] = [round(x, 3) for x in direct], [round(x, 3) for x in endpoint]
-    result["tokens_equal"] = sum(a == b for a, b in zip(direct_tokens, endpoint_tokens))
+    result["tokens_equal"] = tokens_equal
     print(json.dumps(result, indent=1))
     print(f"\nbest-of-4 latency: endpoint {sum(endpoint):.1f}s vs direct {sum(direct):.1f}s over the same "
           f"{len(direct)} requests = {result['ratio']:.2f}x (goal <= 1.10; per request, median "

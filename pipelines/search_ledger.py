@@ -51,8 +51,8 @@ class SearchConfig:
     fmt: str = help_field("lines", "step layout of the prompt (prompts.FORMATS): sets the separator and step split")
     temperature: float = help_field(0.7, "sampling temperature of every sampled sequence (greedy uses 0)")
     top_p: float = help_field(1.0, "nucleus sampling")
-    seed: int | None = help_field(None, "sampling seed: the k-th engine call of a search samples with seed + k, so "
-                                        "a search is reproducible on one engine (the endpoint's `seed` field); "
+    seed: int | None = help_field(None, "sampling seed: the k-th sampled engine call of a search uses seed + 1000 k, "
+                                        "so a search is reproducible on one engine (the endpoint's `seed` field); "
                                         "None = the engine's own random state")
     logprobs: int = help_field(5, "top-k logprobs per token (Marco-o1 confidence, MCTS priors); 0 = none")
     max_tokens: int = help_field(256, "most generated tokens of one solution (step searches check it per step)")

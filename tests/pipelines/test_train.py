@@ -871,15 +871,17 @@ def _mean_logprob(model_path: str, prompts: list[str], targets: list[str]) -> fl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipelines.losses import token_logps
+
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     means = []
     with torch.inference_mode():
         for p, t in zip(prompts, targets):
-            n = len(tok.encode(p, add_special_tokens=False))
             ids = torch.tensor([tok.encode(p + t, add_special_tokens=False)])
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-            means.append(logp[torch.arange(n - 1, ids.shape[1] - 1), ids[0, n:]].mean().item())
+            mask = torch.zeros_like(ids)
+            mask[0, len(tok.encode(p, add_special_tokens=False)):] = 1  # the target's tokens
+            means.append((token_logps(model(ids).logits, ids, mask).sum() / mask.sum()).item())
     return sum(means) / len(means)
 
 
