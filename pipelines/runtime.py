@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -41,9 +42,47 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # address="local": always a fresh local cluster, never a stray one left by `ray start` on this machine
+        clear_stale_ray_address()
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  logging_level="WARNING" if quiet else "INFO", **kwargs)
     return ray
+
+
+def ray_address_file() -> Path:
+    """Where `ray start` records the address of the machine's current cluster (Ray's default temp dir)."""
+    try:
+        from ray._common.utils import get_ray_address_file  # Ray's own rule (RAY_TMPDIR, platform temp dir)
+
+        return Path(get_ray_address_file(None))
+    except ImportError:  # moved in another Ray version: the documented default
+        return Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
+
+
+def clear_stale_ray_address(log=print) -> bool:
+    """Remove the address file of a `ray start` cluster that no longer runs (killed, not `ray stop`ped); True if
+    removed.
+
+    Why: Ray Train's placement-group cleaner (a detached actor of every `fit`) asks Ray's state API whether the
+    controller is alive, and that API finds its cluster through this file before anything else. A dead address
+    there makes each query wait for a GCS that never answers, and every training run then waits 12 s at its end
+    for the cleaner to stop (measured: 46 s instead of 33 s for a two-step PRM run). `ray stop` removes the file;
+    a cluster whose processes were killed leaves it behind. Removed only when the connection is refused: a live
+    cluster, or a host that does not answer in time, keeps its file."""
+    path = ray_address_file()
+    try:
+        host, port = path.read_text().strip().rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return False  # something answers there: a live cluster
+    except (ConnectionRefusedError, ValueError):
+        pass  # nothing listens there (or the file is not an address): the cluster is gone
+    except OSError:
+        return False  # no file, or a host that does not answer in time: not ours to judge
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    log(f"[ray] removed {path}: it named a Ray cluster that no longer runs (a killed `ray start`)")
+    return True
 
 
 def cli_main(prog: str):

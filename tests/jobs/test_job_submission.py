@@ -72,6 +72,11 @@ def head(tmp_path_factory):
         pass
     proc.wait(timeout=30)
     log.close()
+    # `ray start` wrote the head's address to Ray's address file and a killed head cannot remove it: left behind,
+    # it would make every later Ray Train run on this machine wait 12 s (pipelines.runtime.clear_stale_ray_address)
+    from pipelines.runtime import clear_stale_ray_address
+
+    clear_stale_ray_address()
 
 
 def _submit(client, **kwargs) -> str:
