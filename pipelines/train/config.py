@@ -149,6 +149,10 @@ class TrainConfig:
                                            "verification examples (each side; balances the verdicts)")
     genrm_lambda: float = help_field(1.0, "GenRM: weight of SFT on the verified solutions beside the verification "
                                           "loss (the unified objective; 0 = verification only)")
+    genrm_cot: bool = help_field(False, "GenRM-CoT: the verifier writes a verification rationale (each step's "
+                                        "arithmetic rechecked, the final answer) before 'Verdict: Yes|No'; scored "
+                                        "by sampling rationales on vLLM and averaging p(Yes) over them "
+                                        "(pipelines.train.data.genrm_rationale, actors/genrm_scorer.py)")
     lr: float = help_field(2e-5, "peak learning rate (AdamW)")
     head_lr: float = help_field(0.0, "PRM/ORM: peak learning rate of the fresh scalar head (0 = lr); see "
                                 "`param_groups`")

@@ -255,13 +255,51 @@ def stream_of_search(samples: Sequence[dict], problems: dict[str, dict], k: int,
     return out, {k_: v for k_, v in why.items() if v}
 
 
+GENRM_VERDICT = "Verdict:"  # GenRM-CoT: the rationale ends here and the next token is the verdict
+GENRM_MAX_STEPS = 12  # a rationale checks at most this many steps (then says how many it left out)
+
+
+def genrm_rationale(problem: dict, sample: dict, fmt: str = "lines") -> str:
+    """GenRM-CoT's verification rationale for one graded sample, the text the verifier learns to write before its
+    verdict: each step's arithmetic claims recomputed (`verify.find_claims`), the step judged right or wrong, and
+    the solution's final answer, ending with GENRM_VERDICT.
+
+    A step is judged on a synthetic problem by the step checks (`metrics.step_truth`, the process ground truth:
+    false arithmetic, an operand the problem does not have, a wrong final step), elsewhere by its claims alone (a
+    claim that does not hold); the rationale stops at the first wrong step. The paper (Zhang et al., GenRM-CoT) samples rationales from a
+    stronger model given the reference and keeps those whose verdict is right; with no stronger model here, the
+    rationales are written from the checks, and the verdict is always the grader's. At scoring time the verifier
+    writes its own rationale without the reference (`actors/genrm_scorer.py`)."""
+    from pipelines.prompts import split_steps
+    from pipelines.train.metrics import step_truth
+    from pipelines.verify import find_claims
+
+    steps = [s for s in (sample.get("steps") or split_steps(sample["completion"], fmt)) if str(s).strip()]
+    answer = str(sample.get("answer") or "").strip()
+    truth = step_truth(problem, steps, bool(sample.get("correct")), answer) if problem.get("quantities") else None
+    lines = []
+    for i, step in enumerate(steps[:GENRM_MAX_STEPS]):
+        claims = find_claims(step)
+        ok = truth[i] if truth is not None else all(h for _, h in claims)
+        said = "; ".join(f"{c} {'holds' if h else 'is false'}" for c, h in claims)
+        lines.append(f"Step {i + 1}: {said + ', ' if said else ''}{'right' if ok else 'wrong'}.")
+        if not ok:  # judged up to the first wrong step: what follows rests on it
+            break
+    else:
+        if len(steps) > GENRM_MAX_STEPS:
+            lines.append(f"({len(steps) - GENRM_MAX_STEPS} more steps not checked.)")
+    lines.append(f"The final answer is {answer}." if answer else "The solution gives no final answer.")
+    return "\n".join(lines) + "\n" + GENRM_VERDICT
+
+
 def genrm_examples(samples: Sequence[dict], problems: dict[str, dict], k: int, lam: float, seed: int = 0,
-                   dedup: bool = True) -> tuple[list[dict], dict[str, int]]:
+                   dedup: bool = True, cot: bool = False, fmt: str = "lines") -> tuple[list[dict], dict[str, int]]:
     """GenRM's training examples from graded samples (the unified objective of Zhang et al.: verification SFT plus
     lambda x SFT on correct solutions). Per problem, at most k verified and k failed distinct samples (drawn with
     random.Random(f"{seed}:{problem}")) each become a verification example {question, solution, verdict "Yes"/"No"};
     with lam > 0 every kept verified sample is also a solution example {prompt, completion} of weight lam. The
-    question comes from the run's problems (`problems`, by id). Generation errors and empty samples are no
+    question comes from the run's problems (`problems`, by id). With `cot`, a verification example also carries
+    the rationale its verdict follows (`genrm_rationale`: GenRM-CoT). Generation errors and empty samples are no
     evidence and are left out. Returns (examples, counts of what was left out, by reason)."""
     import random
 
@@ -277,8 +315,11 @@ def genrm_examples(samples: Sequence[dict], problems: dict[str, dict], k: int, l
             rng.shuffle(kept)
             why["over_k"] = why.get("over_k", 0) + max(0, len(kept) - k)
             for r in kept[:k]:
-                out.append({"problem_id": pid, "sample_id": r["sample_id"], "question": problems[pid]["question"],
-                            "solution": r["completion"], "verdict": verdict, "weight": 1.0})
+                ex = {"problem_id": pid, "sample_id": r["sample_id"], "question": problems[pid]["question"],
+                      "solution": r["completion"], "verdict": verdict, "weight": 1.0}
+                if cot:
+                    ex["rationale"] = genrm_rationale(problems[pid], r, fmt)
+                out.append(ex)
                 if verdict == "Yes" and lam > 0:
                     out.append({"problem_id": pid, "sample_id": f"{r['sample_id']}/sft", "prompt": r["prompt"],
                                 "completion": r["completion"], "weight": lam})
@@ -402,7 +443,7 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: 
             raise InputError(f"training data {cfg.data}: GenRM needs each sample's question, read from its run's "
                              f"problems.parquet or config.json; give the folder of a `stepray generate` run")
         out, dropped = genrm_examples(rows, problems, cfg.genrm_per_problem, cfg.genrm_lambda, cfg.seed,
-                                      cfg.select.dedup)
+                                      cfg.select.dedup, cfg.genrm_cot, cfg.prompt.format)
     elif cfg.task == "orm":
         seen: set[tuple[str, str]] = set()
         for r in rows:
@@ -478,15 +519,17 @@ def read_examples(cfg: TrainConfig) -> Examples:
 
 GENRM_SYSTEM = "You check solutions to math word problems. Answer Yes if the solution's final answer is correct, else No."
 GENRM_QUESTION = "Is the answer correct? Answer Yes or No."
+GENRM_QUESTION_COT = f"Check the solution step by step, then answer whether it is correct: {GENRM_VERDICT} Yes or No."
 
 
-def genrm_prompt(tokenizer, question: str, solution: str) -> str:
-    """GenRM's verification prompt (chat template): the problem, the proposed solution, and GENRM_QUESTION; the
-    assistant's next token is the verdict. The same text in training (`tokenize_examples`) and scoring
+def genrm_prompt(tokenizer, question: str, solution: str, cot: bool = False) -> str:
+    """GenRM's verification prompt (chat template): the problem, the proposed solution, and GENRM_QUESTION (the
+    assistant's next token is the verdict) or, for GenRM-CoT, GENRM_QUESTION_COT (the assistant writes a rationale,
+    then GENRM_VERDICT and the verdict). The same text in training (`tokenize_examples`) and scoring
     (`actors/genrm_scorer.py`)."""
     msgs = [{"role": "system", "content": GENRM_SYSTEM},
             {"role": "user", "content": f"Problem: {question}\n\nProposed solution:\n{solution.strip()}\n\n"
-                                        f"{GENRM_QUESTION}"}]
+                                        f"{GENRM_QUESTION_COT if cot else GENRM_QUESTION}"}]
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
@@ -520,6 +563,20 @@ def tokenize_examples(task: str, examples: Sequence[dict], tokenizer, cfg: Train
             # verification rows: the verdict's tokens; solution rows: the solution's. Each row's weight is spread
             # over its target tokens, so the token-mean SFT loss weighs rows, not tokens: L_verify + lambda L_SFT
             # (a one-word verdict would otherwise count for 2 tokens against a solution's ~60)
+            if "rationale" in e:
+                # GenRM-CoT: two rows of half the weight each, the chain (rationale, GENRM_VERDICT, verdict) and the
+                # verdict alone after the rationale. In the chain's token mean the one verdict token weighs 1/30
+                # of the row, and the tiny model then learned the rationale's form but not the verdict it implies
+                # (p(Yes) 0.87 after rationales of verified and of failed solutions alike)
+                prompt = genrm_prompt(tokenizer, e["question"], e["solution"], cot=True)
+                encs = [encode_sft(tokenizer, prompt, f"{e['rationale']} {e['verdict']}", cfg.max_len),
+                        encode_sft(tokenizer, prompt + e["rationale"], f" {e['verdict']}", cfg.max_len)]
+                if None in encs or max(len(ids) for ids, _ in encs) >= cfg.max_len:  # cut rows lose their verdict
+                    rejects.append({"row": e["sample_id"], "reason": f"prompt_too_long: max_len={cfg.max_len}"})
+                    continue
+                rows += [{"input_ids": ids, "n_prompt": n, "weight": row["weight"] / 2 / max(1, len(ids) - n)}
+                         for ids, n in encs]
+                continue
             if "verdict" in e:
                 enc = encode_sft(tokenizer, genrm_prompt(tokenizer, e["question"], e["solution"]), e["verdict"],
                                  cfg.max_len)

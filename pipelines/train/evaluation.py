@@ -287,16 +287,32 @@ def evaluate_dpo(cfg: TrainConfig, init_path: str, model_path: str, examples, lo
 
 def evaluate_genrm(cfg: TrainConfig, init_path: str, model_path: str, examples, log) -> dict:
     """The GenRM verifier on held-out problems' solutions: AUC of p(Yes) against the verdicts, and the accuracy of
-    p(Yes) >= 0.5."""
+    p(Yes) >= 0.5 (GenRM-CoT: p(Yes) averaged over sampled rationales)."""
     from actors.genrm_scorer import GenerativeVerifierScorer
+    from actors.vstar_scorer import VERIFIER_FILE
 
     held = [e for e in examples.holdout if "verdict" in e]
     if not held:
         log("[eval genrm] no held-out solutions (eval.holdout_fraction is 0 or too small): skipped")
         return {"skipped": "no held-out solutions"}
-    scorer = GenerativeVerifierScorer(model_path, batch_size=cfg.eval.batch_size, max_len=cfg.eval.max_len,
-                                      threads=int(cfg.cpus_per_worker) or 1)
-    scores = scorer.score_outcome([e["question"] for e in held], [e["solution"] for e in held])
+    questions, solutions = [e["question"] for e in held], [e["solution"] for e in held]
+    if json.loads((Path(model_path) / VERIFIER_FILE).read_text()).get("cot"):
+        # GenRM-CoT samples rationales on a vLLM engine: a scorer actor with the evaluation engine's resources
+        # (a GPU where the config gives one), not this driver
+        import ray
+
+        from actors.start import scorer_actor
+
+        eng = cfg.eval.engine
+        handle, _ = scorer_actor(model_path, "genrm", eng.num_cpus, eng.num_gpus, eng.threads)
+        try:
+            scores = ray.get(handle.score_outcome.remote(questions, solutions))
+        finally:
+            ray.kill(handle)
+    else:
+        scorer = GenerativeVerifierScorer(model_path, batch_size=cfg.eval.batch_size, max_len=cfg.eval.max_len,
+                                          threads=int(cfg.cpus_per_worker) or 1)
+        scores = scorer.score_outcome(questions, solutions)
     labels = [e["verdict"] == "Yes" for e in held]
     ok = [(sc, y) for sc, y in zip(scores, labels) if not math.isnan(sc)]
     res = {"auc": auc([sc for sc, _ in ok], [y for _, y in ok]),

@@ -216,8 +216,10 @@ def save_final_model(task: str, model, tokenizer, path: Path, save_dtype, verifi
 
             kind = {"dpo": "vstar", "genrm": "genrm"}[task]
             meta = verifier or {}
-            if task == "genrm":  # p(Yes) needs no reference model
-                meta = {"prompt": meta.get("prompt")}
+            if task == "genrm":  # p(Yes) needs no reference model; cot: a rationale comes before the verdict
+                meta = {"prompt": meta.get("prompt"), "cot": bool(meta.get("cot"))}
+            else:
+                meta = {k: v for k, v in meta.items() if k != "cot"}
             (path / VERIFIER_FILE).write_text(json.dumps({"kind": kind, **meta}, indent=1))
     else:
         if hasattr(model.backbone, "merge_and_unload"):
@@ -381,6 +383,7 @@ def train_loop_per_worker(config: dict) -> None:
                             plot_loss_curve(history, Path(d) / CURVE_FILE, f"{task}: {cfg.resolved_run_name()}")
                             save_final_model(task, unwrapped(), tokenizer, Path(d) / "model", save_dtype,
                                              verifier={"reference": config["init"], "beta": cfg.beta,
+                                                       "cot": cfg.genrm_cot,
                                                        "prompt": (config.get("meta") or {}).get("prompt")})
                             if mlflow is not None:
                                 mlflow.log_artifact(str(Path(d) / CURVE_FILE))

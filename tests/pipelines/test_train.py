@@ -842,6 +842,88 @@ def test_genrm_verifier_trains_on_ray_train_and_scores_p_yes(tmp_path, ray_sessi
     assert min(yes) > max(no)  # the training verdicts are separated (the prior leans Yes: 2 verified to 1 failed)
 
 
+def test_genrm_cot_rationales_recheck_the_steps_and_end_on_the_verdict(tmp_path, tok):
+    """GenRM-CoT's rationale: each step's arithmetic rechecked, judged by the step checks on a synthetic problem
+    (an operand the problem lacks is wrong even when the arithmetic holds) and by the claims elsewhere, stopping at
+    the first wrong step, then the final answer and "Verdict:"; the training target is the rationale and the
+    verdict, and the verification prompt asks for both."""
+    from pipelines.train.data import GENRM_QUESTION_COT, GENRM_VERDICT, genrm_prompt, genrm_rationale
+
+    prob = {"id": "a", "question": "Q", "answer": "14", "kind": "numeric", "source": "synthetic",
+            "quantities": [3.0, 4.0, 2.0]}
+    good = dict(sample("a", 0, "3 + 4 = 7\n7 x 2 = 14\nThe answer is 14.", True), answer="14")
+    assert genrm_rationale(prob, good) == ("Step 1: 3 + 4 = 7 holds, right.\nStep 2: 7 * 2 = 14 holds, right.\n"
+                                           "Step 3: right.\nThe final answer is 14.\n" + GENRM_VERDICT)
+    unknown = dict(sample("a", 1, "3 + 5 = 8\n8 x 2 = 16\nThe answer is 16.", False), answer="16")
+    assert genrm_rationale(prob, unknown) == ("Step 1: 3 + 5 = 8 holds, wrong.\nThe final answer is 16.\n"
+                                              + GENRM_VERDICT)  # 5 is not in the problem
+    loose = dict(sample("b", 0, "2 + 2 = 5\nThe answer is 5.", False), answer="5")
+    assert genrm_rationale({"question": "Q"}, loose).startswith("Step 1: 2 + 2 = 5 is false, wrong.\n")
+    assert genrm_rationale({}, sample("c", 0, "I think so", False)) == (
+        "Step 1: right.\nThe solution gives no final answer.\n" + GENRM_VERDICT)
+
+    data = _genrm_run(tmp_path, 2)
+    cfg = cfg_for("genrm", data, tmp_path / "out", genrm_per_problem=1, genrm_lambda=0.0, genrm_cot=True)
+    ex = T.read_examples(cfg)
+    assert len(ex.train) == 4 and all(e["rationale"].endswith(GENRM_VERDICT) for e in ex.train)
+    no = next(e for e in ex.train if e["verdict"] == "No")
+    assert "is false, wrong" in no["rationale"]  # sample_rows' failed solution: a + b = a + b + 1
+    rows, rejects = T.tokenize_examples("genrm", ex.train, tok, cfg)
+    assert not rejects and len(rows) == 2 * len(ex.train)  # per example: the chain, and the verdict after it
+    for chain, verdict, e in zip(rows[::2], rows[1::2], ex.train):
+        target = tok.decode(chain["input_ids"][chain["n_prompt"]:])
+        assert target.startswith("Step 1:") and f"{GENRM_VERDICT} {e['verdict']}" in target
+        assert GENRM_QUESTION_COT in tok.decode(chain["input_ids"][:chain["n_prompt"]])
+        assert tok.decode(verdict["input_ids"][:verdict["n_prompt"]]).endswith(GENRM_VERDICT)
+        assert tok.decode(verdict["input_ids"][verdict["n_prompt"]:]).strip().startswith(e["verdict"])
+        for r in (chain, verdict):  # half the example's weight each, spread over the row's target tokens
+            assert r["weight"] * (len(r["input_ids"]) - r["n_prompt"]) == pytest.approx(0.5)
+    short = cfg_for("genrm", data, tmp_path / "short", genrm_per_problem=1, genrm_lambda=0.0, genrm_cot=True,
+                    max_len=len(rows[1]["input_ids"]) - 1)  # the verdict row would lose its verdict: set aside
+    _, rejects = T.tokenize_examples("genrm", ex.train[:1], tok, short)
+    assert [r["row"] for r in rejects] == [ex.train[0]["sample_id"]]
+    assert genrm_prompt(tok, "Q", "S", cot=True) != genrm_prompt(tok, "Q", "S")
+
+
+@pytest.mark.slow
+def test_genrm_cot_trains_on_ray_train_and_scores_by_sampled_rationales_on_vllm(tmp_path, ray_session, tiny_model):
+    """GenRM-CoT end to end on the tiny model: Ray Train on rationale + verdict targets, the verifier folder says
+    cot, and the scorer runs the real vLLM engine: it samples `votes` rationales per solution, each stopped at the
+    verdict, and averages p(Yes) after them; after its training rationales the verifier says Yes to the verified
+    solutions and No to the failed ones; a solution too long for the engine scores NaN. (The tiny model learns the
+    verdict in 48 steps, not yet the rationale's form: its sampled rationales are not asserted on.)"""
+    from actors.genrm_scorer import GenerativeVerifierScorer
+    from jobs.train_model import run
+    from pipelines.train.data import GENRM_VERDICT
+
+    data = _genrm_run(tmp_path, 10)
+    cfg = cfg_for("genrm", data, tmp_path / "cot", base=tiny_model, lr=2e-3, batch_size=4, epochs=4,
+                  genrm_cot=True, genrm_lambda=0.0, num_workers=1, cpus_per_worker=1, checkpoint_every=100,
+                  log_every=1, mlflow=False, eval={"holdout_fraction": 0.2, "engine": {"num_cpus": 1}})
+    examples = T.read_examples(cfg)
+    assert len({e["problem_id"] for e in examples.train}) == 8
+    assert run(cfg) == 0
+    model = tmp_path / "cot" / "model"
+    assert json.loads((model / "verifier.json").read_text())["cot"] is True
+    held = json.loads((tmp_path / "cot" / "summary.json").read_text())["eval"]  # scored by a scorer actor
+    assert held["rows"] == 6 and 0.0 <= held["auc"] <= 1.0
+    scorer = GenerativeVerifierScorer(str(model), votes=3, max_len=512, temperature=0.5,
+                                      engine={"gpu_memory_utilization": 0.05}, threads=1)
+    assert scorer.ready()["cot"] and scorer.ready()["votes"] == 3
+    verify = [e for e in examples.train if "verdict" in e]
+    prompts = [T.genrm_prompt(scorer.tokenizer, e["question"], e["solution"], cot=True) for e in verify]
+    chains = scorer.engine.generate(prompts[:4], scorer.sampling)
+    assert all(len(cs) == 3 for cs in chains)
+    assert not any(GENRM_VERDICT in c["text"] for cs in chains for c in cs)  # sampling stops at the verdict
+    p = scorer.score_outcome([e["question"] for e in verify] + ["Q"], [e["solution"] for e in verify] + ["7 " * 600])
+    assert math.isnan(p[-1]) and all(0 < x < 1 for x in p[:-1])
+    # the verdict follows the rationale: after the training rationales, Yes for verified and No for failed
+    after = scorer.verdict_p_yes(prompts, [e["rationale"] for e in verify])
+    yes = [x for x, e in zip(after, verify) if e["verdict"] == "Yes"]
+    no = [x for x, e in zip(after, verify) if e["verdict"] == "No"]
+    assert min(yes) > 0.5 > max(no), (yes, no)
+
+
 def test_stream_of_search_rows_backtrack_at_the_first_wrong_step_and_end_on_a_verified_solution():
     """One row per solved problem: failed attempts cut after their first wrong step (the step checks of a synthetic
     problem: 3 + 4 = 7, then x 2 = 14) with a backtrack line, then the verified solution; without step checks a
