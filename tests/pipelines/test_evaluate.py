@@ -76,11 +76,23 @@ def test_searches_in_flight_default_covers_whole_problems():
     (["prm=/p", "share_cores=false"], 2, 1, 2),
     (["prm=/p", "scorer_threads=2"], 2, 1, 1),               # never below one thread
     (["prm=/p", "engine.max_engines=2", "engine.threads=2"], 6, 1, 2),
+    (["prm=/p", "strategies=[greedy,majority]"], 2, 1, 2),  # no strategy scores: no scorer is started
 ])
 def test_engine_threads_leave_the_cpu_scorers_their_cores(overrides, cpus, nodes, expected):
     cfg = load_config(EvalConfig, overrides=overrides)
     threads, why = engine_threads(cfg, cpus, nodes)
     assert threads == expected and bool(why) == (threads != cfg.engine.threads)
+
+
+def test_only_the_verifiers_a_strategy_scores_with_are_started():
+    from pipelines.evaluate import scorers_used
+
+    assert scorers_used(load_config(EvalConfig, overrides=["prm=/p", "strategies=[greedy,majority]"])) == set()
+    assert scorers_used(load_config(EvalConfig, overrides=["prm=/p", "orm=/o", "strategies=[majority,best_of_n:orm]"])
+                        ) == {"orm"}
+    assert scorers_used(load_config(EvalConfig, overrides=["prm=/p", "orm=/o", "strategies=[weighted,beam:orm]"])
+                        ) == {"prm", "orm"}  # weighted takes the first verifier given
+    assert scorers_used(load_config(EvalConfig, overrides=["strategies=[weighted]"])) == set()  # confidence
 
 
 def _members_call(batcher, n, kind="generate"):
