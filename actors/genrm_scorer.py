@@ -144,11 +144,13 @@ class GenerativeVerifierScorer:
         one greedy engine step with its top-20 log-probabilities per rationale."""
         import math
 
+        import vllm
+
         from pipelines.train.data import GENRM_VERDICT
 
         asks = [p + r.rstrip().removesuffix(GENRM_VERDICT).rstrip() + "\n" + GENRM_VERDICT
                 for p, r in zip(prompts, rationales)]
-        sp = self.engine._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+        sp = vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
         out = []
         for v in self.engine.llm.generate(asks, sp, use_tqdm=False):
             top = v.outputs[0].logprobs[0]  # token id -> Logprob at the verdict position

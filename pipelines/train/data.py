@@ -266,10 +266,10 @@ def genrm_rationale(problem: dict, sample: dict, fmt: str = "lines") -> str:
 
     A step is judged on a synthetic problem by the step checks (`metrics.step_truth`, the process ground truth:
     false arithmetic, an operand the problem does not have, a wrong final step), elsewhere by its claims alone (a
-    claim that does not hold); the rationale stops at the first wrong step. The paper (Zhang et al., GenRM-CoT) samples rationales from a
-    stronger model given the reference and keeps those whose verdict is right; with no stronger model here, the
-    rationales are written from the checks, and the verdict is always the grader's. At scoring time the verifier
-    writes its own rationale without the reference (`actors/genrm_scorer.py`)."""
+    claim that does not hold); the rationale stops at the first wrong step. The paper (Zhang et al., GenRM-CoT)
+    samples rationales from a stronger model given the reference and keeps those whose verdict is right; with no
+    stronger model here, the rationales are written from the checks, and the verdict is always the grader's. At
+    scoring time the verifier writes its own rationale without the reference (`actors/genrm_scorer.py`)."""
     from pipelines.prompts import split_steps
     from pipelines.train.metrics import step_truth
     from pipelines.verify import find_claims
