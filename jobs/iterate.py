@@ -3,12 +3,14 @@
     stepray iterate --config configs/cpu/iterate.yaml [key=value ...]
     python -m jobs.iterate --config ...                     (ray job submit --working-dir . -- python -m jobs.iterate ...)
 
-Each stage is one of the project's jobs, run as its own process (it joins the same cluster through RAY_ADDRESS when
-submitted as a Ray job) with the config file the loop writes from its section (<out>/round_<r>/configs/). Everything a round makes lives under <out>/round_<r>/<stage>/; <out>/manifest.json records
-what produced every artifact (generator, PRM, verifier, problems, config) and which stages are done. Kill it at any
-point and run the same command again: finished stages are skipped, the interrupted one resumes its own partial
-output. One MLflow run for the loop, with each stage's run nested under it. At the end: a table across rounds
-(accuracy per strategy, labels, tokens, wall time) and a plot of accuracy by round (<out>/accuracy_by_round.png).
+Each stage is one of the project's jobs, run as its own process that joins one Ray cluster (the one RAY_ADDRESS
+names when submitted as a Ray job or on a cluster node, else a local one the loop starts once for all its stages)
+with the config file the loop writes from its section (<out>/round_<r>/configs/). Everything a round makes lives
+under <out>/round_<r>/<stage>/; <out>/manifest.json records what produced every artifact (generator, PRM, verifier,
+problems, config) and which stages are done. Kill it at any point and run the same command again: finished stages
+are skipped, the interrupted one resumes its own partial output. One MLflow run for the loop, with each stage's run
+nested under it. At the end: a table across rounds (accuracy per strategy, labels, tokens, wall time) and a plot of
+accuracy by round (<out>/accuracy_by_round.png).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pipelines import config as C
 from pipelines.iterate import (IterateConfig, Manifest, count_verified, evaluation, gains_vs_base, log_skip,
                                open_loop_run, plot_rounds, rationalize, round_table, run_stage, stage_file,
                                traces_to_training_rows)
-from pipelines.runtime import cli_main, mlflow_ui_command
+from pipelines.runtime import cli_main, cluster_for_stages, mlflow_ui_command
 
 PY = sys.executable
 
@@ -41,22 +43,8 @@ def parse_args(argv: list[str] | None) -> IterateConfig:
     return C.load_config(IterateConfig, args.config, overrides)
 
 
-@cli_main("stepray iterate")
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    from pipelines.models import load_path
-
-    base = load_path(cfg.base_model)
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
-    manifest = Manifest(out / "manifest.json")
-    t_start = time.time()
-
-    import mlflow
-
-    open_loop_run(manifest, cfg, out)
-
+def run_rounds(cfg: IterateConfig, out: Path, manifest: Manifest, base: str) -> None:
+    """Every round's stages, each a job process (run_stage); finished stages are skipped."""
     verifier = "pipelines.verify.grade (numeric; math-verify for LaTeX)"
     generator, prm = base, ""
     for r in range(cfg.rounds):
@@ -124,6 +112,26 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(manifest, f"round_{r}/evaluate", [PY, "-m", "jobs.evaluate_search", "--config",
                                                     stage_file(rd, "evaluate", ev)],
                   lineage | {"generator": generator, "prm": prm}, {"records": str(rd / "eval" / "records.parquet")})
+
+
+@cli_main("stepray iterate")
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    from pipelines.models import load_path
+
+    base = load_path(cfg.base_model)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
+    manifest = Manifest(out / "manifest.json")
+    t_start = time.time()
+
+    import mlflow
+
+    open_loop_run(manifest, cfg, out)
+
+    with cluster_for_stages():
+        run_rounds(cfg, out, manifest, base)
 
     # ------------------------------------------------------------------ summary across rounds, plot, MLflow
     table, md = round_table(out, cfg, manifest)
