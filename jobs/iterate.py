@@ -53,8 +53,11 @@ def run_rounds(cfg: IterateConfig, out: Path, manifest: Manifest, base: str) -> 
         lineage = {"round": r, "generator": generator, "prm": prm, "verifier": verifier, "problems": problems}
         gen_dir = rd / "generate"
         if cfg.sampling.startswith("search:") and prm:
+            # stream of search over the search's trees needs them recorded (step-level strategies have them)
             search = evaluation(cfg, generator, prm, rd / "search", cfg.train_problems,
-                                strategies=(cfg.sampling.split(":", 1)[1],), budgets=(cfg.search_budget,))
+                                strategies=(cfg.sampling.split(":", 1)[1],), budgets=(cfg.search_budget,),
+                                search=replace(cfg.evaluate.search,
+                                               record_tree=cfg.sft.select.stream_of_search > 0))
             run_stage(manifest, f"round_{r}/search", [PY, "-m", "jobs.evaluate_search", "--config",
                                                       stage_file(rd, "search", search)],
                       lineage, {"traces": str(rd / "search" / "traces.jsonl")})
@@ -84,6 +87,8 @@ def run_rounds(cfg: IterateConfig, out: Path, manifest: Manifest, base: str) -> 
                       lineage, {"model": str(rd / "orm" / "model")})
         # STaR: the unsolved problems' rationalizations train beside the round's samples
         extra = rationalize(manifest, cfg, rd, gen_dir, generator, lineage) if cfg.round_mode == "star" else []
+        if (gen_dir / "streams").is_dir():  # expert iteration's streams of search (trajectory rows)
+            extra.append(str(gen_dir / "streams"))
         # ReST-EM and STaR refit from the base model each round; continue starts from the current generator
         cont = cfg.round_mode == "continue" and generator != base
         verified = count_verified(gen_dir / "samples") + sum(count_verified(Path(e) / "samples") for e in extra)

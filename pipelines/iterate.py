@@ -211,7 +211,10 @@ def log_skip(manifest: Manifest, key: str, why: str, log=print) -> None:
 
 def traces_to_training_rows(eval_dir: Path, out_dir: Path, prompt_model: str, cfg: IterateConfig) -> None:
     """Expert iteration: the searched solutions of the training problems as Sample rows (for annotation, ORM and
-    SFT selection, which keeps only verified ones)."""
+    SFT selection, which keeps only verified ones) in <out_dir>/samples. With sft.select.stream_of_search > 0 and
+    a step-level search that recorded its tree (the loop asks for it), also one stream-of-search row per verified
+    search (`data.tree_stream`: its dead ends, backtracks and the verified path) as trajectory rows in
+    <out_dir>/streams, which the round's SFT reads beside the samples."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
@@ -222,14 +225,26 @@ def traces_to_training_rows(eval_dir: Path, out_dir: Path, prompt_model: str, cf
     gen_cfg = cfg.generate
     tok = AutoTokenizer.from_pretrained(load_path(prompt_model))
     problems, _ = runs.run_problems(eval_dir)  # the search run's problems.parquet
-    rows = []
+    from pipelines.train.data import tree_stream
+
+    rows, streams, why = [], [], {}
+    k = cfg.sft.select.stream_of_search
     for line in open(eval_dir / "traces.jsonl"):
         t = json.loads(line)
         p = problems.get(t["problem_id"])
         if p is None:
             continue
+        prompt = render(tok, p["question"], p["kind"], gen_cfg.prompt)
+        tree = (t.get("meta") or {}).get("tree")
+        if k and tree and t["correct"]:
+            text, w = tree_stream(tree, t["meta"]["chosen_node"], p, k, gen_cfg.prompt.format)
+            for key, v in w.items():
+                why[key] = why.get(key, 0) + v
+            if text is not None:
+                streams.append({"problem_id": p["id"], "sample_id": f"{p['id']}/{t['strategy']}{t['budget']}/sos",
+                                "prompt": prompt, "completion": text, "weight": 1.0})
         rows.append({"problem_id": p["id"], "sample_id": f"{p['id']}/{t['strategy']}{t['budget']}", "sample_idx": 0,
-                     "mode": t["strategy"], "prompt": render(tok, p["question"], p["kind"], gen_cfg.prompt),
+                     "mode": t["strategy"], "prompt": prompt,
                      "completion": t["completion"], "steps": t["steps"], "answer": t["answer"],
                      "answer_method": "", "gold": p["answer"], "kind": p["kind"], "correct": bool(t["correct"]),
                      "reason": t.get("reason", ""), "n_prompt_tokens": 0,
@@ -238,6 +253,12 @@ def traces_to_training_rows(eval_dir: Path, out_dir: Path, prompt_model: str, cf
                      "temperature": gen_cfg.sampling.temperature, "model": prompt_model, "error": ""})
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     pq.write_table(schema.to_table(rows, "sample"), out_dir / "samples" / "part-search.parquet")
+    if streams:
+        (out_dir / "streams").mkdir(parents=True, exist_ok=True)
+        pq.write_table(schema.to_table(streams, "trajectory"), out_dir / "streams" / "part-search.parquet")
+    if k:
+        print(f"[iterate] stream of search: {len(streams)} rows from the search trees"
+              + (f" (left out: {', '.join(f'{a} {b}' for a, b in sorted(why.items()))})" if why else ""))
     runs.write_problems(list(problems.values()), out_dir)
     (out_dir / "config.json").write_text(json.dumps(C.to_dict(gen_cfg) | {
         "problems": "synthetic", "synthetic": C.to_dict(cfg.train_problems)}, indent=1))

@@ -72,6 +72,9 @@ class SearchConfig:
                                              "(a generator trained with select.corrections learned this one)")
     revise_threshold: float = help_field(0.5, "revise: an attempt whose solution score reaches this satisfies the "
                                               "verifier, and the search stops")
+    record_tree: bool = help_field(False, "keep the search tree in the result's meta (traces.jsonl): every node "
+                                          "beam/DVTS/MCTS generated (parent, step text, tokens, score, terminal) and "
+                                          "the chosen node; stream-of-search training data reads it")
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -117,6 +120,7 @@ class _Path:
     pieces: tuple[Completion, ...] = ()
     terminal: bool = False
     scores: list[float] = field(default_factory=list)  # the scorer's step scores of this path (when scored)
+    node: int = -1  # its node in the ledger's recorded tree (-1: the root, or not recorded)
 
     @property
     def text(self) -> str:
@@ -150,6 +154,8 @@ class _Ledger:
         self.problem, self._generate, self._score, self.cfg = problem, generate, score, cfg
         self.sep = separator(cfg.fmt)
         self.tokens_generated = self.tokens_scored = self.sequences = self.generate_calls = self.score_calls = 0
+        # cfg.record_tree: every path expand/rollout made, {id, parent, text, tokens, terminal, kind, score}
+        self.tree: list[dict] | None = [] if cfg.record_tree else None
 
     def generate(self, prefixes: list[str], n: int, stop_at_step: bool, max_tokens: int,
                  greedy: bool = False) -> list[list[Completion]]:
@@ -171,6 +177,7 @@ class _Ledger:
         if getattr(self._score, "reads_logprobs", False):
             for p, steps in zip(paths, step_lists):
                 p.scores = self._score.score_pieces(p.pieces, steps)
+            self._note_scores(paths)
             return
         todo = [i for i, s in enumerate(step_lists) if s]
         for p in paths:
@@ -186,6 +193,22 @@ class _Ledger:
         for i, s in zip(todo, out):
             paths[i].scores = [float(v) for v in s]
             self.tokens_scored += paths[i].tokens
+        self._note_scores(paths)
+
+    def _note_scores(self, paths: list[_Path]) -> None:
+        if self.tree is not None:
+            for p in paths:
+                if p.node >= 0 and p.scores:
+                    self.tree[p.node]["score"] = reduce_steps(p.scores, self.cfg.search_agg)
+
+    def _record(self, parent: _Path, child: _Path, kind: str) -> _Path:
+        """Give `child` (parent + its last piece) a node of the recorded tree, when recording."""
+        if self.tree is not None:
+            c = child.pieces[-1]
+            child.node = len(self.tree)
+            self.tree.append({"id": child.node, "parent": parent.node, "text": c.text, "tokens": c.n_tokens,
+                              "terminal": child.terminal, "kind": kind, "score": None})
+        return child
 
     def expand(self, paths: list[_Path], counts: list[int]) -> list[list[_Path]]:
         """counts[i] sampled next actions (a step, or a mini-step) of paths[i], as child paths with terminal set."""
@@ -214,7 +237,7 @@ class _Ledger:
             child.terminal = (c.finish_reason == "stop" and not c.text.endswith(self.sep)) or _states_answer(c.text)
         else:
             child.terminal = c.finish_reason != "length"
-        return child
+        return self._record(parent, child, "step")
 
     def rollout(self, paths: list[_Path]) -> list[_Path]:
         """One sampled continuation of each path to the end of the solution."""
@@ -222,11 +245,13 @@ class _Ledger:
             return []
         left = max(1, self.cfg.max_tokens - min(p.tokens for p in paths))
         out = self.generate([self.problem.prompt + p.text for p in paths], 1, False, left)
-        return [p.extend(c[0], True) for p, c in zip(paths, out)]
+        return [self._record(p, p.extend(c[0], True), "rollout") for p, c in zip(paths, out)]
 
     def result(self, strategy: str, budget: int, chosen: _Path, answer: str | None, candidates: list[dict],
                meta: dict) -> SearchResult:
         scored = bool(chosen.scores)
+        if self.tree is not None:
+            meta = {**meta, "tree": self.tree, "chosen_node": chosen.node}
         return SearchResult(
             strategy=strategy, budget=budget, answer=answer, completion=chosen.text, steps=self.steps(chosen),
             step_scores=list(chosen.scores), score=reduce_steps(chosen.scores, self.cfg.agg) if scored else math.nan,

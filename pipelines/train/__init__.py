@@ -54,7 +54,7 @@ from pipelines.train.config import (CURVE_FILE, HISTORY_FILE, LABEL_SOURCES, MAL
                                     EvalConfig, LabelConfig, LoraConfig, SelectConfig, TrainConfig, malloc_tuned)
 from pipelines.train.data import (DATA_HINT, Examples, _prm800k_native, build_examples, data_files,
                                   correction_pairs, detect_kind, encode_sft, genrm_examples, genrm_prompt, in_holdout,
-                                  stream_of_search,
+                                  stream_of_search, tree_stream,
                                   preference_pairs, read_examples, read_rows,
                                   select_sft,
                                   targets_from_first_error, targets_from_ratings, targets_from_step_label,
@@ -71,7 +71,7 @@ from pipelines.train.worker import (build_model, collate_batch, compute_loss, fr
 __all__ = ["CURVE_FILE", "HISTORY_FILE", "LABEL_SOURCES", "MALLOC_ENV", "STATE_FILE", "TASKS", "EvalConfig",
            "LabelConfig", "LoraConfig", "SelectConfig", "TrainConfig", "malloc_tuned", "DATA_HINT", "Examples",
            "_prm800k_native", "build_examples", "correction_pairs", "data_files", "detect_kind", "encode_sft",
-           "genrm_examples", "genrm_prompt", "in_holdout", "preference_pairs", "stream_of_search",
+           "genrm_examples", "genrm_prompt", "in_holdout", "preference_pairs", "stream_of_search", "tree_stream",
            "read_examples", "read_rows", "select_sft", "targets_from_first_error", "targets_from_ratings",
            "targets_from_step_label", "tokenize_examples", "auc", "fit_threshold", "truth_scores_metrics",
            "flag_all_f1", "greedy_accuracy",

@@ -255,6 +255,107 @@ def stream_of_search(samples: Sequence[dict], problems: dict[str, dict], k: int,
     return out, {k_: v for k_, v in why.items() if v}
 
 
+BACKTRACK_TO = "That step is wrong. Back to step {n}:"  # then step n of the path the search goes on from
+DEAD_END_TO = "That does not reach the answer. Back to step {n}:"
+
+
+def tree_stream(tree: Sequence[dict], chosen: int, problem: dict, k: int, fmt: str = "lines"
+                ) -> tuple[str | None, dict[str, int]]:
+    """Stream of search over a step-level search tree (beam, DVTS or MCTS with `search.record_tree`): the search's
+    dead ends and its backtracks, then the path it finished on, as one SFT target.
+
+    `tree`: the nodes of `SearchResult.meta["tree"]` ({id, parent, text, terminal}, parents before children, the
+    root is -1), `chosen`: the node the search finished on (a verified solution: the caller checks). Walking the
+    chosen path from the root, before each of its steps come its dead ends, in the order the search made them: a
+    sibling of that step (another child of the same node) followed down the deepest branch the search grew under it;
+    k in all, taken one depth at a time in turn so that deep backtracks show as well as the root's. A dead end is
+    written up to its first wrong step where the step checks tell (synthetic problems: `metrics.step_truth` on the
+    path's steps before it plus the branch) and followed by BACKTRACK_TO; a branch that finished on a wrong answer
+    with no step known wrong is written whole and followed by DEAD_END_TO; a branch that was pruned while every step
+    checked out is left out (the search preferred another, it did not err). The backtrack line names the step the
+    stream returns to and repeats it (at the root: BACKTRACK / DEAD_END, "Back to the start"). The chosen path's own
+    text follows verbatim, so the stream's last answer is the verified one. Returns (the stream, or None with no
+    dead end to show; counts of what was left out)."""
+    from pipelines.prompts import join_steps, split_steps
+    from pipelines.train.metrics import step_truth
+    from pipelines.verify import extract_answer, grade
+
+    why: dict[str, int] = {}
+    nodes = {n["id"]: n for n in tree}
+    if chosen not in nodes:
+        return None, {"no_chosen_node": 1}
+    kids: dict[int, list[int]] = {}
+    for n in tree:
+        kids.setdefault(n["parent"], []).append(n["id"])
+    path, i = [], chosen
+    while i != -1:
+        path.append(i)
+        i = nodes[i]["parent"]
+    path.reverse()
+    on_path = set(path)
+
+    def deepest(i: int) -> list[int]:  # the longest branch from i (the first grown on ties)
+        best: list[int] = []
+        for c in kids.get(i, []):
+            b = deepest(c)
+            if len(b) > len(best):
+                best = b
+        return [i] + best
+
+    def count(key: str) -> None:
+        why[key] = why.get(key, 0) + 1
+
+    # every dead end of each depth of the chosen path, in the order the search made them
+    found: list[list[list[str]]] = []
+    done_steps: list[str] = []
+    for depth, node_id in enumerate(path):
+        found.append([])
+        for sib in kids.get(nodes[node_id]["parent"], []):
+            if sib in on_path:
+                continue
+            branch = deepest(sib)
+            text = "".join(nodes[b]["text"] for b in branch)
+            steps = split_steps(text, fmt)
+            finished = nodes[branch[-1]]["terminal"]
+            answer = extract_answer(text).answer if finished else None
+            wrong_answer = bool(answer) and not grade(text, problem.get("answer", ""),
+                                                      kind=problem.get("kind", "numeric")).correct
+            cut = None
+            if problem.get("quantities") and steps:
+                truth = step_truth(problem, done_steps + steps, False if wrong_answer else None,
+                                   answer or "")[len(done_steps):]
+                cut = truth.index(False) + 1 if False in truth else None
+            if cut is not None:
+                line = BACKTRACK_TO.format(n=depth) if depth else BACKTRACK
+                steps = steps[:cut]
+            elif wrong_answer:
+                line = DEAD_END_TO.format(n=depth) if depth else DEAD_END
+            else:
+                count("pruned_while_right" if not finished else "finished_right_or_unanswered")
+                continue
+            found[-1].append(steps + [line] + done_steps[-1:])
+        done_steps += split_steps(nodes[node_id]["text"], fmt)
+    # k of them, one depth at a time in turn (the root's first, then the next depth's, ...), so that backtracks
+    # from deep in the tree are shown too, not only the root's many wrong first steps
+    take = [0] * len(path)
+    left = k
+    while left > 0 and any(take[d] < len(found[d]) for d in range(len(path))):
+        for d in range(len(path)):
+            if left > 0 and take[d] < len(found[d]):
+                take[d] += 1
+                left -= 1
+    if not any(take):
+        count("no_dead_end")
+        return None, why
+    out = ""
+    for d, node_id in enumerate(path):
+        out += "".join(join_steps(steps, fmt) for steps in found[d][: take[d]]) + nodes[node_id]["text"]
+    skipped = sum(len(f) for f in found) - sum(take)
+    if skipped:
+        why["dead_ends_over_k"] = skipped
+    return out, why
+
+
 GENRM_VERDICT = "Verdict:"  # GenRM-CoT: the rationale ends here and the next token is the verdict
 GENRM_MAX_STEPS = 12  # a rationale checks at most this many steps (then says how many it left out)
 
@@ -497,11 +598,16 @@ def build_examples(kind: str, rows: Sequence[dict], cfg: TrainConfig, problems: 
 
 def read_examples(cfg: TrainConfig) -> Examples:
     kind, rows = read_rows(cfg.data)
+    ready: list[dict] = []  # SFT: trajectory rows beside samples (the loop's streams of search), taken as they are
     for extra in cfg.extra_data:
         extra_kind, extra_rows = read_rows(extra)
+        if cfg.task == "sft" and kind == "sample" and extra_kind == "trajectory":
+            ready += [{k: r[k] for k in ("problem_id", "sample_id", "prompt", "completion", "weight")}
+                      for r in extra_rows]
+            continue
         if extra_kind != kind:
             raise InputError(f"extra_data {extra}: holds {extra_kind} rows, but data {cfg.data} holds {kind} rows; "
-                             f"give rows of one kind")
+                             f"give rows of one kind (SFT also takes trajectory rows beside samples)")
         rows += extra_rows
     problems: dict[str, dict] = {}
     if (cfg.task == "sft" and (cfg.select.step_checks or cfg.select.stream_of_search) or cfg.task == "genrm") \
@@ -510,7 +616,9 @@ def read_examples(cfg: TrainConfig) -> Examples:
 
         for src in (cfg.data, *cfg.extra_data):
             problems.update(run_problems(src)[0])
-    return build_examples(kind, rows, cfg, problems)
+    examples = build_examples(kind, rows, cfg, problems)
+    examples.train += ready
+    return examples
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -114,6 +114,52 @@ def test_reference_rationalizations_are_graded_rows_of_the_unsolved_problems(tmp
         C.load_config(IterateConfig, overrides=["rationalize=teacher"])
 
 
+def test_expert_iteration_turns_recorded_search_trees_into_stream_of_search_rows(tmp_path, tiny_model):
+    """sampling=search:beam with sft.select.stream_of_search: a verified search's recorded tree becomes one
+    trajectory row in <gen>/streams (a wrong first step cut at the step check, the backtrack, the verified path,
+    under the generator's prompt), a failed search gives none, and the round's SFT reads the streams beside the
+    searched samples."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipelines import runs
+    from pipelines.iterate import traces_to_training_rows
+    from pipelines.problems import SyntheticConfig, load_problems
+    from pipelines.train import read_examples
+    from pipelines.train.data import BACKTRACK
+    from pipelines.verify import grade
+
+    p, q = load_problems("synthetic", synthetic=SyntheticConfig(n=2, seed=3, min_steps=1, max_steps=1)).problems
+    step = p["ref_steps"][0]
+    wrong = f"{step.rsplit('=', 1)[0].strip()} = {int(p['ref_values'][0]) + 1}"
+    final = f"The answer is {p['answer']}."
+    tree = [{"id": 0, "parent": -1, "text": wrong + "\n", "tokens": 5, "terminal": False, "kind": "step", "score": 0.1},
+            {"id": 1, "parent": -1, "text": step + "\n", "tokens": 5, "terminal": False, "kind": "step", "score": 0.9},
+            {"id": 2, "parent": 1, "text": final, "tokens": 4, "terminal": True, "kind": "step", "score": 0.9}]
+    ev = tmp_path / "search"
+    ev.mkdir()
+    runs.write_problems([p, q], ev)
+    with open(ev / "traces.jsonl", "w") as f:
+        for prob, completion, correct in ((p, step + "\n" + final, True), (q, "1 + 1 = 3\nThe answer is 3.", False)):
+            f.write(json.dumps({"problem_id": prob["id"], "strategy": "beam", "budget": 4, "completion": completion,
+                                "steps": completion.split("\n"), "answer": "", "correct": correct,
+                                "tokens_generated": 9, "meta": {"tree": tree, "chosen_node": 2}}) + "\n")
+    cfg = C.load_config(IterateConfig, overrides=["sampling=search:beam", "sft.select.stream_of_search=2"])
+    gen = tmp_path / "gen"
+    traces_to_training_rows(ev, gen, tiny_model, cfg)
+    rows = pq.read_table(gen / "streams").to_pylist()
+    assert [r["problem_id"] for r in rows] == [p["id"]]
+    assert rows[0]["completion"] == f"{wrong}\n{BACKTRACK}\n{step}\n{final}"
+    assert grade(rows[0]["completion"], p["answer"]).correct and p["question"] in rows[0]["prompt"]
+    samples = pq.read_table(gen / "samples").to_pylist()
+    assert rows[0]["prompt"] == next(x["prompt"] for x in samples if x["problem_id"] == p["id"])
+    sft = C.load_config(TrainConfig, base={"task": "sft", "data": str(gen), "extra_data": [str(gen / "streams")]})
+    train = read_examples(sft).train
+    assert {(e["sample_id"], e["completion"]) for e in train} >= {(rows[0]["sample_id"], rows[0]["completion"])}
+    assert len(train) == 2  # the verified searched sample and its stream; the failed search's sample is not kept
+
+
 def test_gains_vs_base_pair_each_round_with_the_base_on_the_same_problems(tmp_path):
     import pyarrow.parquet as pq
 

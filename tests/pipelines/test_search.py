@@ -255,6 +255,50 @@ def test_mcts_with_rollout_values_and_ministeps_counts_every_token():
     assert res.completion.endswith("The answer is 17.") and res.meta["depth"] == 3
 
 
+@pytest.mark.parametrize("name, budget", [("beam", 8), ("dvts", 8), ("mcts", 6)])
+def test_record_tree_keeps_every_node_the_search_generated(name, budget):
+    """search.record_tree: one node per sequence the engine returned (expansions and rollouts), each naming its
+    parent (created before it), with the step text and tokens the engine gave and the search score of the
+    scored ones; the chosen node's chain from the root spells the chosen completion. Off by default."""
+    cfg = SearchConfig(max_tokens=64, step_tokens=16, max_steps=6, expansions=4, record_tree=True)
+    res, world, _ = run(name, budget, cfg)
+    tree = res.meta["tree"]
+    assert len(tree) == world.sequences and sum(n["tokens"] for n in tree) == world.tokens
+    assert [n["id"] for n in tree] == list(range(len(tree)))
+    assert all(-1 <= n["parent"] < n["id"] for n in tree)
+    assert all(n["score"] is not None for n in tree if n["kind"] == "step")  # these searches score every child
+    chain, i = [], res.meta["chosen_node"]
+    while i != -1:
+        chain.append(tree[i])
+        i = tree[i]["parent"]
+    assert "".join(n["text"] for n in reversed(chain)) == res.completion and chain[0]["terminal"]
+    assert "tree" not in run(name, budget)[0].meta
+
+
+def test_beam_tree_linearises_into_a_stream_with_backtracks_at_each_depth():
+    """The tree of a beam search (budget 8, width 2: the root's 8 children hold two right first steps, each right
+    step's 4 children one right second step) as a stream-of-search target: with k=3, dead ends are taken one depth
+    at a time: a wrong first step (cut where the step checks fail it, then "Back to the start"), a wrong second step
+    (then "Back to step 1" and step 1 again), another wrong first step; the verified path follows verbatim, so the
+    stream grades right. Branches that finished right are never dead ends."""
+    from pipelines.train.data import BACKTRACK, BACKTRACK_TO, tree_stream
+    from pipelines.verify import grade
+
+    cfg = SearchConfig(max_tokens=64, step_tokens=16, max_steps=6, expansions=4, record_tree=True)
+    res, _, _ = run("beam", 8, cfg)
+    problem = {"id": "p", "answer": "14", "kind": "numeric", "quantities": [3.0, 4.0, 2.0]}
+    text, why = tree_stream(res.meta["tree"], res.meta["chosen_node"], problem, k=3)
+    back1 = BACKTRACK_TO.format(n=1)
+    assert text == (f"3 + 4 = 8\n{BACKTRACK}\n3 + 4 = 8\n{BACKTRACK}\n3 + 4 = 7\n"
+                    f"7 * 2 = 15\n{back1}\n3 + 4 = 7\n7 * 2 = 14\nThe answer is 14.")
+    assert grade(text, "14").correct
+    # the other right first step's branch reached the answer: not a dead end; the rest were over k
+    assert why["finished_right_or_unanswered"] >= 1 and why["dead_ends_over_k"] > 0
+    # no checks (a non-synthetic problem): only branches that finished on a wrong answer are dead ends; here none
+    text, why = tree_stream(res.meta["tree"], res.meta["chosen_node"], {"answer": "14", "kind": "numeric"}, k=3)
+    assert text is None and why["no_dead_end"] == 1
+
+
 def test_reflection_appends_the_cue_and_continues():
     res, world, _ = run("reflection", 3)
     assert res.completion.count("Wait! Maybe I made some mistakes! I need to rethink from scratch.") == 2
