@@ -308,7 +308,7 @@ def tree_stream(tree: Sequence[dict], chosen: int, problem: dict, k: int, fmt: s
     # every dead end of each depth of the chosen path, in the order the search made them
     found: list[list[list[str]]] = []
     done_steps: list[str] = []
-    for depth, node_id in enumerate(path):
+    for node_id in path:
         found.append([])
         for sib in kids.get(nodes[node_id]["parent"], []):
             if sib in on_path:
@@ -325,11 +325,12 @@ def tree_stream(tree: Sequence[dict], chosen: int, problem: dict, k: int, fmt: s
                 truth = step_truth(problem, done_steps + steps, False if wrong_answer else None,
                                    answer or "")[len(done_steps):]
                 cut = truth.index(False) + 1 if False in truth else None
+            n = len(done_steps)  # the steps before this depth (a rollout or mini-step node is not one step)
             if cut is not None:
-                line = BACKTRACK_TO.format(n=depth) if depth else BACKTRACK
+                line = BACKTRACK_TO.format(n=n) if n else BACKTRACK
                 steps = steps[:cut]
             elif wrong_answer:
-                line = DEAD_END_TO.format(n=depth) if depth else DEAD_END
+                line = DEAD_END_TO.format(n=n) if n else DEAD_END
             else:
                 count("pruned_while_right" if not finished else "finished_right_or_unanswered")
                 continue
