@@ -38,6 +38,7 @@ from pipelines.generate import GenerationConfig
 from pipelines.problems import SyntheticConfig
 from pipelines.train.config import TrainConfig
 
+TREE_SEARCHES = ("beam", "dvts", "mcts")  # the strategies whose recorded trees have branches (record_tree)
 STAGES = ("generate", "annotate", "train_prm", "train_orm", "rationalize", "train_sft", "eval_base", "evaluate")
 
 
@@ -237,7 +238,7 @@ def traces_to_training_rows(eval_dir: Path, out_dir: Path, prompt_model: str, cf
         prompt = render(tok, p["question"], p["kind"], gen_cfg.prompt)
         tree = (t.get("meta") or {}).get("tree")
         if k and tree and t["correct"]:
-            text, w = tree_stream(tree, t["meta"]["chosen_node"], p, k, gen_cfg.prompt.format)
+            text, w = tree_stream(tree, t["meta"]["chosen_node"], p, k, cfg.evaluate.search.fmt)
             for key, v in w.items():
                 why[key] = why.get(key, 0) + v
             if text is not None:
@@ -251,14 +252,18 @@ def traces_to_training_rows(eval_dir: Path, out_dir: Path, prompt_model: str, cf
                      "n_completion_tokens": int(t["tokens_generated"]), "finish_reason": "stop",
                      "cum_logprob": float("nan"), "confidence": float("nan"),
                      "temperature": gen_cfg.sampling.temperature, "model": prompt_model, "error": ""})
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-    pq.write_table(schema.to_table(rows, "sample"), out_dir / "samples" / "part-search.parquet")
+    # the streams first: the loop takes <out_dir>/samples as the sign that this step is done
     if streams:
         (out_dir / "streams").mkdir(parents=True, exist_ok=True)
         pq.write_table(schema.to_table(streams, "trajectory"), out_dir / "streams" / "part-search.parquet")
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    pq.write_table(schema.to_table(rows, "sample"), out_dir / "samples" / "part-search.parquet")
     if k:
+        strategy = cfg.sampling.split(":", 1)[-1]
         print(f"[iterate] stream of search: {len(streams)} rows from the search trees"
-              + (f" (left out: {', '.join(f'{a} {b}' for a, b in sorted(why.items()))})" if why else ""))
+              + (f" (left out: {', '.join(f'{a} {b}' for a, b in sorted(why.items()))})" if why else "")
+              + ("" if strategy in TREE_SEARCHES else f"; {strategy} records no step-level tree (beam, dvts and "
+                 f"mcts do), so only the samples' own streams (select.stream_of_search) are made"))
     runs.write_problems(list(problems.values()), out_dir)
     (out_dir / "config.json").write_text(json.dumps(C.to_dict(gen_cfg) | {
         "problems": "synthetic", "synthetic": C.to_dict(cfg.train_problems)}, indent=1))

@@ -140,11 +140,14 @@ def _answer(text: str) -> str | None:
     return extract_answer(text).answer
 
 
+STATED_ANSWER = ("boxed", "answer_is", "gsm8k", "answer_line")  # extraction methods of an answer the text states
+
+
 def _states_answer(text: str) -> bool:
     """A step that states a final answer ("The answer is 7.", \\boxed{7}, #### 7) ends the solution."""
     from pipelines.verify import extract_answer
 
-    return extract_answer(text).method in ("boxed", "answer_is", "gsm8k", "answer_line")
+    return extract_answer(text).method in STATED_ANSWER
 
 
 class _Ledger:

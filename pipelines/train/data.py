@@ -276,7 +276,8 @@ def tree_stream(tree: Sequence[dict], chosen: int, problem: dict, k: int, fmt: s
     stream returns to and repeats it (at the root: BACKTRACK / DEAD_END, "Back to the start"). The chosen path's own
     text follows verbatim, so the stream's last answer is the verified one. Returns (the stream, or None with no
     dead end to show; counts of what was left out)."""
-    from pipelines.prompts import join_steps, split_steps
+    from pipelines.prompts import join_steps, separator, split_steps
+    from pipelines.search_ledger import STATED_ANSWER
     from pipelines.train.metrics import step_truth
     from pipelines.verify import extract_answer, grade
 
@@ -305,11 +306,21 @@ def tree_stream(tree: Sequence[dict], chosen: int, problem: dict, k: int, fmt: s
     def count(key: str) -> None:
         why[key] = why.get(key, 0) + 1
 
-    # every dead end of each depth of the chosen path, in the order the search made them
+    sep = separator(fmt)
+    if any(not nodes[i]["text"].endswith(sep) for i in path[:-1]):
+        # a mini-step or a step cut at step_tokens: a dead end would be spliced into the middle of a line
+        return None, {"path_not_whole_steps": 1}
+    if problem.get("quantities"):
+        chosen_steps = split_steps("".join(nodes[i]["text"] for i in path), fmt)
+        if not all(step_truth(problem, chosen_steps)):  # a right answer reached by a wrong step is not shown
+            return None, {"path_fails_step_checks": 1}
+
+    # every dead end of each depth of the chosen path, in the order the search made them (repeats once)
     found: list[list[list[str]]] = []
     done_steps: list[str] = []
     for node_id in path:
         found.append([])
+        seen: set[str] = set()
         for sib in kids.get(nodes[node_id]["parent"], []):
             if sib in on_path:
                 continue
@@ -317,7 +328,8 @@ def tree_stream(tree: Sequence[dict], chosen: int, problem: dict, k: int, fmt: s
             text = "".join(nodes[b]["text"] for b in branch)
             steps = split_steps(text, fmt)
             finished = nodes[branch[-1]]["terminal"]
-            answer = extract_answer(text).answer if finished else None
+            stated = extract_answer(text) if finished else None  # an answer the branch states, not a last number
+            answer = stated.answer if stated and stated.method in STATED_ANSWER else None
             wrong_answer = bool(answer) and not grade(text, problem.get("answer", ""),
                                                       kind=problem.get("kind", "numeric")).correct
             cut = None
@@ -334,6 +346,11 @@ def tree_stream(tree: Sequence[dict], chosen: int, problem: dict, k: int, fmt: s
             else:
                 count("pruned_while_right" if not finished else "finished_right_or_unanswered")
                 continue
+            key = _norm_text(" ".join(steps))
+            if key in seen:
+                count("repeated_dead_end")
+                continue
+            seen.add(key)
             found[-1].append(steps + [line] + done_steps[-1:])
         done_steps += split_steps(nodes[node_id]["text"], fmt)
     # k of them, one depth at a time in turn (the root's first, then the next depth's, ...), so that backtracks

@@ -277,10 +277,11 @@ def test_record_tree_keeps_every_node_the_search_generated(name, budget):
 
 def test_beam_tree_linearises_into_a_stream_with_backtracks_at_each_depth():
     """The tree of a beam search (budget 8, width 2: the root's 8 children hold two right first steps, each right
-    step's 4 children one right second step) as a stream-of-search target: with k=3, dead ends are taken one depth
-    at a time: a wrong first step (cut where the step checks fail it, then "Back to the start"), a wrong second step
-    (then "Back to step 1" and step 1 again), another wrong first step; the verified path follows verbatim, so the
-    stream grades right. Branches that finished right are never dead ends."""
+    step's 4 children one right second step) as a stream-of-search target: dead ends are taken one depth at a time,
+    each distinct one once: the wrong first step (cut where the step checks fail it, then "Back to the start"), the
+    wrong second step (then "Back to step 1" and step 1 again); the verified path follows verbatim, so the stream
+    grades right. Branches that finished right are never dead ends; a chosen path that fails the step checks
+    gives no stream."""
     from pipelines.train.data import BACKTRACK, BACKTRACK_TO, tree_stream
     from pipelines.verify import grade
 
@@ -289,11 +290,15 @@ def test_beam_tree_linearises_into_a_stream_with_backtracks_at_each_depth():
     problem = {"id": "p", "answer": "14", "kind": "numeric", "quantities": [3.0, 4.0, 2.0]}
     text, why = tree_stream(res.meta["tree"], res.meta["chosen_node"], problem, k=3)
     back1 = BACKTRACK_TO.format(n=1)
-    assert text == (f"3 + 4 = 8\n{BACKTRACK}\n3 + 4 = 8\n{BACKTRACK}\n3 + 4 = 7\n"
+    assert text == (f"3 + 4 = 8\n{BACKTRACK}\n3 + 4 = 7\n"
                     f"7 * 2 = 15\n{back1}\n3 + 4 = 7\n7 * 2 = 14\nThe answer is 14.")
     assert grade(text, "14").correct
-    # the other right first step's branch reached the answer: not a dead end; the rest were over k
-    assert why["finished_right_or_unanswered"] >= 1 and why["dead_ends_over_k"] > 0
+    # the other right first step's branch reached the answer: not a dead end; the other wrong ones repeat these
+    assert why["finished_right_or_unanswered"] >= 1 and why["repeated_dead_end"] == 5 + 2
+    assert tree_stream(res.meta["tree"], res.meta["chosen_node"], problem, k=1)[0] == \
+        f"3 + 4 = 8\n{BACKTRACK}\n3 + 4 = 7\n7 * 2 = 14\nThe answer is 14."
+    assert tree_stream(res.meta["tree"], res.meta["chosen_node"], {**problem, "answer": "15"}, k=3) == \
+        (None, {"path_fails_step_checks": 1})
     # no checks (a non-synthetic problem): only branches that finished on a wrong answer are dead ends; here none
     text, why = tree_stream(res.meta["tree"], res.meta["chosen_node"], {"answer": "14", "kind": "numeric"}, k=3)
     assert text is None and why["no_dead_end"] == 1
