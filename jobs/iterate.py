@@ -69,8 +69,11 @@ def run_rounds(cfg: IterateConfig, out: Path, manifest: Manifest, base: str) -> 
             run_stage(manifest, f"round_{r}/generate", [PY, "-m", "jobs.generate_samples", "--config",
                                                         stage_file(rd, "generate", gen)],
                       lineage, {"samples": str(gen_dir / "samples")})
+        searched = manifest.stage(f"round_{r}/search").get("status") == "done"
+        # searched rows carry the strategy as their mode (traces_to_training_rows): label those
+        modes = (cfg.sampling.split(":", 1)[1],) if searched else cfg.annotate.modes
         ann = replace(cfg.annotate, samples=str(gen_dir / "samples"), limit=cfg.annotate_limit,
-                      out=str(rd / "annotate"), engine=replace(cfg.annotate.engine, model=generator))
+                      out=str(rd / "annotate"), engine=replace(cfg.annotate.engine, model=generator), modes=modes)
         run_stage(manifest, f"round_{r}/annotate", [PY, "-m", "jobs.annotate_steps", "--config",
                                                     stage_file(rd, "annotate", ann)],
                   lineage | {"samples": str(gen_dir / "samples")}, {"labels": str(rd / "annotate" / "labels")})

@@ -1,7 +1,7 @@
-"""The self-improvement loop on the tiny model (two STaR rounds), killed in the middle of a stage and run again: the
-second run skips what was done, resumes the killed stage, and ends with exactly the outputs one uninterrupted run has
-(every sample, label and record once, ids as the config defines them), with lineage, per-stage config files, summary
-and plot.
+"""The self-improvement loop on the tiny model (two STaR rounds, the second by expert iteration), killed in the
+middle of a stage and run again: the second run skips what was done, resumes the killed stage, and ends with exactly
+the outputs one uninterrupted run has (every sample, label and record once, ids as the config defines them), with
+lineage, per-stage config files, summary and plot.
 
 One loop run (killed + resumed) instead of a reference run beside it: the outputs' ids follow from the config alone
 (problems x samples, the annotation limit, eval problems x strategies x budgets), so they are checked against that."""
@@ -47,7 +47,9 @@ def _expected_ids() -> dict:
 
 
 def test_two_star_rounds_killed_mid_stage_resume_to_the_outputs_of_one_run(tmp_path):
-    """Two STaR rounds on the tiny model with SFT on, killed inside round 0's generation and run again.
+    """Two STaR rounds on the tiny model with SFT on, killed inside round 0's generation and run again; round 1 finds
+    its training data by expert iteration (a PRM-guided beam search over the training problems with round 0's PRM,
+    recording its trees for stream of search) instead of sampling.
 
     The second run skips what was done, resumes the killed stage, and ends with exactly the outputs one
     uninterrupted run has. STaR: the random model solves nothing, so every problem is rationalized by its reference
@@ -55,7 +57,8 @@ def test_two_star_rounds_killed_mid_stage_resume_to_the_outputs_of_one_run(tmp_p
     from the base model. (One test for both: each loop stage is a process that starts Ray and an engine, so a
     second loop run would cost minutes of the suite.)"""
     out = tmp_path / "run"
-    over = ["rounds=2", "round_mode=star", "rationalize=reference", "annotate.labels=step_check"]
+    over = ["rounds=2", "round_mode=star", "rationalize=reference", "annotate.labels=step_check",
+            "sampling=search:beam", "search_budget=2", "sft.select.stream_of_search=2"]
     proc = subprocess.Popen(_cmd(out) + over, cwd=REPO, env=_env(tmp_path), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "manifest.json"
@@ -83,9 +86,10 @@ def test_two_star_rounds_killed_mid_stage_resume_to_the_outputs_of_one_run(tmp_p
     m = json.loads(manifest.read_text())
     st = m["stages"]
     assert st[killed_in]["attempts"] == 2 and st["round_0/annotate"]["attempts"] == 1
-    for rnd in (0, 1):
+    for rnd, find in ((0, "generate"), (1, "search")):  # round 0 has no PRM yet to search with: it samples
         assert all(st[f"round_{rnd}/{k}"]["status"] == "done"
-                   for k in ("generate", "rationalize", "annotate", "train_prm", "train_sft", "evaluate"))
+                   for k in (find, "rationalize", "annotate", "train_prm", "train_sft", "evaluate"))
+    assert "round_1/generate" not in st
     lin = st["round_0/evaluate"]["lineage"]
     assert lin["prm"].endswith("round_0/prm/model")
     assert "verify" in lin["verifier"] and lin["problems"].startswith("synthetic")
@@ -127,8 +131,26 @@ def test_two_star_rounds_killed_mid_stage_resume_to_the_outputs_of_one_run(tmp_p
                    for x in ref)
         summary = json.loads((out / f"round_{rnd}" / "sft" / "summary.json").read_text())
         assert summary["train_rows"] >= 4  # the references (the random model's own samples are never verified)
-    # round 1 generates and is evaluated with round 0's trained generator
-    assert st["round_1/generate"]["lineage"]["generator"] == str(out / "round_0" / "sft" / "model")
+    # expert iteration: round 1 searches with round 0's generator and PRM; each search's trace, with its tree,
+    # becomes one Sample row of the round (the random model verifies none, so no stream of search is written)
+    search = st["round_1/search"]["lineage"]
+    assert search["generator"] == str(out / "round_0" / "sft" / "model")
+    assert search["prm"] == str(out / "round_0" / "prm" / "model")
+    traces = [json.loads(x) for x in (out / "round_1" / "search" / "traces.jsonl").read_text().splitlines()]
+    assert sorted(t["problem_id"] for t in traces) == sorted({s.split("/")[0] for s in want["samples"]})
+    for t in traces:
+        tree, node = t["meta"]["tree"], t["meta"]["chosen_node"]
+        assert t["strategy"] == "beam" and tree and tree[node]["terminal"]
+        assert len(tree) == t["sequences"]  # one node per sequence the engine returned
+    searched = pq.read_table(out / "round_1" / "generate" / "samples").to_pylist()
+    assert sorted(x["problem_id"] for x in searched) == sorted(t["problem_id"] for t in traces)
+    assert {x["mode"] for x in searched} == {"beam"} and not any(x["correct"] for x in searched)
+    assert not (out / "round_1" / "generate" / "streams").exists()
+    ann1 = yaml.safe_load((out / "round_1" / "configs" / "annotate.yaml").read_text())
+    assert ann1["modes"] == ["beam"]  # the searched rows are labelled (their mode is the strategy)
+    labelled = pq.read_table(out / "round_1" / "annotate" / "labels").column("sample_id").to_pylist()
+    assert sorted(labelled) == sorted(x["sample_id"] for x in searched)
+    # round 1 is evaluated with its own trained generator
     assert st["round_1/evaluate"]["lineage"]["generator"] == str(out / "round_1" / "sft" / "model")
     rounds = json.loads((out / "summary.json").read_text())["rounds"]
     assert [x["model"] for x in rounds] == ["round 1", "round 2"]
