@@ -65,6 +65,9 @@ class SelectConfig:
     step_checks: bool = help_field(False, "SFT: where a problem allows step checks (synthetic: every intermediate "
                                    "value known), drop verified samples with a wrong step (a right answer reached "
                                    "by wrong steps, e.g. after a STaR hint); other problems keep outcome verification")
+    shows_work: bool = help_field(False, "SFT: drop verified samples of numeric problems in which no true "
+                                         "arithmetic claim computes the final answer (an answer stated, not "
+                                         "derived: what a weak model writes after a STaR hint)")
 
     def __post_init__(self) -> None:
         if min(self.k, self.corrections, self.stream_of_search) < 0:

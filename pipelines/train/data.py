@@ -102,8 +102,13 @@ def select_sft(samples: Sequence[dict], cfg: SelectConfig, problems: dict[str, d
     """Verified samples -> Trajectory rows (module docstring). Returns (rows, counts of why the others were left).
 
     problems (by id): with cfg.step_checks, a sample of a problem with step checks (quantities known) must also pass
-    every step check."""
+    every step check; with cfg.shows_work, a numeric sample must compute its answer in a true claim."""
     from pipelines.train.metrics import step_truth  # the step checks' prefix truth, as the PRM's ground truth
+    from pipelines.verify import computes_answer
+
+    def stated_only(s: dict) -> bool:
+        return cfg.shows_work and s.get("kind", "numeric") == "numeric" and \
+            not computes_answer(list(s.get("steps") or []), s.get("answer"))
 
     def wrong_step(s: dict) -> bool:
         p = (problems or {}).get(s["problem_id"])
@@ -117,7 +122,7 @@ def select_sft(samples: Sequence[dict], cfg: SelectConfig, problems: dict[str, d
         reason = ("error" if s.get("error") else "not_correct" if not s.get("correct")
                   else "no_stop" if cfg.require_stop and s.get("finish_reason") != "stop"
                   else "empty" if not str(s.get("completion") or "").strip()
-                  else "wrong_step" if wrong_step(s) else "")
+                  else "wrong_step" if wrong_step(s) else "answer_not_computed" if stated_only(s) else "")
         if reason:
             why[reason] = why.get(reason, 0) + 1
             continue

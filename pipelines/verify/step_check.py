@@ -276,6 +276,24 @@ def find_claims(step: str) -> list[tuple[str, bool]]:
     return [(" = ".join(text(e) for e in chain), _claim_holds(chain)) for chain in _claims(step)]
 
 
+def computes_answer(steps: Sequence[str], answer: str | float | None) -> bool:
+    """Whether some claim in the steps that holds computes `answer` (the value of its computation equals it): the
+    solution shows the work that gives its answer, rather than only stating it ("... has now is 26. The answer is
+    26." after a hint that the answer is 26). False when the answer is not a number."""
+    target = parse_number(str(answer)) if answer is not None else None
+    if target is None:
+        return False
+    target = Fraction(target).limit_denominator(10**9)
+    for step in steps:
+        for chain in _claims(step):
+            if not _claim_holds(chain):
+                continue
+            value = next(_evaluate(e)[0] for e in chain if _literal(e) is None)
+            if value is not None and _close(value, target):
+                return True
+    return False
+
+
 def _stated_answer(step: str) -> str | None:
     ext = extract_answer(step)
     return ext.answer if ext.method in ("boxed", "gsm8k", "answer_is", "answer_line") else None

@@ -126,6 +126,21 @@ def test_select_sft_step_checks_drop_right_answers_by_wrong_steps(tmp_path):
     assert sorted(e["sample_id"] for e in T.read_examples(cfg).train) == ["a/s0", "b/s0"]
 
 
+def test_select_sft_shows_work_drops_answers_stated_without_a_computation():
+    """select.shows_work: a verified numeric sample must compute its answer in a claim that holds; what a weak model
+    writes after a STaR hint ("... has now is 26. The answer is 26.") is dropped, as is a false claim that happens
+    to give it; a non-numeric problem is not judged by it."""
+    rows = [sample("a", 0, "Ravi has 23 + 3 = 26 stickers.\nThe answer is 26.", True),
+            sample("a", 1, "The number of stickers Ravi has now is 26.\nThe answer is 26.", True),
+            sample("a", 2, "23 + 4 = 26\nThe answer is 26.", True),  # a false claim
+            {**sample("m", 0, "Simplify: $\\frac{1}{2}$.", True), "kind": "math"}]
+    for r in rows:
+        r["answer"] = "26" if r["problem_id"] == "a" else "\\frac{1}{2}"
+    kept, why = T.select_sft(rows, T.SelectConfig(k=0, shows_work=True))
+    assert [r["sample_id"] for r in kept] == ["a/s0", "m/s0"] and why == {"answer_not_computed": 2}
+    assert len(T.select_sft(rows, T.SelectConfig(k=0))[0]) == 4  # off by default
+
+
 @pytest.mark.parametrize("soft, hard, target, expected", [
     ([1.0, 0.5, 0.0], [1, 1, 0], "soft", [1.0, 0.5, 0.0]),
     ([1.0, 0.5, 0.0], [1, 1, 0], "hard", [1.0, 1.0, 0.0]),
