@@ -31,16 +31,19 @@ from pipelines.runtime import cli_main, cluster_for_stages, mlflow_ui_command
 PY = sys.executable
 
 
-def parse_args(argv: list[str] | None) -> IterateConfig:
+def parse_args(argv: list[str] | None) -> tuple[IterateConfig, list[str]]:
     ap = argparse.ArgumentParser(prog="stepray iterate", description=__doc__.split("\n\n")[0],
                                  epilog="config keys:\n" + C.describe(IterateConfig),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file with IterateConfig fields")
     ap.add_argument("--out", help="run folder (sets out=)")
+    ap.add_argument("--redo", default="", help="comma-separated stage keys of the run to do again, e.g. "
+                    "round_0/train_sft,round_0/evaluate (after changing their config): each leaves the manifest and "
+                    "its folder moves to <out>/replaced/; the other finished stages are skipped as always")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds=2 annotate_limit=80")
     args = ap.parse_args(argv)
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    return C.load_config(IterateConfig, args.config, overrides)
+    return C.load_config(IterateConfig, args.config, overrides), [k for k in args.redo.split(",") if k.strip()]
 
 
 def run_rounds(cfg: IterateConfig, out: Path, manifest: Manifest, base: str) -> None:
@@ -124,7 +127,7 @@ def run_rounds(cfg: IterateConfig, out: Path, manifest: Manifest, base: str) -> 
 
 @cli_main("stepray iterate")
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg, redo = parse_args(argv)
     from pipelines.models import load_path
 
     base = load_path(cfg.base_model)
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
     manifest = Manifest(out / "manifest.json")
+    if redo:
+        manifest.forget(redo, out)
     t_start = time.time()
 
     import mlflow

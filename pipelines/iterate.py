@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,12 +33,16 @@ from typing import Any
 
 from pipelines import config as C
 from pipelines.annotate import AnnotateConfig
-from pipelines.config import help_field
+from pipelines.config import ConfigError, help_field
 from pipelines.evaluate import EvalConfig
 from pipelines.generate import GenerationConfig
 from pipelines.problems import SyntheticConfig
 from pipelines.train.config import TrainConfig
 
+# the folders of a round each stage writes (--redo moves them aside); search's traces become generate's samples
+STAGE_DIRS = {"search": ("search", "generate"), "generate": ("generate",), "annotate": ("annotate",),
+              "train_prm": ("prm",), "train_orm": ("orm",), "rationalize": ("rationalize", "unsolved"),
+              "train_sft": ("sft",), "eval_base": ("eval_base",), "evaluate": ("eval",)}
 TREE_SEARCHES = ("beam", "dvts", "mcts")  # the strategies whose recorded trees have branches (record_tree)
 STAGES = ("generate", "annotate", "train_prm", "train_orm", "rationalize", "train_sft", "eval_base", "evaluate")
 
@@ -156,6 +161,27 @@ class Manifest:
 
     def fail(self, key: str, rc: int) -> None:
         self.data["stages"][key].update({"status": "failed", "exit_code": rc})
+        self.save()
+
+    def forget(self, keys: list[str], out: Path, log=print) -> None:
+        """Run these stages again: each key (round_<r>/<stage>) leaves the manifest and its folders move to
+        <out>/replaced/<time>/round_<r>/ (nothing is deleted), so the next run of the loop redoes it from scratch
+        with the config it is given (a stage would otherwise resume its own partial output or be skipped)."""
+        bad = [k for k in keys if not re.fullmatch(r"round_\d+/[a-z_]+", k) or k.split("/")[1] not in STAGE_DIRS]
+        if bad:
+            raise ConfigError(f"--redo {','.join(bad)}: give stage keys round_<r>/<stage>, <stage> one of "
+                              f"{', '.join(STAGE_DIRS)} (manifest.json lists the run's keys)")
+        dest = out / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+        for key in keys:
+            rnd, stage = key.split("/")
+            moved = []
+            for d in STAGE_DIRS[stage]:
+                if (out / rnd / d).exists():
+                    (dest / rnd).mkdir(parents=True, exist_ok=True)
+                    (out / rnd / d).rename(dest / rnd / d)
+                    moved.append(d)
+            self.data["stages"].pop(key, None)
+            log(f"[iterate] {key}: will run again" + (f" (moved {', '.join(moved)} to {dest / rnd})" if moved else ""))
         self.save()
 
 

@@ -161,3 +161,6 @@ def test_bad_stage_override_fails_before_any_work(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown config key annotate.rolouts" in r.stderr
     assert not (tmp_path / "x" / "manifest.json").exists()
+    r = subprocess.run(_cmd(tmp_path / "y") + ["--redo", "round_0/sft"], cwd=REPO, env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--redo round_0/sft" in r.stderr and "train_sft" in r.stderr

@@ -181,3 +181,29 @@ def test_gains_vs_base_pair_each_round_with_the_base_on_the_same_problems(tmp_pa
     assert rows[0]["gain"] == pytest.approx(0.2) and rows[0]["excludes_zero"]
     assert "| round 1 | greedy@1 | 100 | 0.100 | 0.300 | +0.200 [" in md and "] * |" in md
     assert gains_vs_base(tmp_path, C.load_config(IterateConfig, overrides=["eval_base=false"])) == ([], "")
+
+
+def test_redo_forgets_the_named_stages_and_moves_their_folders_aside(tmp_path):
+    """`stepray iterate --redo round_0/train_sft,round_0/evaluate`: those keys leave the manifest (the next run does
+    them again from scratch) and their folders move under <out>/replaced/ (nothing is deleted); the other stages stay
+    done; a key that names no stage is refused with the valid names."""
+    from pipelines.iterate import Manifest
+
+    m = Manifest(tmp_path / "manifest.json")
+    for key in ("round_0/generate", "round_0/train_sft", "round_0/eval_base", "round_0/evaluate"):
+        m.start(key, ["cmd"], {})
+        m.finish(key, 1.0, {})
+    for d in ("generate", "sft", "eval_base", "eval"):
+        (tmp_path / "round_0" / d).mkdir(parents=True)
+        (tmp_path / "round_0" / d / "x.txt").write_text(d)
+    said = []
+    m.forget(["round_0/train_sft", "round_0/evaluate"], tmp_path, log=said.append)
+    again = Manifest(tmp_path / "manifest.json")
+    assert [k for k in ("round_0/generate", "round_0/train_sft", "round_0/eval_base", "round_0/evaluate")
+            if again.done(k)] == ["round_0/generate", "round_0/eval_base"]
+    assert not (tmp_path / "round_0" / "sft").exists() and not (tmp_path / "round_0" / "eval").exists()
+    moved = sorted(p.relative_to(tmp_path / "replaced").parts[1:] for p in (tmp_path / "replaced").rglob("x.txt"))
+    assert moved == [("round_0", "eval", "x.txt"), ("round_0", "sft", "x.txt")]
+    assert len(said) == 2 and "will run again" in said[0]
+    with pytest.raises(C.ConfigError, match="train_sft"):
+        m.forget(["round_0/sft"], tmp_path)
