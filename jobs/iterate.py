@@ -55,10 +55,11 @@ def run_rounds(cfg: IterateConfig, out: Path, manifest: Manifest, base: str) -> 
         problems = f"synthetic {cfg.train_problems.key()} (n={cfg.train_problems.n}, seed={cfg.train_problems.seed})"
         lineage = {"round": r, "generator": generator, "prm": prm, "verifier": verifier, "problems": problems}
         gen_dir = rd / "generate"
-        if cfg.sampling.startswith("search:") and prm:
+        searched = bool(cfg.search_strategy and prm)  # round 0 has no PRM to search with yet: it samples
+        if searched:
             # stream of search over the search's trees needs them recorded (step-level strategies have them)
             search = evaluation(cfg, generator, prm, rd / "search", cfg.train_problems,
-                                strategies=(cfg.sampling.split(":", 1)[1],), budgets=(cfg.search_budget,),
+                                strategies=(cfg.search_strategy,), budgets=(cfg.search_budget,),
                                 search=replace(cfg.evaluate.search,
                                                record_tree=cfg.sft.select.stream_of_search > 0))
             run_stage(manifest, f"round_{r}/search", [PY, "-m", "jobs.evaluate_search", "--config",
@@ -72,9 +73,8 @@ def run_rounds(cfg: IterateConfig, out: Path, manifest: Manifest, base: str) -> 
             run_stage(manifest, f"round_{r}/generate", [PY, "-m", "jobs.generate_samples", "--config",
                                                         stage_file(rd, "generate", gen)],
                       lineage, {"samples": str(gen_dir / "samples")})
-        searched = manifest.stage(f"round_{r}/search").get("status") == "done"
         # searched rows carry the strategy as their mode (traces_to_training_rows): label those
-        modes = (cfg.sampling.split(":", 1)[1],) if searched else cfg.annotate.modes
+        modes = (cfg.search_strategy,) if searched else cfg.annotate.modes
         ann = replace(cfg.annotate, samples=str(gen_dir / "samples"), limit=cfg.annotate_limit,
                       out=str(rd / "annotate"), engine=replace(cfg.annotate.engine, model=generator), modes=modes)
         run_stage(manifest, f"round_{r}/annotate", [PY, "-m", "jobs.annotate_steps", "--config",

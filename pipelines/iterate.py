@@ -85,6 +85,11 @@ class IterateConfig:
     evaluate: EvalConfig = help_field(EvalConfig(strategies=("greedy", "majority", "weighted"), budgets=(1, 4)),
                                       "the evaluations (stepray evaluate; its strategies and budgets)")
 
+    @property
+    def search_strategy(self) -> str:
+        """The strategy of sampling=search:<strategy> (expert iteration), "" for plain sampling."""
+        return self.sampling.split(":", 1)[1] if self.sampling.startswith("search:") else ""
+
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
@@ -96,10 +101,10 @@ class IterateConfig:
             raise ValueError("rationalize_hint must contain {answer}: rationalization shows the right answer")
         if not (self.sampling == "sample" or self.sampling.startswith("search:")):
             raise ValueError(f"sampling {self.sampling!r}: use sample or search:<strategy>")
-        if self.sampling.startswith("search:"):
+        if self.search_strategy:
             from pipelines.search import STRATEGIES
 
-            name = self.sampling.split(":", 1)[1]
+            name = self.search_strategy
             if name not in STRATEGIES:
                 raise ValueError(f"sampling {self.sampling!r}: {name!r} is not one of {sorted(STRATEGIES)}")
 
@@ -285,7 +290,7 @@ def traces_to_training_rows(eval_dir: Path, out_dir: Path, prompt_model: str, cf
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     pq.write_table(schema.to_table(rows, "sample"), out_dir / "samples" / "part-search.parquet")
     if k:
-        strategy = cfg.sampling.split(":", 1)[-1]
+        strategy = cfg.search_strategy
         print(f"[iterate] stream of search: {len(streams)} rows from the search trees"
               + (f" (left out: {', '.join(f'{a} {b}' for a, b in sorted(why.items()))})" if why else "")
               + ("" if strategy in TREE_SEARCHES else f"; {strategy} records no step-level tree (beam, dvts and "
