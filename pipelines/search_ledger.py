@@ -17,6 +17,7 @@ from typing import Any
 
 from pipelines.config import help_field
 from pipelines.prompts import FORMATS, separator, split_steps
+from pipelines.verify.extract import STATED_ANSWER
 from pipelines.votes import AGGREGATE, reduce_steps
 
 REFLECTION_CUE = "Wait! Maybe I made some mistakes! I need to rethink from scratch."
@@ -138,9 +139,6 @@ def _answer(text: str) -> str | None:
     from pipelines.verify import extract_answer
 
     return extract_answer(text).answer
-
-
-STATED_ANSWER = ("boxed", "answer_is", "gsm8k", "answer_line")  # extraction methods of an answer the text states
 
 
 def _states_answer(text: str) -> bool:

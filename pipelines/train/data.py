@@ -282,9 +282,9 @@ def tree_stream(tree: Sequence[dict], chosen: int, problem: dict, k: int, fmt: s
     text follows verbatim, so the stream's last answer is the verified one. Returns (the stream, or None with no
     dead end to show; counts of what was left out)."""
     from pipelines.prompts import join_steps, separator, split_steps
-    from pipelines.search_ledger import STATED_ANSWER
     from pipelines.train.metrics import step_truth
     from pipelines.verify import extract_answer, grade
+    from pipelines.verify.extract import STATED_ANSWER
 
     why: dict[str, int] = {}
     nodes = {n["id"]: n for n in tree}

@@ -26,6 +26,9 @@ from pipelines.verify.numeric import parse_number
 
 EXTRACTION_METHODS = ("boxed", "answer_is", "gsm8k", "answer_line", "whole", "math_verify", "last_number",
                       "none")
+# the methods of an answer the text states (\boxed{7}, "The answer is 7", #### 7, "Answer: 7"), not one read off it
+STATED_ANSWER = ("boxed", "answer_is", "gsm8k", "answer_line")
+
 
 @dataclass(frozen=True)
 class Extraction:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from pipelines.verify.extract import extract_answer
+from pipelines.verify.extract import STATED_ANSWER, extract_answer
 from pipelines.verify.latex import _THOUSANDS_RE
 from pipelines.verify.numeric import numeric_equal, parse_number
 
@@ -296,7 +296,7 @@ def computes_answer(steps: Sequence[str], answer: str | float | None) -> bool:
 
 def _stated_answer(step: str) -> str | None:
     ext = extract_answer(step)
-    return ext.answer if ext.method in ("boxed", "gsm8k", "answer_is", "answer_line") else None
+    return ext.answer if ext.method in STATED_ANSWER else None
 
 
 def check_steps(steps: Sequence[str], quantities: Sequence[float], final_answer: float | str | None = None,
