@@ -99,3 +99,30 @@ def test_reload_weights_gives_the_engine_of_the_new_checkpoint(engine, ray_sessi
     assert swapped["token_ids"] == expected["token_ids"]
     assert math.isclose(swapped["cum_logprob"], expected["cum_logprob"], rel_tol=1e-4, abs_tol=1e-3)
     assert back["token_ids"] == before["token_ids"]
+
+
+def test_the_in_process_model_runs_on_the_threads_asked_not_rays_one(ray_session, tiny_model):
+    """A 1-CPU Ray actor starts with OMP_NUM_THREADS=1, which torch reads when it is imported; the CPU engine's model
+    runs in the actor's process, so in an actor that imported torch before its engine (one that also scores or
+    trains) the engine ran on one core whatever `threads` said, until set_cpu_threads set torch's count."""
+    from actors.vllm_generator import VLLMGenerator
+
+    class TorchFirst(VLLMGenerator):
+        def __init__(self, *a):
+            import torch  # noqa: F401 - before the engine, as in an actor that also scores or trains
+
+            self.threads_at_import = torch.get_num_threads()
+            super().__init__(*a)
+
+        def threads(self):
+            import torch
+
+            return self.threads_at_import, torch.get_num_threads()
+
+    actor = ray_session.remote(num_cpus=1)(TorchFirst).remote(
+        tiny_model, {"max_model_len": 128, "gpu_memory_utilization": 0.02}, {"max_tokens": 4}, 2, "tiny")
+    try:
+        assert ray_session.get(actor.threads.remote()) == (1, 2)
+        assert ray_session.get(actor.generate.remote(["a b"], {"n": 1}))[0][0]["token_ids"]
+    finally:
+        ray_session.kill(actor)
