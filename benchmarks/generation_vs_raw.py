@@ -2,14 +2,15 @@
 
     python -m benchmarks.generation_vs_raw [--problems 48] [--n 4] [--max-tokens 96] [--model smollm2] [--json out.json]
 
-One run does both, one after the other on the same machine, with the same engine arguments, prompts, sampling
-parameters and engine seed:
+One run does both, alternating (--repeats times raw then pipeline) on the same machine, with the same engine
+arguments, prompts, sampling parameters and engine seed:
 1. raw: a subprocess builds `vllm.LLM` and times `generate()` over all prompts (engine start excluded);
 2. pipeline: `build_generation` (prompt formatting, the engine class in an ActorPoolStrategy(1, 1), grading)
    streamed to parquet, once per engine class in --engines (async: AsyncVLLMGenerator with calls_in_flight batches
    at once, the default; sync: VLLMGenerator, one batch at a time); timed from the moment the engine finished
    loading inside the actor to the last block written, so engine start is excluded on both sides.
-Prints completion tokens/s of each and the ratios (goal: the pipeline keeps >= 0.95 of raw throughput).
+Prints completion tokens/s of each and the ratios (goal: the pipeline keeps >= 0.95 of raw throughput): pooled over
+the repeats (all tokens over all time, each side), with each pair's own ratio beside it to show the spread.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default="async,sync",
                     help="pipeline engine classes to time, the first giving the ratio: async (AsyncVLLMGenerator, "
                          "the default) and/or sync (VLLMGenerator)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="raw and pipeline alternate this many times; the ratio pools all their tokens and time")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--_raw", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -98,39 +101,56 @@ def main(argv: list[str] | None = None) -> int:
         f"synthetic.n={args.problems}", "synthetic.min_steps=1", "synthetic.max_steps=2", f"sampling.n={args.n}",
         f"sampling.max_tokens={args.max_tokens}", "sampling.logprobs=0", "sampling.temperature=0.8",
         "greedy=false", f"engine.batch_size={args.batch_size}", f"engine.model={args.model}"])
+    engines = args.engines.split(",")
+    raws, runs = [], {e: [] for e in engines}
     with tempfile.TemporaryDirectory() as tmp:
-        raw_out = os.path.join(tmp, "raw.json")
-        print("[bench] raw vLLM ...", flush=True)
-        subprocess.run([sys.executable, "-m", "benchmarks.generation_vs_raw", "--_raw",
-                        json.dumps(C.to_dict(cfg)), model_path, raw_out], check=True)
-        raw = json.loads(Path(raw_out).read_text())
-
-        ray = init_ray()
         problems = load_problems("synthetic", synthetic=cfg.synthetic).problems
-        runs = {}
-        for engine in args.engines.split(","):
-            print(f"[bench] pipeline, {engine} engine ...", flush=True)
-            ecfg = replace(cfg, engine=replace(cfg.engine, async_engine=engine == "async"))
-            ready = os.path.join(tmp, f"ready-{engine}")
-            ds = build_generation(ray.data.from_items(problems), ecfg, model_path,
-                                  generator_cls=timed(generator_class(ecfg.engine), ready))
-            stats = stream_to_parquet(ds, Path(tmp) / f"samples-{engine}", len(problems) * args.n, log=lambda s: None)
-            wall = time.time() - float(Path(ready).read_text())
-            runs[engine] = {"tokens": stats["tokens"], "wall_s": wall, "tokens_per_s": stats["tokens"] / wall,
-                            "ratio": stats["tokens"] / wall / (raw["tokens"] / raw["wall_s"])}
-        ray.shutdown()
-    first = runs[args.engines.split(",")[0]]
+        for rep in range(args.repeats):
+            # raw and pipeline alternate, each with the machine to itself (no Ray cluster beside raw): a drift of the
+            # machine's speed over the run (runs of the same side differ by up to ~10% here) reaches both sides
+            raw_out = os.path.join(tmp, f"raw-{rep}.json")
+            print(f"[bench] repeat {rep + 1}/{args.repeats}: raw vLLM ...", flush=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.generation_vs_raw", "--_raw",
+                            json.dumps(C.to_dict(cfg)), model_path, raw_out], check=True)
+            raw = json.loads(Path(raw_out).read_text())
+            raw["tokens_per_s"] = raw["tokens"] / raw["wall_s"]
+            raws.append(raw)
+            ray = init_ray()
+            for engine in engines:
+                print(f"[bench] repeat {rep + 1}/{args.repeats}: pipeline, {engine} engine ...", flush=True)
+                ecfg = replace(cfg, engine=replace(cfg.engine, async_engine=engine == "async"))
+                ready = os.path.join(tmp, f"ready-{engine}-{rep}")
+                ds = build_generation(ray.data.from_items(problems), ecfg, model_path,
+                                      generator_cls=timed(generator_class(ecfg.engine), ready))
+                stats = stream_to_parquet(ds, Path(tmp) / f"samples-{engine}-{rep}", len(problems) * args.n,
+                                          log=lambda s: None)
+                wall = time.time() - float(Path(ready).read_text())
+                runs[engine].append({"tokens": stats["tokens"], "wall_s": wall, "tokens_per_s": stats["tokens"] / wall,
+                                     "ratio": stats["tokens"] / wall / raw["tokens_per_s"]})
+                print(f"[bench]   raw {raw['tokens_per_s']:.1f}, {engine} {stats['tokens'] / wall:.1f} tokens/s "
+                      f"({runs[engine][-1]['ratio']:.3f}x)", flush=True)
+            ray.shutdown()
+    raw_tps = sum(r["tokens"] for r in raws) / sum(r["wall_s"] for r in raws)
+    summary = {}
+    for engine, reps in runs.items():
+        tps = sum(r["tokens"] for r in reps) / sum(r["wall_s"] for r in reps)
+        ratios = sorted(r["ratio"] for r in reps)
+        summary[engine] = {"tokens_per_s": tps, "ratio": tps / raw_tps, "pair_ratios": [r["ratio"] for r in reps],
+                           "pair_ratio_min": ratios[0], "pair_ratio_max": ratios[-1], "repeats": reps}
+    first = summary[engines[0]]
     result = {
         "machine": f"{os.cpu_count()} CPUs",
         "model": args.model, "problems": args.problems, "n": args.n, "max_tokens": args.max_tokens,
-        "batch_size": args.batch_size, "calls_in_flight": cfg.engine.calls_in_flight,
-        "raw_tokens": raw["tokens"], "raw_wall_s": raw["wall_s"], "raw_tokens_per_s": raw["tokens"] / raw["wall_s"],
-        "pipeline_tokens": first["tokens"], "pipeline_wall_s": first["wall_s"],
-        "pipeline_tokens_per_s": first["tokens_per_s"], "engines": runs,
+        "batch_size": args.batch_size, "calls_in_flight": cfg.engine.calls_in_flight, "repeats": args.repeats,
+        "raw_tokens": sum(r["tokens"] for r in raws), "raw_wall_s": sum(r["wall_s"] for r in raws),
+        "raw_tokens_per_s": raw_tps, "raw_runs": raws,
+        "pipeline_tokens_per_s": first["tokens_per_s"], "engines": summary,
     }
+    # the ratio: all the pipeline's tokens over all its time, against the same for raw (pooled over the repeats)
     result["ratio"] = first["ratio"]
     print(json.dumps(result, indent=1))
-    per = ", ".join(f"{e} engine {r['tokens_per_s']:.1f} tok/s ({r['ratio']:.2f}x)" for e, r in runs.items())
+    per = ", ".join(f"{e} engine {r['tokens_per_s']:.1f} tok/s ({r['ratio']:.2f}x; pairs "
+                    f"{', '.join(format(x, '.2f') for x in r['pair_ratios'])})" for e, r in summary.items())
     print(f"\ngeneration throughput: raw vLLM {result['raw_tokens_per_s']:.1f} tok/s; pipeline: {per} "
           f"(goal >= 0.95x)")
     if args.json:

@@ -3,7 +3,7 @@
     problems ──map_batches(FormatPrompts)──> prompt rows (n samples at T, plus one greedy row when asked)
              ──map_batches(AsyncVLLMGenerator, ActorPoolStrategy(min_engines, max_engines,
                            max_concurrent_calls_per_actor=calls_in_flight))──> one row per completion
-             ──map_batches(grade_batch)──> Sample rows (schema.SAMPLE)   [CPU tasks]
+             ──map_batches(Grader, ActorPoolStrategy(1, graders))──> Sample rows (schema.SAMPLE)
              ──iter_batches──> the driver writes each block as a parquet file as soon as it arrives
 
 Streaming and resume: each block is written to `<out>/samples/part-<uuid>.parquet` (tmp + rename, so a killed run
@@ -106,7 +106,13 @@ class GenerationConfig:
                                "question the engine sees (e.g. '(Hint: the answer is {answer}.)'); the rows keep the "
                                "prompt without it and are mode=rationalized; empty = no hint")
     verify_timeout_s: float = help_field(5.0, "time limit per answer check")
+    graders: int = help_field(2, "most grading actors (one starts with the engine; more with a backlog, e.g. code "
+                                 "problems whose tests run in sandboxes)")
     out: str = help_field("runs/generate", "output folder: samples/ parquet, rejects.jsonl, summary.json")
+
+    def __post_init__(self) -> None:
+        if self.graders < 1:
+            raise ValueError(f"graders must be >= 1, got {self.graders}")
 
 
 def confidence(top_logprobs: list[list[float]], token_logprobs: list[float]) -> float:
@@ -193,6 +199,18 @@ def grade_batch(batch: pa.Table, fmt: str = "lines", timeout_s: float = 5.0) -> 
     return schema.to_table(out, "sample")
 
 
+class Grader:
+    """grade_batch in a Ray Data actor (the verifiers imported once, the process kept between blocks)."""
+
+    def __init__(self, fmt: str = "lines", timeout_s: float = 5.0):
+        import pipelines.verify  # noqa: F401 - imported while the engine loads, not on the first block
+
+        self.fmt, self.timeout_s = fmt, timeout_s
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return grade_batch(batch, self.fmt, self.timeout_s)
+
+
 def generator_class(eng: EngineConfig) -> type:
     """The engine class of the generation pool: AsyncVLLMGenerator (engine.async_engine) or VLLMGenerator."""
     if eng.async_engine:
@@ -227,9 +245,13 @@ def build_generation(problems_ds, cfg: GenerationConfig, model_path: str, genera
         compute=ray.data.ActorPoolStrategy(min_size=eng.min_engines, max_size=eng.max_engines,
                                            max_concurrent_calls_per_actor=concurrent),
         num_cpus=eng.num_cpus, num_gpus=eng.num_gpus or None)
-    return completions.map_batches(grade_batch, fn_kwargs={"fmt": cfg.prompt.format,
-                                                           "timeout_s": cfg.verify_timeout_s},
-                                   batch_format="pyarrow", num_cpus=0.25)
+    # grading in a warm actor, started with the engine: as a task each block waited ~1.4 s for a worker process
+    # (48 problems x 4 samples: the last block written 1.4 s after the engine's last call, 5% of the run), while
+    # grading a block of numeric answers takes ~10 ms
+    return completions.map_batches(Grader, fn_constructor_kwargs={"fmt": cfg.prompt.format,
+                                                                  "timeout_s": cfg.verify_timeout_s},
+                                   batch_format="pyarrow", num_cpus=0.25,
+                                   compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.graders))
 
 
 # ----------------------------------------------------------------------------------------------------------
