@@ -122,3 +122,13 @@ def test_annotation_bench_rejects_bad_early_stop_settings_before_starting(argv, 
     with pytest.raises(SystemExit):
         A.main(argv)
     assert named in capsys.readouterr().err
+
+
+def test_generation_summary_shows_the_pooled_ratio_and_each_pair():
+    res = {"ratio": 0.9033, "pipeline_tokens_per_s": 401.2, "raw_tokens_per_s": 444.1,
+           "engines": {"async": {"ratio": 0.9033, "pair_ratios": [0.8917, 0.9494, 0.8709]}}}
+    measured, goal, detail = B.summary_line("generation", res)
+    assert (measured, goal) == ("0.90x raw", ">= 0.95x")
+    assert detail == "pipeline 401 vs raw 444 tokens/s; async engine 0.90x (pairs 0.89, 0.95, 0.87)"
+    del res["engines"]["async"]["pair_ratios"]  # a run written before the repeats
+    assert B.summary_line("generation", res)[2].endswith("async engine 0.90x")
