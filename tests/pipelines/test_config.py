@@ -27,6 +27,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     (["engine.min_engines=3", "engine.max_engines=2"], "min_engines"),
     (["nonsense"], "expected key=value"),
     (["synthetic.max_steps=9"], "max_steps"),
+    (["graders=0"], "graders must be >= 1, got 0"),
 ])
 def test_bad_keys_and_values_are_named(override, msg):
     with pytest.raises(ConfigError, match=msg):
