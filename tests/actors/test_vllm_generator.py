@@ -119,7 +119,9 @@ def test_the_in_process_model_runs_on_the_threads_asked_not_rays_one(ray_session
 
             return self.threads_at_import, torch.get_num_threads()
 
-    actor = ray_session.remote(num_cpus=1)(TorchFirst).remote(
+    # OMP_NUM_THREADS=1 as Ray sets it for a 1-CPU actor, named here: a variable the test process set earlier (an
+    # in-process engine's set_cpu_threads) would otherwise reach the actor instead
+    actor = ray_session.remote(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})(TorchFirst).remote(
         tiny_model, {"max_model_len": 128, "gpu_memory_utilization": 0.02}, {"max_tokens": 4}, 2, "tiny")
     try:
         assert ray_session.get(actor.threads.remote()) == (1, 2)
