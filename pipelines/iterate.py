@@ -101,7 +101,7 @@ class IterateConfig:
             raise ValueError("rationalize_hint must contain {answer}: rationalization shows the right answer")
         if not (self.sampling == "sample" or self.sampling.startswith("search:")):
             raise ValueError(f"sampling {self.sampling!r}: use sample or search:<strategy>")
-        if self.search_strategy:
+        if self.sampling.startswith("search:"):  # "search:" alone names no strategy: refused below
             from pipelines.search import STRATEGIES
 
             name = self.search_strategy

@@ -207,3 +207,12 @@ def test_redo_forgets_the_named_stages_and_moves_their_folders_aside(tmp_path):
     assert len(said) == 2 and "will run again" in said[0]
     with pytest.raises(C.ConfigError, match="train_sft"):
         m.forget(["round_0/sft"], tmp_path)
+
+
+def test_sampling_search_without_a_strategy_is_refused_by_name():
+    import pytest
+
+    from pipelines.iterate import IterateConfig
+
+    with pytest.raises(ValueError, match="'' is not one of"):
+        IterateConfig(sampling="search:")
