@@ -48,9 +48,9 @@ from pipelines.evaluate_batching import CallBatcher, SharedSamples, SharedScores
 from pipelines.generate import EngineConfig
 from pipelines.problems import SyntheticConfig
 from pipelines.prompts import PromptConfig
-from pipelines.search import CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem, engine_generate
+from pipelines.search import CHECKS, CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem, engine_generate
 
-SCORERS = ("prm", "orm", "vstar", "genrm", "confidence")
+SCORERS = ("prm", "orm", "vstar", "genrm", "confidence", "checks")  # checks: search.StepChecksScorer, no model
 VERIFIERS = ("prm", "orm", "vstar", "genrm")  # the trained ones, each an EvalConfig field holding its folder
 
 
@@ -66,8 +66,9 @@ class EvalConfig:
     search: SearchConfig = help_field(SearchConfig(), "search settings shared by every strategy")
     strategies: tuple[str, ...] = help_field(
         ("greedy", "majority", "best_of_n", "weighted", "beam", "mcts"),
-        "strategies (search.STRATEGIES), each optionally :prm, :orm or :confidence to pick its scorer; scored "
-        "strategies default to the PRM, else the ORM, else confidence")
+        "strategies (search.STRATEGIES), each optionally :prm, :orm, :vstar, :genrm, :confidence or :checks (the "
+        "arithmetic step checks as a calculator verifier, no model) to pick its scorer; scored strategies default to "
+        "the PRM, else the ORM, else confidence")
     budgets: tuple[int, ...] = help_field((1, 2, 4, 8, 16), "budgets to run every strategy at (greedy runs at 1)")
     prm: str = help_field("", "PRM checkpoint (actors.prm_scorer.PRMScorer); empty = no PRM")
     orm: str = help_field("", "ORM checkpoint (PRMScorer.score_outcome); empty = no ORM")
@@ -208,6 +209,8 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
                 generate = samples[p["id"]].wrap(generate, batcher.waiting)
             if t["scorer"] == "confidence":
                 score = CONFIDENCE
+            elif t["scorer"] == "checks":  # rule-based, run here: reads the question the search passes it
+                score = CHECKS
             elif t["scorer"]:  # every solution of this search is this problem's: send the scorer's own prompt
                 kind, sp = t["scorer"], scorer_prompts[t["scorer"]][p["id"]]
                 score = scores[(p["id"], kind)].wrap(lambda ps, ss: batcher.call(kind, [(sp, s) for s in ss]))

@@ -191,9 +191,10 @@ class _Ledger:
         if len(out) != len(todo):
             raise ValueError(f"score returned {len(out)} score lists for {len(todo)} solutions")
         self.score_calls += 1
+        free = getattr(self._score, "model_free", False)  # a rule-based scorer reads no tokens with a model
         for i, s in zip(todo, out):
             paths[i].scores = [float(v) for v in s]
-            self.tokens_scored += paths[i].tokens
+            self.tokens_scored += 0 if free else paths[i].tokens
         self._note_scores(paths)
 
     def _note_scores(self, paths: list[_Path]) -> None:

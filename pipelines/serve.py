@@ -14,7 +14,8 @@ Three deployments, each with its own autoscaling_config and resources in the con
 API (works with the official `openai` client):
 - POST /v1/chat/completions, POST /v1/completions: OpenAI bodies plus an optional `search` object
   {"strategy": greedy|majority|best_of_n|weighted|beam|dvts|mcts|reflection|revise, "n": budget, "beam_width": k,
-   "max_steps": s, "prm": "default"|"confidence"}. The response carries the chosen solution as the message, and
+   "max_steps": s, "prm": "default"|"confidence"|"checks"} ("checks": the arithmetic step checks as the verifier,
+  no model; `search.StepChecksScorer`). The response carries the chosen solution as the message, and
   `search`: {strategy, budget, answer, steps, step_scores, score, tokens_generated, tokens_scored, candidates}.
   usage.completion_tokens counts every token the search generated (the compute the request spent); the chosen
   solution's own length is search.chosen_tokens.
@@ -52,7 +53,7 @@ from pipelines import config as C
 from pipelines.config import help_field
 from pipelines.generate import EngineConfig
 from pipelines.prompts import PromptConfig, render
-from pipelines.search import CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem
+from pipelines.search import CHECKS, CONFIDENCE, SCORED, STRATEGIES, SearchConfig, SearchProblem
 
 
 def _num(v: float) -> float | None:
@@ -112,7 +113,10 @@ class SearchParams(BaseModel):
     n: int = Field(1, ge=1, description="the budget: samples, beam width x expansions, simulations")
     beam_width: int | None = Field(None, ge=1, description="beams kept per step (beam, dvts)")
     max_steps: int | None = Field(None, ge=1, le=64)
-    prm: Literal["default", "confidence"] = "default"
+    prm: Literal["default", "confidence", "checks"] = Field(
+        "default", description="the scored strategies' verifier: default (the deployed PRM/ORM/V-STaR/GenRM), "
+                               "confidence (Marco-o1, from token logprobs) or checks (the arithmetic of each step "
+                               "checked against the question's numbers; no model)")
     timeout_s: float | None = Field(None, gt=0, description="cancel the request after this (capped by the server's)")
     answer_kind: Literal["math", "numeric"] = Field(
         "math", description="how answers group in a vote: math (math-verify: \\frac{1}{2} = 0.5 = 1/2, LaTeX "
@@ -306,8 +310,8 @@ class SearchIngress:
         generate = engine_generate(calls, scfg)
         score = None
         if search.strategy in SCORED:
-            score = CONFIDENCE if search.prm == "confidence" else calls.score
-        scorer_prompt = prompt
+            score = {"confidence": CONFIDENCE, "checks": CHECKS}.get(search.prm, calls.score)
+        scorer_prompt = question if search.prm == "checks" else prompt  # the checks read the question's numbers
         if self.prm is not None and search.strategy in SCORED and search.prm == "default":
             pcfg = await self._scorer_prompt_cfg()
             # GenRM wraps the raw question in its own verification prompt; the others read it as in training
@@ -335,7 +339,7 @@ class SearchIngress:
                        "answer": result.answer,
                        "steps": result.steps, "step_scores": [_num(v) for v in result.step_scores],
                        "score": _num(result.score), "scorer": "none" if score is None else
-                       ("confidence" if score is CONFIDENCE else self.prm_kind),
+                       search.prm if score in (CONFIDENCE, CHECKS) else self.prm_kind,
                        "tokens_generated": result.tokens_generated, "tokens_scored": result.tokens_scored,
                        "chosen_tokens": chosen_tokens, "sequences": result.sequences,
                        "candidates": [{k: _num(v) if isinstance(v, float) else v for k, v in c.items()}

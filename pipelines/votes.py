@@ -46,9 +46,11 @@ def group_answers(answers: Sequence[str | None], equivalent: Equiv) -> list[list
 
 
 def argmax_group(groups: list[list[int]], value: Callable[[list[int]], float]) -> list[int] | None:
-    best, best_v = None, -math.inf
-    for g in groups:  # strict ">" keeps the earliest group on ties
-        v = value(g)
+    """The group of the largest value; on a tie the larger group (a weighted vote whose scores tie, e.g. a 0/1
+    verifier that passes none or several groups alike, falls back to the count), then the earliest."""
+    best, best_v = None, (-math.inf, 0)
+    for g in groups:  # strict ">" keeps the earliest group on full ties
+        v = (value(g), len(g))
         if v > best_v:
             best, best_v = g, v
     return best

@@ -299,9 +299,44 @@ def _stated_answer(step: str) -> str | None:
     return ext.answer if ext.method in STATED_ANSWER else None
 
 
+# Numbers a question implies by a word; a hand-made list (no library reads them), kept to words whose number a
+# solution computes with as an operand: "doubles them" -> x 2, "half of" -> / 2 or x 0.5, "a dozen" -> 12.
+_IMPLIED = [(re.compile(r"(?i)\b(twice|doubles?|doubled|pairs?)\b"), (2.0,)),
+            (re.compile(r"(?i)\b(half|halve[sd]?)\b"), (2.0, 0.5)),
+            (re.compile(r"(?i)\b(triples?|tripled|thrice)\b"), (3.0,)),
+            (re.compile(r"(?i)\b(quarters?|fourths?)\b"), (4.0, 0.25)),
+            (re.compile(r"(?i)\b(thirds?)\b"), (3.0,)),
+            (re.compile(r"(?i)\b(fifths?)\b"), (5.0, 0.2)),
+            (re.compile(r"(?i)\bevery (second|other)\b"), (2.0,)),
+            (re.compile(r"(?i)\b(dozens?)\b"), (12.0,)),
+            (re.compile(r"(?i)%|\bpercent"), (100.0,)),
+            (re.compile(r"(?i)\b(weeks?|weekly)\b"), (7.0,)),
+            (re.compile(r"(?i)\b(hours?|hourly|minutes?)\b"), (60.0,)),
+            (re.compile(r"(?i)\b(days?|daily)\b"), (24.0,))]
+
+
+def question_numbers(question: str) -> list[float]:
+    """The numbers a question gives, read as the steps' numbers are (digits with thousands commas, decimals and %,
+    number words, ½-style fractions; both readings of a percentage), and those a word implies (twice, half, dozen,
+    percent, week -> 7, hour -> 60, ...): the known operands of a solution when the problem's own `quantities` are
+    not at hand (a served request, a file of questions)."""
+    values: list[float] = []
+    for t in _step_tokens(question):
+        if t.kind == "num":
+            values += [float(r) for r in _readings(t) if float(r) not in values]
+    for pattern, implied in _IMPLIED:
+        if pattern.search(question):
+            values += [v for v in implied if v not in values]
+    return values
+
+
 def check_steps(steps: Sequence[str], quantities: Sequence[float], final_answer: float | str | None = None,
-                *, constants: Sequence[float] = ()) -> list[bool]:
-    """Whether each step is correct (rules in the module docstring): true claims over known operands only."""
+                *, constants: Sequence[float] = (), answer_computed: bool = False) -> list[bool]:
+    """Whether each step is correct (rules in the module docstring): true claims over known operands only.
+
+    answer_computed: without a `final_answer` to compare with (a verifier at test time), a stated numeric answer
+    must be a known value: a result the solution computed, or a number of the problem. "The answer is 30." after
+    "23 + 5 = 28" fails, as does an answer stated with no work that the problem does not give."""
     if isinstance(steps, str):
         raise TypeError("check_steps needs a list of steps, got one str; split the solution into steps first")
     known: list[Fraction] = [Fraction(q) for q in (*quantities, *constants)]
@@ -326,6 +361,9 @@ def check_steps(steps: Sequence[str], quantities: Sequence[float], final_answer:
         stated = _stated_answer(step)
         if ok and stated is not None and final_answer is not None and parse_number(stated) is not None:
             ok = numeric_equal(stated, str(final_answer))
+        elif ok and stated is not None and final_answer is None and answer_computed:
+            value = parse_number(stated)
+            ok = value is not None and any(_close(Fraction(value).limit_denominator(10**9), k) for k in known)
         labels.append(ok)
     return labels
 

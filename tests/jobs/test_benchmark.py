@@ -132,3 +132,32 @@ def test_generation_summary_shows_the_pooled_ratio_and_each_pair():
     assert detail == "pipeline 401 vs raw 444 tokens/s; async engine 0.90x (pairs 0.89, 0.95, 0.87)"
     del res["engines"]["async"]["pair_ratios"]  # a run written before the repeats
     assert B.summary_line("generation", res)[2].endswith("async engine 0.90x")
+
+
+def test_verifier_votes_pairs_each_strategy_with_majority_and_reads_pass_at_n(tmp_path, capsys):
+    """Hand-built records of 4 problems at budget 2: majority is right on p0 only; weighted:checks on p0 and p1;
+    a candidate is right on p0, p1 and p2 (pass@2 0.75); the paired difference is +0.25 and the ratio to pass@2
+    1/3 and 2/3. A folder without traces.jsonl is refused by name."""
+    import json
+
+    from benchmarks import verifier_votes as V
+
+    def rec(pid, strategy, correct, answers, gold="7"):
+        return {"problem_id": pid, "strategy": strategy, "budget": 2, "correct": correct, "gold": gold,
+                "candidates": [{"answer": a, "score": 1.0} for a in answers]}
+
+    records = [rec("p0", "majority", True, ["7", "7"]), rec("p1", "majority", False, ["5", "7.0"]),
+               rec("p2", "majority", False, ["1,000", "6"], gold="1000"), rec("p3", "majority", False, [None, "3"]),
+               rec("p0", "weighted:checks", True, []), rec("p1", "weighted:checks", True, []),
+               rec("p2", "weighted:checks", False, []), rec("p3", "weighted:checks", False, [])]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "traces.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    rows = {r["strategy"]: r for r in V.compare(V.load(tmp_path / "run"), 2)}
+    assert rows["majority@2"]["pass@2"] == 0.75 and rows["majority@2"]["accuracy"] == 0.25
+    w = rows["weighted:checks@2"]
+    assert w["accuracy"] == 0.5 and w["minus_majority"] == 0.25 and w["minus_majority_ci"][0] <= 0.25
+    assert math.isclose(w["of_pass"], 0.5 / 0.75) and "minus_majority" not in rows["majority@2"]
+    assert V.main([str(tmp_path / "run"), "--budget", "2", "--base", str(tmp_path / "run")]) == 0
+    assert "| weighted:checks@2 | 4 | 0.500" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="traces.jsonl"):
+        V.load(tmp_path / "nothing")

@@ -22,6 +22,8 @@ from pipelines.search import Completion
     ("beam", "", "/o", ("beam", "orm")),
     ("best_of_n:orm", "/p", "/o", ("best_of_n", "orm")),
     ("weighted:confidence", "/p", "", ("weighted", "confidence")),
+    ("weighted:checks", "", "", ("weighted", "checks")),  # the step checks need no checkpoint
+    ("best_of_n:checks", "/p", "", ("best_of_n", "checks")),
     ("majority", "/p", "", ("majority", "")),
     ("reflection", "", "", ("reflection", "")),
 ])

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines.search import (CONFIDENCE, STRATEGIES, Completion, SearchConfig, SearchProblem, engine_generate,
+from pipelines.search import (CHECKS, CONFIDENCE, STRATEGIES, Completion, SearchConfig, SearchProblem, engine_generate,
                               orm_as_step_scorer)
 from pipelines.search_ledger import REFLECTION_CUE
 from pipelines.votes import (best_index, best_of_n, group_answers, majority_vote, reduce_steps, vote_index,
@@ -45,8 +45,11 @@ def test_equivalent_spellings_fall_into_one_group():
 @pytest.mark.parametrize("answers, scores, expected", [
     (["1/2", "0.5", "3"], [0.2, 0.2, 0.9], "3"),  # 0.9 > 0.2 + 0.2
     (["1/2", "0.5", "3"], [0.3, 0.3, 0.5], "1/2"),  # 0.6 > 0.5 (majority of a weaker group wins on the sum)
-    (["3", "\\frac{1}{2}", "0.5"], [0.5, 0.25, 0.25], "3"),  # 0.5 = 0.5 tie: first-seen group
+    (["3", "\\frac{1}{2}", "0.5"], [0.5, 0.25, 0.25], "\\frac{1}{2}"),  # 0.5 = 0.5 tie: the larger group
     (["\\frac{1}{2}", "3", "0.5"], [0.25, 0.5, 0.25], "\\frac{1}{2}"),  # same tie, other order
+    (["3", "4", "4"], [1.0, 0.5, 0.5], "4"),  # 1.0 = 1.0: the group of two samples, though one came first
+    (["3", "4", "5"], [0.0, 0.0, 0.0], "3"),  # a full tie (equal sums, equal sizes): first-seen group
+    (["3", "4", "4"], [0.0, 0.0, 0.0], "4"),  # a 0/1 verifier that passes none: the count decides
     ([None, "4"], [0.9, 0.1], "4"),
 ])
 def test_weighted_majority_vote_table(answers, scores, expected):
@@ -347,6 +350,28 @@ def test_strategies_run_with_the_confidence_scorer_at_no_scorer_cost():
         res = STRATEGIES[name](PROBLEM, world.generate, CONFIDENCE, 4, CFG)
         assert res.tokens_scored == 0 and res.score_calls == 0 and res.tokens_generated == world.tokens
         assert res.step_scores and all(s == pytest.approx(2 / 3) for s in res.step_scores)
+
+
+def test_step_checks_scorer_picks_the_sample_whose_arithmetic_holds_at_no_scorer_cost():
+    """CHECKS reads the question's numbers (3, 4, and 2 from "doubles") and scores 1 up to the first step whose
+    arithmetic is false, uses a number neither given nor computed, or states an answer not computed; 0 after.
+    Scripted 16 samples (see test_best_of_n_and_weighted_pick_by_scores): only the last one, 3 + 4 = 7, 7 * 2 = 14,
+    passes, so best_of_n and weighted pick 14 where majority says 17; at 4 samples none passes and the weighted vote
+    falls back to the count (17), where the first-seen rule of ties would have said the same only by order."""
+    question = "Ann has 3 apples, buys 4 more, then doubles them. How many?"
+    assert CHECKS([question] * 4, [["3 + 4 = 7", "7 * 2 = 14", "The answer is 14."],
+                                   ["3 + 4 = 8", "8 * 2 = 16", "The answer is 16."],
+                                   ["3 + 4 = 7", "7 * 5 = 35", "The answer is 35."],
+                                   ["3 + 4 = 7", "The answer is 15."]]) == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0],
+                                                                           [1.0, 0.0, 0.0], [1.0, 0.0]]
+    problem = SearchProblem(prompt=PROMPT, question=question, kind="numeric")
+    for name, budget, answer in (("best_of_n", 16, "14"), ("weighted", 16, "14"), ("weighted", 4, "17")):
+        world = ScriptedWorld()
+        res = STRATEGIES[name](problem, world.generate, CHECKS, budget, CFG)
+        assert res.answer == answer, (name, budget)
+        assert res.tokens_scored == 0 and res.score_calls == 1 and res.tokens_generated == world.tokens
+    res = STRATEGIES["beam"](problem, ScriptedWorld().generate, CHECKS, 4, CFG)
+    assert res.answer == "14" and res.step_scores == [1.0, 1.0, 1.0]  # step search keeps the beams that check out
 
 
 def test_orm_as_step_scorer_gives_one_score_per_solution():

@@ -83,7 +83,7 @@ def test_models_and_health(client, server):
 @pytest.mark.parametrize("strategy, n, extra", [
     ("greedy", 1, {}), ("majority", 3, {}), ("best_of_n", 2, {}), ("weighted", 2, {}),
     ("beam", 4, {"beam_width": 2}), ("dvts", 4, {"beam_width": 2}), ("mcts", 3, {}), ("reflection", 2, {}),
-    ("best_of_n", 2, {"prm": "confidence"}),
+    ("best_of_n", 2, {"prm": "confidence"}), ("weighted", 2, {"prm": "checks"}),
 ])
 def test_every_strategy_answers_in_openai_shape(client, strategy, n, extra):
     resp = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=16,
@@ -101,12 +101,14 @@ def test_every_strategy_answers_in_openai_shape(client, strategy, n, extra):
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     assert resp.usage.prompt_tokens > 20
     if strategy in ("best_of_n", "weighted", "beam", "dvts", "mcts"):
-        assert s["scorer"] == ("confidence" if extra.get("prm") == "confidence" else "prm")
+        assert s["scorer"] == extra.get("prm", "prm")
         if s["steps"]:
             assert len(s["step_scores"]) == len(s["steps"])
             assert all(v is None or 0.0 <= v <= 1.0 for v in s["step_scores"])
         if s["scorer"] == "prm":
             assert s["tokens_scored"] > 0
+        if s["scorer"] == "checks":  # the rule-based checks read no tokens with a model
+            assert s["tokens_scored"] == 0
     if strategy in ("majority", "best_of_n", "weighted"):
         assert s["sequences"] == n and len(s["candidates"]) == n
 

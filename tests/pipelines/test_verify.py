@@ -486,6 +486,26 @@ def test_constants_extend_the_known_numbers():
     assert check_steps(steps, [2], constants=[60]) == [True]
 
 
+def test_question_numbers_read_stated_and_implied_numbers():
+    from pipelines.verify import question_numbers
+
+    q = "Ann has 3 apples and 1,200 seeds, buys four more at 50% off, then doubles them. A dozen weekly?"
+    assert question_numbers(q) == [3.0, 1200.0, 4.0, 50.0, 0.5, 2.0, 12.0, 100.0, 7.0]
+    assert question_numbers("How many are left?") == []
+
+
+def test_check_steps_without_gold_asks_for_a_computed_answer():
+    """answer_computed (a verifier at test time, no gold): the stated answer must be a value the solution
+    computed or the problem gave; with a gold answer given, that comparison decides as before."""
+    q = [23, 5]
+    assert check_steps(["23 * 5 = 115", "The answer is 115."], q, answer_computed=True) == [True, True]
+    assert check_steps(["23 * 5 = 115", "The answer is 116."], q, answer_computed=True) == [True, False]
+    assert check_steps(["He counts them.", "The answer is 30."], q, answer_computed=True) == [True, False]
+    assert check_steps(["The answer is 23."], q, answer_computed=True) == [True]  # a given number
+    assert check_steps(["23 * 5 = 115", "The answer is 116."], q) == [True, True]  # no gold, no requirement
+    assert check_steps(["23 * 5 = 115", "The answer is 115."], q, 116, answer_computed=True) == [True, False]
+
+
 def test_check_steps_rejects_a_single_string():
     with pytest.raises(TypeError, match="got one str"):
         check_steps("3 + 4 = 7", [3, 4])
