@@ -6,7 +6,8 @@ RUN is a `stepray evaluate` output folder (its traces.jsonl: one record per prob
 candidates the choice was made among). For each run and each strategy at --budget it prints the accuracy with its
 95% bootstrap interval over problems, the paired difference to majority@budget of the same run (the samples are
 shared, so the difference is the verifier's choice alone) with its interval, and pass@budget: the share of problems
-where some candidate of majority@budget is right (the ceiling of any choice among those samples). --base names the
+where some candidate of majority@budget is right (the ceiling of any choice among those samples); and for the
+scored strategies the AUC of their solution scores for "this sample's answer is right" over all candidates. --base names the
 run whose pass@budget the issue's bar is stated against ("best-of-8 or weighted@8 >= 0.8x the base model's pass@8");
 by default each run's own. Nothing is re-run: this reads what the evaluation recorded.
 """
@@ -40,6 +41,30 @@ def pass_at(records: list[dict], budget: int) -> dict[str, bool]:
     return out
 
 
+def outcome_auc(records: list[dict], strategy: str, budget: int) -> tuple[float, tuple[float, float]]:
+    """AUC of the strategy's solution scores for "this sample's answer is right" over all its candidates (each
+    candidate's score against its answer's verdict), with a 95% bootstrap interval over problems."""
+    from pipelines.stats import bootstrap_ci
+    from pipelines.train.metrics import auc
+    from pipelines.verify import answers_equivalent, parse_number
+
+    by_problem: dict[str, list[tuple[float, bool]]] = {}
+    for r in records:
+        if r["strategy"] == strategy and r["budget"] == budget:
+            kind = "numeric" if parse_number(str(r["gold"])) is not None else "math"
+            by_problem[r["problem_id"]] = [
+                (float(c["score"]), c.get("answer") is not None and answers_equivalent(str(c["answer"]),
+                                                                                      str(r["gold"]), kind))
+                for c in r.get("candidates") or [] if c.get("score") is not None]
+
+    def stat(ps):
+        pairs = [x for p in ps for x in by_problem[p]]
+        return auc([s for s, _ in pairs], [ok for _, ok in pairs])
+
+    ids = sorted(by_problem)
+    return stat(ids), bootstrap_ci(ids, stat)
+
+
 def compare(records: list[dict], budget: int, base_pass: float | None = None) -> list[dict]:
     from pipelines.stats import bootstrap_ci, paired_gain
 
@@ -62,6 +87,9 @@ def compare(records: list[dict], budget: int, base_pass: float | None = None) ->
             g = paired_gain(majority, h)
             row.update({"minus_majority": g["gain"], "minus_majority_ci": g["ci"],
                         "above_majority": g["ci"][0] > 0})
+        strategy = key.rsplit("@", 1)[0]
+        if strategy.split(":")[0] in ("best_of_n", "weighted"):  # candidates carry their solution scores
+            row["outcome_auc"], row["outcome_auc_ci"] = outcome_auc(records, strategy, budget)
         ref = base_pass if base_pass is not None else ceiling
         row["of_pass"] = acc / ref if ref else float("nan")
         rows.append(row)
@@ -71,12 +99,14 @@ def compare(records: list[dict], budget: int, base_pass: float | None = None) ->
 def table(name: str, rows: list[dict], budget: int, base: str) -> str:
     lines = [f"{name}", "",
              f"| strategy | problems | accuracy [95% CI] | minus majority@{budget} [95% CI] | pass@{budget} | "
-             f"accuracy / {base} pass@{budget} |", "|---|---:|---|---|---:|---:|"]
+             f"accuracy / {base} pass@{budget} | AUC \"answer is right\" [95% CI] |", "|---|---:|---|---|---:|---:|---|"]
     for r in rows:
         diff = (f"{r['minus_majority']:+.3f} [{r['minus_majority_ci'][0]:+.3f}, {r['minus_majority_ci'][1]:+.3f}]"
                 if "minus_majority" in r else "")
         lines.append(f"| {r['strategy']} | {r['problems']} | {r['accuracy']:.3f} [{r['ci'][0]:.3f}, "
-                     f"{r['ci'][1]:.3f}] | {diff} | {r[f'pass@{budget}']:.3f} | {r['of_pass']:.2f} |")
+                     f"{r['ci'][1]:.3f}] | {diff} | {r[f'pass@{budget}']:.3f} | {r['of_pass']:.2f} | "
+                     + (f"{r['outcome_auc']:.3f} [{r['outcome_auc_ci'][0]:.3f}, {r['outcome_auc_ci'][1]:.3f}] |"
+                        if "outcome_auc" in r else " |"))
     return "\n".join(lines)
 
 

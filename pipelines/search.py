@@ -102,11 +102,15 @@ class StepChecksScorer:
     """The arithmetic step checks (`verify.check_steps`) as a verifier that needs no model and no gold answer: a
     calculator over the solution. A step scores 1 while every claim in it and before it holds over known operands
     (the numbers the question states, `verify.question_numbers`, and results computed earlier) and any answer it
-    states is such a value; 0 from the first step that fails. It reads the numbers from the question it is given
-    (a search passes its problem's question as the prompts), so it needs nothing a served request lacks.
+    states is such a value; 0 from the first step that fails. The last step's score is then multiplied by the
+    coverage (`verify.coverage`): the share of the numbers the question writes in digits that the solution computes
+    with, so a solution that skips a given quantity (a two-step problem answered in one step) scores below one that
+    uses them all. It reads the numbers from the question it is given (a search passes its problem's question as the
+    prompts), so it needs nothing a served request lacks.
 
     What it cannot see: a true computation with the wrong operation ("23 - 5 = 18" where the question says "5 times
-    as many") and prose steps with no arithmetic both pass. It scores no tokens (`model_free`). Written here rather
+    as many") and prose steps with no arithmetic both pass; a distractor number in the question costs a right
+    solution its coverage. It scores no tokens (`model_free`). Written here rather
     than taken from a library: the checks are the project's own ground truth for synthetic problems
     (`pipelines.verify.step_check`), used without the gold answer.
     """
@@ -115,13 +119,16 @@ class StepChecksScorer:
     name = "checks"
 
     def __call__(self, prompts: list[str], step_lists: list[list[str]]) -> list[list[float]]:
-        from pipelines.verify import check_steps, question_numbers
+        from pipelines.verify import check_steps, coverage, question_numbers
 
         out = []
         for question, steps in zip(prompts, step_lists):
             ok = check_steps(list(steps), question_numbers(question), answer_computed=True)
             first = next((i for i, o in enumerate(ok) if not o), len(ok))
-            out.append([1.0 if i < first else 0.0 for i in range(len(steps))])
+            scores = [1.0 if i < first else 0.0 for i in range(len(steps))]
+            if scores:
+                scores[-1] *= coverage(steps, question)
+            out.append(scores)
         return out
 
 

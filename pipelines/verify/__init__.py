@@ -32,13 +32,14 @@ from pipelines.verify.latex import _THOUSANDS_RE, _boxed, _boxed_contents, _stri
 from pipelines.verify.mathverify import (HARD_KILL_GRACE_S, MATH_OPTIONS, WORKER_START_TIMEOUT_S, _as_latex,
                                          _math_check, _math_worker_main, _worker, math_equal)
 from pipelines.verify.numeric import numeric_equal, parse_number
-from pipelines.verify.step_check import check_steps, computes_answer, find_claims, first_error, question_numbers
+from pipelines.verify.step_check import (check_steps, computes_answer, coverage, find_claims, first_error,
+                                         question_numbers)
 
 __all__ = ["KINDS", "MATH_REASONS", "CODE_REASONS", "EXTRACTION_METHODS", "MATH_OPTIONS", "HARD_KILL_GRACE_S",
            "WORKER_START_TIMEOUT_S", "Extraction", "Verdict", "extract_answer", "extract_code", "parse_number",
            "numeric_equal", "math_equal", "grade", "grade_code", "answers_equivalent", "check_steps", "first_error",
-           "question_numbers", "find_claims", "computes_answer", "verify_row", "verify_batch", "_math_worker_main",
-           "_worker"]
+           "question_numbers", "coverage", "find_claims", "computes_answer", "verify_row", "verify_batch",
+           "_math_worker_main", "_worker"]
 
 KINDS = ("numeric", "math", "code")
 MATH_REASONS = ("correct", "wrong", "no_answer", "timeout", "error")

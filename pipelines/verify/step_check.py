@@ -330,6 +330,19 @@ def question_numbers(question: str) -> list[float]:
     return values
 
 
+def coverage(steps: Sequence[str], question: str) -> float:
+    """The share of the numbers the question writes in digits that some computation of the solution uses as an
+    operand (1.0 when it writes none). Number words and implied numbers are left out: "keeps one group" names no
+    operand. A solution that skips a given quantity has skipped a step of the problem, unless the quantity is a
+    distractor (GSM-IC's added sentences), which this cannot tell."""
+    given = [r for t in _step_tokens(question) if t.kind == "num" and t.text[:1].isdigit() for r in _readings(t)[:1]]
+    if not given:
+        return 1.0
+    used = [r for step in steps for chain in _claims(step) for e in chain if _literal(e) is None
+            for t in e if t.kind == "num" for r in _readings(t)]
+    return sum(any(_close(abs(u), abs(g)) for u in used) for g in given) / len(given)
+
+
 def check_steps(steps: Sequence[str], quantities: Sequence[float], final_answer: float | str | None = None,
                 *, constants: Sequence[float] = (), answer_computed: bool = False) -> list[bool]:
     """Whether each step is correct (rules in the module docstring): true claims over known operands only.

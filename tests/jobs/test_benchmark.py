@@ -137,7 +137,7 @@ def test_generation_summary_shows_the_pooled_ratio_and_each_pair():
 def test_verifier_votes_pairs_each_strategy_with_majority_and_reads_pass_at_n(tmp_path, capsys):
     """Hand-built records of 4 problems at budget 2: majority is right on p0 only; weighted:checks on p0 and p1;
     a candidate is right on p0, p1 and p2 (pass@2 0.75); the paired difference is +0.25 and the ratio to pass@2
-    1/3 and 2/3. A folder without traces.jsonl is refused by name."""
+    1/3 and 2/3; the AUC reads the scored candidates. A folder without traces.jsonl is refused by name."""
     import json
 
     from benchmarks import verifier_votes as V
@@ -150,6 +150,8 @@ def test_verifier_votes_pairs_each_strategy_with_majority_and_reads_pass_at_n(tm
                rec("p2", "majority", False, ["1,000", "6"], gold="1000"), rec("p3", "majority", False, [None, "3"]),
                rec("p0", "weighted:checks", True, []), rec("p1", "weighted:checks", True, []),
                rec("p2", "weighted:checks", False, []), rec("p3", "weighted:checks", False, [])]
+    records[4]["candidates"] = [{"answer": "7", "score": 1.0}, {"answer": "5", "score": 0.0}]
+    records[5]["candidates"] = [{"answer": "4", "score": 0.5}, {"answer": "7", "score": 0.5}]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "traces.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     rows = {r["strategy"]: r for r in V.compare(V.load(tmp_path / "run"), 2)}
@@ -157,6 +159,9 @@ def test_verifier_votes_pairs_each_strategy_with_majority_and_reads_pass_at_n(tm
     w = rows["weighted:checks@2"]
     assert w["accuracy"] == 0.5 and w["minus_majority"] == 0.25 and w["minus_majority_ci"][0] <= 0.25
     assert math.isclose(w["of_pass"], 0.5 / 0.75) and "minus_majority" not in rows["majority@2"]
+    # its candidates' scores against their verdicts, pooled: right (1.0, 0.5) vs wrong (0.0, 0.5): 3 of 4 pairs
+    # ranked right, one tie (1/2)
+    assert w["outcome_auc"] == 3.5 / 4 and "outcome_auc" not in rows["majority@2"]
     assert V.main([str(tmp_path / "run"), "--budget", "2", "--base", str(tmp_path / "run")]) == 0
     assert "| weighted:checks@2 | 4 | 0.500" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="traces.jsonl"):

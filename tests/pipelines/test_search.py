@@ -354,16 +354,19 @@ def test_strategies_run_with_the_confidence_scorer_at_no_scorer_cost():
 
 def test_step_checks_scorer_picks_the_sample_whose_arithmetic_holds_at_no_scorer_cost():
     """CHECKS reads the question's numbers (3, 4, and 2 from "doubles") and scores 1 up to the first step whose
-    arithmetic is false, uses a number neither given nor computed, or states an answer not computed; 0 after.
+    arithmetic is false, uses a number neither given nor computed, or states an answer not computed; 0 after; the
+    last step's score is scaled by the share of the question's digit numbers the solution computes with.
     Scripted 16 samples (see test_best_of_n_and_weighted_pick_by_scores): only the last one, 3 + 4 = 7, 7 * 2 = 14,
     passes, so best_of_n and weighted pick 14 where majority says 17; at 4 samples none passes and the weighted vote
     falls back to the count (17), where the first-seen rule of ties would have said the same only by order."""
     question = "Ann has 3 apples, buys 4 more, then doubles them. How many?"
-    assert CHECKS([question] * 4, [["3 + 4 = 7", "7 * 2 = 14", "The answer is 14."],
+    assert CHECKS([question] * 5, [["3 + 4 = 7", "7 * 2 = 14", "The answer is 14."],
                                    ["3 + 4 = 8", "8 * 2 = 16", "The answer is 16."],
                                    ["3 + 4 = 7", "7 * 5 = 35", "The answer is 35."],
-                                   ["3 + 4 = 7", "The answer is 15."]]) == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0],
-                                                                           [1.0, 0.0, 0.0], [1.0, 0.0]]
+                                   ["3 + 4 = 7", "The answer is 15."],
+                                   ["3 * 2 = 6", "The answer is 6."]]) == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0],
+                                                                          [1.0, 0.0, 0.0], [1.0, 0.0], [1.0, 0.5]]
+    # the last: true arithmetic, but the 4 the question gives is never used (coverage 1/2 on the last step)
     problem = SearchProblem(prompt=PROMPT, question=question, kind="numeric")
     for name, budget, answer in (("best_of_n", 16, "14"), ("weighted", 16, "14"), ("weighted", 4, "17")):
         world = ScriptedWorld()

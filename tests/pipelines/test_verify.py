@@ -494,6 +494,16 @@ def test_question_numbers_read_stated_and_implied_numbers():
     assert question_numbers("How many are left?") == []
 
 
+def test_coverage_is_the_share_of_digit_numbers_the_solution_computes_with():
+    from pipelines.verify import coverage
+
+    q = "Luis has 23 toy cars. He gets 5 times as many. He keeps one of 2 equal parts. How many?"
+    assert coverage(["23 * 5 = 115", "115 / 2 = 57.5", "The answer is 57.5."], q) == 1.0  # "one" is not counted
+    assert coverage(["23 * 5 = 115", "The answer is 115."], q) == pytest.approx(2 / 3)  # skipped the last step
+    assert coverage(["The answer is 23."], q) == 0.0  # a stated number is not a computation's operand
+    assert coverage(["I guess."], "How many are left?") == 1.0  # the question writes no number
+
+
 def test_check_steps_without_gold_asks_for_a_computed_answer():
     """answer_computed (a verifier at test time, no gold): the stated answer must be a value the solution
     computed or the problem gave; with a gold answer given, that comparison decides as before."""
