@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the default) and/or sync (VLLMGenerator)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="raw and pipeline alternate this many times; the ratio pools all their tokens and time")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a GenerationConfig override (e.g. engine.calls_in_flight=3); the raw side reads only its "
+                         "engine arguments and sampling")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--_raw", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.load_config(GenerationConfig, overrides=[
         f"synthetic.n={args.problems}", "synthetic.min_steps=1", "synthetic.max_steps=2", f"sampling.n={args.n}",
         f"sampling.max_tokens={args.max_tokens}", "sampling.logprobs=0", "sampling.temperature=0.8",
-        "greedy=false", f"engine.batch_size={args.batch_size}", f"engine.model={args.model}"])
+        "greedy=false", f"engine.batch_size={args.batch_size}", f"engine.model={args.model}", *args.set])
     engines = args.engines.split(",")
     raws, runs = [], {e: [] for e in engines}
     with tempfile.TemporaryDirectory() as tmp:
