@@ -24,17 +24,33 @@ def load(run: str | Path) -> list[dict]:
     path = Path(run) / "traces.jsonl"
     if not path.exists():
         raise SystemExit(f"{path} not found: give a `stepray evaluate` output folder (it writes traces.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    problems = Path(run) / "problems.parquet"  # the evaluation's problems: each answer's kind, as it was graded
+    if problems.exists():
+        import pyarrow.parquet as pq
+
+        kinds = dict(zip(*pq.read_table(problems, columns=["id", "kind"]).to_pydict().values()))
+        for r in records:
+            r.setdefault("kind", kinds.get(r["problem_id"]))
+    return records
+
+
+def _kind(r: dict) -> str:
+    from pipelines.verify import parse_number
+
+    if r.get("kind") in ("numeric", "math"):
+        return r["kind"]
+    return "numeric" if parse_number(str(r["gold"])) is not None else "math"  # no problems.parquet beside it
 
 
 def pass_at(records: list[dict], budget: int) -> dict[str, bool]:
     """Per problem, whether some candidate of majority@budget states the gold answer."""
-    from pipelines.verify import answers_equivalent, parse_number
+    from pipelines.verify import answers_equivalent
 
     out = {}
     for r in records:
         if r["strategy"] == "majority" and r["budget"] == budget:
-            kind = "numeric" if parse_number(str(r["gold"])) is not None else "math"  # records keep no kind
+            kind = _kind(r)
             out[r["problem_id"]] = any(c.get("answer") is not None and
                                        answers_equivalent(str(c["answer"]), str(r["gold"]), kind)
                                        for c in r.get("candidates") or [])
@@ -46,12 +62,12 @@ def outcome_auc(records: list[dict], strategy: str, budget: int) -> tuple[float,
     candidate's score against its answer's verdict), with a 95% bootstrap interval over problems."""
     from pipelines.stats import bootstrap_ci
     from pipelines.train.metrics import auc
-    from pipelines.verify import answers_equivalent, parse_number
+    from pipelines.verify import answers_equivalent
 
     by_problem: dict[str, list[tuple[float, bool]]] = {}
     for r in records:
         if r["strategy"] == strategy and r["budget"] == budget:
-            kind = "numeric" if parse_number(str(r["gold"])) is not None else "math"
+            kind = _kind(r)
             by_problem[r["problem_id"]] = [
                 (float(c["score"]), c.get("answer") is not None and answers_equivalent(str(c["answer"]),
                                                                                       str(r["gold"]), kind))

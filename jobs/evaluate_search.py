@@ -27,7 +27,7 @@ from pipelines import config as C
 from pipelines import inputs
 from pipelines.config import InputError
 from pipelines.evaluate import (VERIFIERS, EvalConfig, accuracy_table, engine_threads, evaluate, format_table,
-                                start_scorers, write_outputs)
+                                parse_strategy, start_scorers, write_outputs)
 from pipelines.models import load_path
 from pipelines.problems import load_problems, write_rejects
 from pipelines.runs import write_problems
@@ -104,9 +104,10 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
     try:
         scorers, scorer_prompts, names, scorer_actors = start_scorers(cfg, problems)
         actors += scorer_actors
-        if not any(getattr(cfg, k) for k in VERIFIERS):
-            log("[evaluate] no --prm, --orm, --vstar or --genrm given: best_of_n, weighted, beam, dvts and mcts score solutions with "
-                "Marco-o1 confidence from token logprobs, not with a trained verifier")
+        if not any(getattr(cfg, k) for k in VERIFIERS) and any(
+                parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar, cfg.genrm)[1] == "confidence" for s in cfg.strategies):
+            log("[evaluate] no --prm, --orm, --vstar or --genrm given: the scored strategies without a :scorer score "
+                "solutions with Marco-o1 confidence from token logprobs, not with a trained verifier")
         ready = wait_ready(engines, f"{len(engines)} engine(s)", actor_options(eng.num_cpus, eng.num_gpus))
         log(f"[evaluate] {len(engines)} engine(s) up ({ready[0]['load_s']:.0f}s load); scorers: "
             f"{', '.join(sorted(names))}")
@@ -119,8 +120,10 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
             ray.kill(a)
 
     rows = accuracy_table(records, cfg.strategies)
+    used_scorers = sorted({names.get(k, k) for k in
+                           (parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar, cfg.genrm)[1] for s in cfg.strategies) if k})
     title = (f"{eng.model} on {cfg.problems} ({len(problems)} problems); scorer: "
-             f"{names.get('prm') or names.get('orm') or 'confidence'}")
+             f"{', '.join(used_scorers) or 'none'}")
     paths = write_outputs(out, records, failed, rows, title)
     summary = {"problems": len(problems), "rejected_problems": len(rejects), **facts, "engine_threads": eng.threads,
                "scorer_fallback": not any(getattr(cfg, k) for k in VERIFIERS), "table": rows}

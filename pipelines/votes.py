@@ -2,8 +2,9 @@
 
 Aggregators. Answers are grouped by verified equivalence, not by string: "1/2", "0.5" and "\\frac{1}{2}" are one
 group (`pipelines.verify.answers_equivalent`). Each aggregator returns one of the given answers: the first member
-(in input order) of the winning group. Tie-breaking, the same everywhere: among groups with equal vote (or score),
-the group whose first member appears earliest in the input wins; best-of-N keeps the earliest of equal scores.
+(in input order) of the winning group. Tie-breaking, the same everywhere: among groups with equal vote (or summed
+score), the larger group wins, then the group whose first member appears earliest in the input; best-of-N keeps the
+earliest of equal scores.
 With samples in generation order this is deterministic and reproducible.
 """
 

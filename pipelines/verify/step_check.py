@@ -302,11 +302,11 @@ def _stated_answer(step: str) -> str | None:
 # Numbers a question implies by a word; a hand-made list (no library reads them), kept to words whose number a
 # solution computes with as an operand: "doubles them" -> x 2, "half of" -> / 2 or x 0.5, "a dozen" -> 12.
 _IMPLIED = [(re.compile(r"(?i)\b(twice|doubles?|doubled|pairs?)\b"), (2.0,)),
-            (re.compile(r"(?i)\b(half|halve[sd]?)\b"), (2.0, 0.5)),
+            (re.compile(r"(?i)\b(half|halve[sd]?)\b"), (2.0, 0.5, 1.0)),
             (re.compile(r"(?i)\b(triples?|tripled|thrice)\b"), (3.0,)),
-            (re.compile(r"(?i)\b(quarters?|fourths?)\b"), (4.0, 0.25)),
-            (re.compile(r"(?i)\b(thirds?)\b"), (3.0,)),
-            (re.compile(r"(?i)\b(fifths?)\b"), (5.0, 0.2)),
+            (re.compile(r"(?i)\b(quarters?|fourths?)\b"), (4.0, 0.25, 1.0)),
+            (re.compile(r"(?i)\b(thirds?)\b"), (3.0, 1.0)),
+            (re.compile(r"(?i)\b(fifths?)\b"), (5.0, 0.2, 1.0)),
             (re.compile(r"(?i)\bevery (second|other)\b"), (2.0,)),
             (re.compile(r"(?i)\b(dozens?)\b"), (12.0,)),
             (re.compile(r"(?i)%|\bpercent"), (100.0,)),
@@ -321,9 +321,15 @@ def question_numbers(question: str) -> list[float]:
     percent, week -> 7, hour -> 60, ...): the known operands of a solution when the problem's own `quantities` are
     not at hand (a served request, a file of questions)."""
     values: list[float] = []
-    for t in _step_tokens(question):
+    toks = _step_tokens(question)
+    for i, t in enumerate(toks):
         if t.kind == "num":
             values += [float(r) for r in _readings(t) if float(r) not in values]
+        # "3/4 of them": the fraction's value too (a solution may compute with 0.75)
+        if t.kind == "op" and t.text == "/" and 0 < i < len(toks) - 1 and toks[i - 1].kind == toks[i + 1].kind == "num" \
+                and toks[i + 1].value:
+            v = float(toks[i - 1].value / toks[i + 1].value)
+            values += [v] if v not in values else []
     for pattern, implied in _IMPLIED:
         if pattern.search(question):
             values += [v for v in implied if v not in values]
@@ -335,12 +341,13 @@ def coverage(steps: Sequence[str], question: str) -> float:
     operand (1.0 when it writes none). Number words and implied numbers are left out: "keeps one group" names no
     operand. A solution that skips a given quantity has skipped a step of the problem, unless the quantity is a
     distractor (GSM-IC's added sentences), which this cannot tell."""
-    given = [r for t in _step_tokens(question) if t.kind == "num" and t.text[:1].isdigit() for r in _readings(t)[:1]]
+    given = [_readings(t) for t in _step_tokens(question) if t.kind == "num" and t.text[:1].isdigit()]
     if not given:
         return 1.0
     used = [r for step in steps for chain in _claims(step) for e in chain if _literal(e) is None
             for t in e if t.kind == "num" for r in _readings(t)]
-    return sum(any(_close(abs(u), abs(g)) for u in used) for g in given) / len(given)
+    # a percentage counts in either reading: 25% used as 25 (x 25 / 100) or as 0.25
+    return sum(any(_close(abs(u), abs(g)) for u in used for g in readings) for readings in given) / len(given)
 
 
 def check_steps(steps: Sequence[str], quantities: Sequence[float], final_answer: float | str | None = None,
@@ -376,7 +383,12 @@ def check_steps(steps: Sequence[str], quantities: Sequence[float], final_answer:
             ok = numeric_equal(stated, str(final_answer))
         elif ok and stated is not None and final_answer is None and answer_computed:
             value = parse_number(stated)
-            ok = value is not None and any(_close(Fraction(value).limit_denominator(10**9), k) for k in known)
+            if isinstance(value, Fraction):  # a number past 10^+-1000 (a Decimal) is no value computed here
+                values = [value, value / 100] if stated.rstrip().endswith("%") else [value]
+                ok = any(_close(v, k) for v in values for k in known)
+            elif value is not None or "\\" not in stated:
+                ok = False  # past 10^+-1000, or not one number ("26 * 5 = 125 balloons", "Ken has doubled")
+            # a LaTeX answer (\sqrt{2}, \frac{a}{b}) is not a number this can compare: left to the claims
         labels.append(ok)
     return labels
 

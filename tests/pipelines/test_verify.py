@@ -492,6 +492,8 @@ def test_question_numbers_read_stated_and_implied_numbers():
     q = "Ann has 3 apples and 1,200 seeds, buys four more at 50% off, then doubles them. A dozen weekly?"
     assert question_numbers(q) == [3.0, 1200.0, 4.0, 50.0, 0.5, 2.0, 12.0, 100.0, 7.0]
     assert question_numbers("How many are left?") == []
+    assert question_numbers("She eats 3/4 of the 20 pies and half of the rest.") == [3.0, 0.75, 4.0, 20.0, 2.0, 0.5,
+                                                                                    1.0]  # 3/4 as 0.75; half: 1/2
 
 
 def test_coverage_is_the_share_of_digit_numbers_the_solution_computes_with():
@@ -502,6 +504,8 @@ def test_coverage_is_the_share_of_digit_numbers_the_solution_computes_with():
     assert coverage(["23 * 5 = 115", "The answer is 115."], q) == pytest.approx(2 / 3)  # skipped the last step
     assert coverage(["The answer is 23."], q) == 0.0  # a stated number is not a computation's operand
     assert coverage(["I guess."], "How many are left?") == 1.0  # the question writes no number
+    q = "A coat costs 40 dollars at 25% off. What is the discount?"
+    assert coverage(["40 * 0.25 = 10"], q) == coverage(["40 * 25 / 100 = 10"], q) == 1.0  # 25% read either way
 
 
 def test_check_steps_without_gold_asks_for_a_computed_answer():
@@ -514,6 +518,11 @@ def test_check_steps_without_gold_asks_for_a_computed_answer():
     assert check_steps(["The answer is 23."], q, answer_computed=True) == [True]  # a given number
     assert check_steps(["23 * 5 = 115", "The answer is 116."], q) == [True, True]  # no gold, no requirement
     assert check_steps(["23 * 5 = 115", "The answer is 115."], q, 116, answer_computed=True) == [True, False]
+    assert check_steps(["3 / 4 = 0.75", "The answer is 75%."], [3, 4], answer_computed=True) == [True, True]
+    assert check_steps(["The answer is 23 * 5 = 116 cars."], q, answer_computed=True) == [False]  # not one number
+    assert check_steps(["The answer is \\sqrt{2}."], q, answer_computed=True) == [True]  # LaTeX: left to the claims
+    # a number past 10^1000 is not a value computed here (compared as a Fraction it took 28 s to build)
+    assert check_steps(["The answer is 1e10000000."], q, answer_computed=True) == [False]
 
 
 def test_check_steps_rejects_a_single_string():
