@@ -82,13 +82,11 @@ def outcome_auc(records: list[dict], strategy: str, budget: int) -> tuple[float,
 
 
 def compare(records: list[dict], budget: int, base_pass: float | None = None) -> list[dict]:
+    from pipelines.evaluate import hits_by_strategy
     from pipelines.stats import bootstrap_ci, paired_gain
 
-    hits: dict[str, dict[str, bool]] = {}
-    for r in records:
-        if r["budget"] == budget or r["strategy"] == "greedy":
-            key = r["strategy"] if r["strategy"] == "greedy" else f"{r['strategy']}@{budget}"
-            hits.setdefault(key, {})[r["problem_id"]] = bool(r["correct"])
+    hits = {("greedy" if k == "greedy@1" else k): h for k, h in hits_by_strategy(records).items()
+            if k == "greedy@1" or k.endswith(f"@{budget}")}
     majority = hits.get(f"majority@{budget}")
     oracle = pass_at(records, budget)
     ceiling = sum(oracle.values()) / len(oracle) if oracle else float("nan")

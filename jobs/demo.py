@@ -35,21 +35,20 @@ def verifier_vs_majority(eval_dir: Path, budget: int = 4) -> None:
     samples (the evaluation shares them), paired over problems."""
     import pyarrow.parquet as pq
 
+    from pipelines.evaluate import hits_by_strategy
     from pipelines.stats import paired_gain
 
     path = eval_dir / "records.parquet"
     if not path.exists():
         return
-    hits: dict[str, dict[str, bool]] = {}
-    for r in pq.read_table(path).to_pylist():
-        if r["budget"] == budget:
-            hits.setdefault(r["strategy"], {})[r["problem_id"]] = bool(r["correct"])
-    if "majority" not in hits:
+    hits = hits_by_strategy(pq.read_table(path).to_pylist())
+    majority = hits.get(f"majority@{budget}")
+    if not majority:
         return
     print(f"[demo] the verifiers after the round, each against majority vote over the same {budget} samples:")
     for key, name in (("weighted", "PRM-weighted vote"), ("weighted:checks", "checks-weighted vote")):
-        if key in hits:
-            g = paired_gain(hits["majority"], hits[key])
+        if f"{key}@{budget}" in hits:
+            g = paired_gain(majority, hits[f"{key}@{budget}"])
             print(f"  {name:<26}{g['after']:.3f} vs {g['before']:.3f}  ({g['gain']:+.3f} "
                   f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}])")
 

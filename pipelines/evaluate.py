@@ -269,6 +269,15 @@ def evaluate(problems: list[dict], prompts: dict[str, str], cfg: EvalConfig,
 # Table and plot
 # ----------------------------------------------------------------------------------------------------------
 
+def hits_by_strategy(records: list[dict]) -> dict[str, dict[str, bool]]:
+    """Per "strategy@budget", whether each problem was answered right: what paired comparisons read (the loop's
+    gains over the base model, the demo's verifiers against majority, benchmarks.verifier_votes)."""
+    hits: dict[str, dict[str, bool]] = {}
+    for r in records:
+        hits.setdefault(f"{r['strategy']}@{r['budget']}", {})[r["problem_id"]] = bool(r["correct"])
+    return hits
+
+
 def accuracy_table(records: list[dict], order: list[str] | tuple[str, ...] = ()) -> list[dict]:
     """One row per (strategy, budget): problems, accuracy, mean generated and scored tokens per problem, mean wall
     time; strategies in `order` (then first-seen order), budgets ascending."""

@@ -402,16 +402,14 @@ def gains_vs_base(out: Path, cfg: IterateConfig) -> tuple[list[dict], str]:
     Empty without eval_base (nothing to pair with)."""
     import pyarrow.parquet as pq
 
+    from pipelines.evaluate import hits_by_strategy
     from pipelines.stats import paired_gain
 
     if not cfg.eval_base:
         return [], ""
 
     def per_problem(d: Path) -> dict[str, dict[str, bool]]:
-        res: dict[str, dict[str, bool]] = {}
-        for rec in pq.read_table(d / "records.parquet").to_pylist():
-            res.setdefault(f"{rec['strategy']}@{rec['budget']}", {})[rec["problem_id"]] = bool(rec["correct"])
-        return res
+        return hits_by_strategy(pq.read_table(d / "records.parquet").to_pylist())
 
     base = per_problem(out / "round_0" / "eval_base")
     rows = []
