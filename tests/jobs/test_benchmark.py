@@ -166,3 +166,35 @@ def test_verifier_votes_pairs_each_strategy_with_majority_and_reads_pass_at_n(tm
     assert "| weighted:checks@2 | 4 | 0.500" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="traces.jsonl"):
         V.load(tmp_path / "nothing")
+
+
+def test_compare_runs_pairs_two_generators_per_strategy_and_counts_backtracks(tmp_path, capsys):
+    """Two hand-built runs over 4 problems: greedy@1 right on p0 before, on p0, p1, p2 after (+0.5, paired); tokens
+    per problem of each side; two of after's solutions backtrack with a stream-of-search cue, one of them right. A
+    strategy only one run has is left out by default and refused by name when asked for."""
+    import json
+
+    from benchmarks import compare_runs as CR
+    from pipelines.train.data import BACKTRACK_TO
+
+    def rec(pid, correct, tokens, completion="1 + 1 = 2", strategy="greedy"):
+        return {"problem_id": pid, "strategy": strategy, "budget": 1, "correct": correct, "tokens_generated": tokens,
+                "completion": completion}
+
+    before = [rec("p0", True, 10), rec("p1", False, 10), rec("p2", False, 20), rec("p3", False, 20),
+              rec("p0", True, 5, strategy="majority")]
+    back = "1 + 2 = 4\n" + BACKTRACK_TO.format(n=0) + "\n1 + 1 = 2"
+    after = [rec("p0", True, 30), rec("p1", True, 30, back), rec("p2", True, 40), rec("p3", False, 40, back)]
+    for name, records in (("before", before), ("after", after)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "traces.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    rows = CR.compare(CR.load(tmp_path / "before"), CR.load(tmp_path / "after"))
+    assert [r["strategy"] for r in rows] == ["greedy@1"]
+    r = rows[0]
+    assert (r["before"], r["after"], r["gain"], r["problems"]) == (0.25, 0.75, 0.5, 4)
+    assert r["ci"][0] <= 0.5 <= r["ci"][1] and (r["tokens_before"], r["tokens_after"]) == (15, 35)
+    assert r["backtracking_after"] == (2, 1)
+    assert CR.main([str(tmp_path / "before"), str(tmp_path / "after")]) == 0
+    assert "| greedy@1 | 4 | 0.250 | 0.750 | +0.500" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="majority@1"):
+        CR.compare(before, after, ["majority@1"])
