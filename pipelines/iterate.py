@@ -382,8 +382,10 @@ def round_table(out: Path, cfg: IterateConfig, manifest: Manifest) -> tuple[list
     for label, d, r in points:
         acc = {f"{row['strategy']}@{row['budget']}": row["accuracy"] for row in eval_rows(d)}
         ann = json.loads((out / f"round_{r}" / "annotate" / "summary.json").read_text())
-        gen = out / f"round_{r}" / "generate" / "summary.json"
-        gen_tokens = json.loads(gen.read_text()).get("completion_tokens", 0) if gen.exists() else 0
+        # the tokens the round generated to find its training data: sampling's, or expert iteration's search
+        gen, search = out / f"round_{r}" / "generate" / "summary.json", out / f"round_{r}" / "search" / "summary.json"
+        gen_tokens = (json.loads(gen.read_text()).get("completion_tokens", 0) if gen.exists() else
+                      json.loads(search.read_text()).get("engine_tokens", 0) if search.exists() else 0)
         wall = sum(s.get("wall_s", 0) for k, s in manifest.data["stages"].items() if k.startswith(f"round_{r}/"))
         table.append({"model": label, **acc, "labelled_steps": ann.get("labelled_steps", ann.get("steps", 0)),
                       "train_tokens": gen_tokens, "round_wall_s": round(wall)})

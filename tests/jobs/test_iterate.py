@@ -95,6 +95,9 @@ def test_two_star_rounds_killed_mid_stage_resume_to_the_outputs_of_one_run(tmp_p
     assert "verify" in lin["verifier"] and lin["problems"].startswith("synthetic")
     assert m["mlflow_run_id"]
     assert (out / "summary.md").read_text().count("|") > 10
+    # each round's row counts the tokens it generated to find its data: round 0 sampled, round 1 searched
+    rounds = json.loads((out / "summary.json").read_text())["rounds"]
+    assert [r["model"] for r in rounds] == ["round 1", "round 2"] and all(r["train_tokens"] > 0 for r in rounds)
     assert (out / "accuracy_by_round.png").stat().st_size > 1000
 
     # each stage ran with the config file the loop wrote: the section of iterate_tiny.yaml plus the wiring
