@@ -43,19 +43,23 @@ def actor_options(num_cpus: float, num_gpus: float) -> dict[str, float]:
     return {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
 
 
-def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = None):
+def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = None, offline: bool = True):
     """An engine Ray actor for `eng` (a pipelines.generate.EngineConfig): AsyncVLLMGenerator when
     eng.async_engine (an async actor: concurrent `generate` calls share the engine's continuous batching), else
-    VLLMGenerator (one call at a time); the same `generate` contract. `.ready.remote()` waits for it."""
+    VLLMGenerator (one call at a time); the same `generate` contract. `.ready.remote()` waits for it.
+    offline=False: the async engine with vLLM's online batch sizes, as the Serve generator deployment runs it."""
     import ray
 
+    kwargs = {}
     if eng.async_engine:
         from actors.vllm_async_generator import AsyncVLLMGenerator as cls
+
+        kwargs = {"offline": offline}
     else:
         from actors.vllm_generator import VLLMGenerator as cls
 
     return ray.remote(**actor_options(eng.num_cpus, eng.num_gpus))(cls).remote(
-        model_path, eng.engine_kwargs(), sampling or {}, eng.threads, name)
+        model_path, eng.engine_kwargs(), sampling or {}, eng.threads, name, **kwargs)
 
 
 def _prm_scorer():

@@ -24,24 +24,26 @@ from actors.vllm_generator import VLLMGenerator, batch_requests, completion_dict
 
 class AsyncVLLMGenerator(VLLMGenerator):
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
-                 sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = ""):
+                 sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = "",
+                 offline: bool = True):
+        """As VLLMGenerator's; offline: vLLM's batch sizes for offline work (what `vllm.LLM` gets) rather than its
+        online defaults (False: the Serve generator deployment, where a long prefill step delays every stream)."""
         kwargs = engine_setup(engine_kwargs, threads)
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from vllm.usage.usage_lib import UsageContext
-
         t0 = time.time()
-        # vLLM sizes its scheduler's batch by who starts the engine: `vllm.LLM` (offline work) gets the larger
-        # defaults (on CPU 256 sequences and 4,096 tokens a step), any other engine the online server's (128 and
-        # 2,048). Every use of this engine is batch work (generation blocks, evaluation, a request's N samples), so it
-        # asks for the offline sizes, as `vllm.LLM` and the synchronous engine get, so that the generation benchmark
-        # compares the same engine config on both sides (its ratio was 0.88x before and 0.87x after on 96 x 8 x 128:
-        # the engine stayed full either way, docs/results/bench.md). `engine.extra` (max_num_seqs,
-        # max_num_batched_tokens) still sets them.
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **kwargs),
-                                                usage_context=UsageContext.LLM_CLASS)
+        # vLLM sizes its scheduler's batch by who starts the engine: `vllm.LLM` (offline work) gets the larger sizes
+        # (on CPU 256 sequences and 4,096 tokens a step; on an H100-class GPU 1,024 and 16,384), an AsyncLLM started
+        # without a usage context vLLM's general defaults (128 and 2,048). The generation and evaluation pools are
+        # offline work, so they ask for the offline sizes, as `vllm.LLM` and the synchronous engine get, and the
+        # generation benchmark compares the same engine config on both sides (its ratio was 0.88x before and 0.87x
+        # after on 96 x 8 x 128: the engine stayed full either way, docs/results/bench.md). The Serve deployment keeps
+        # the defaults. `engine.extra` (max_num_seqs, max_num_batched_tokens) sets either.
+        context = UsageContext.LLM_CLASS if offline else UsageContext.ENGINE_CONTEXT
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **kwargs), usage_context=context)
         self.load_s = time.time() - t0
         from transformers import AutoTokenizer
 

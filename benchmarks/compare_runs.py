@@ -22,7 +22,9 @@ def backtracks_in(text: str) -> bool:
     """Whether a solution uses a backtrack cue the stream-of-search rows teach (pipelines.train.data)."""
     from pipelines.train.data import BACKTRACK, BACKTRACK_TO, DEAD_END, DEAD_END_TO
 
-    return any(c.split(".")[0] in text for c in (BACKTRACK, DEAD_END, BACKTRACK_TO, DEAD_END_TO))
+    # each cue up to its "Back to" ("That step is wrong. Back to"): the phrase alone could be a model's own words
+    return any(c[:c.index("Back to") + len("Back to")] in text
+               for c in (BACKTRACK, DEAD_END, BACKTRACK_TO, DEAD_END_TO))
 
 
 def load(run: str | Path) -> list[dict]:
@@ -43,22 +45,22 @@ def compare(before: list[dict], after: list[dict], only: list[str] | None = None
     if missing:
         raise SystemExit(f"not in both runs: {', '.join(missing)} (BEFORE has {sorted(hb)}, AFTER {sorted(ha)})")
 
-    def tokens(records: list[dict], key: str) -> float:
-        rs = [r for r in records if f"{r['strategy']}@{r['budget']}" == key]
-        return sum(r["tokens_generated"] for r in rs) / len(rs)
-
-    def backtracks(records: list[dict], key: str) -> tuple[int, int]:
-        rs = [r for r in records if f"{r['strategy']}@{r['budget']}" == key
-              and backtracks_in(r.get("completion") or "")]
-        return len(rs), sum(bool(r["correct"]) for r in rs)
+    def of(records: list[dict], key: str, shared: set[str]) -> list[dict]:
+        return [r for r in records if f"{r['strategy']}@{r['budget']}" == key and r["problem_id"] in shared]
 
     rows = []
     for key in keys:
+        shared = set(hb[key]) & set(ha[key])  # every column over the same problems
+        if not shared:
+            raise SystemExit(f"{key}: no problem is in both runs; compare evaluations of the same problems")
         g = paired_gain(hb[key], ha[key])
+        rb, ra = of(before, key, shared), of(after, key, shared)
+        bt = [r for r in ra if backtracks_in(r.get("completion") or "")]
         rows.append({"strategy": key, "problems": g["n"], "before": g["before"], "after": g["after"],
                      "gain": g["gain"], "ci": list(g["ci"]), "excludes_zero": g["excludes_zero"],
-                     "tokens_before": tokens(before, key), "tokens_after": tokens(after, key),
-                     "backtracking_after": backtracks(after, key)})
+                     "tokens_before": sum(r["tokens_generated"] for r in rb) / len(rb),
+                     "tokens_after": sum(r["tokens_generated"] for r in ra) / len(ra),
+                     "backtracking_after": (len(bt), sum(bool(r["correct"]) for r in bt))})
     return rows
 
 

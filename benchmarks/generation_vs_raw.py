@@ -29,7 +29,8 @@ from pathlib import Path
 
 def timed(cls: type, ready: str) -> type:
     """The real engine class `cls` that also writes when its engine finished loading (wall clock, this machine) to
-    the file `ready` (the class travels to the actor by value, with the path)."""
+    the file `ready`, and each engine call's start and end to `ready`.calls (the class travels to the actor by value,
+    with the path)."""
 
     import inspect
 
@@ -150,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                 start = float(Path(ready).read_text())
                 wall = end - start
                 # where the window goes: engine ready -> first call, first call -> last call's end, -> last block written
-                calls = [tuple(map(float, line.split()[1:])) for line in Path(ready + ".calls").read_text().split("\n")
-                         if line.strip()]
+                log_calls = Path(ready + ".calls")
+                calls = [tuple(map(float, line.split()[1:])) for line in
+                         (log_calls.read_text().split("\n") if log_calls.exists() else []) if line.strip()]
+                if not calls:
+                    raise SystemExit(f"the {engine} engine was never called: no prompts reached it")
                 first, last = min(c[0] for c in calls), max(c[1] for c in calls)
                 runs[engine].append({"tokens": stats["tokens"], "wall_s": wall, "tokens_per_s": stats["tokens"] / wall,
                                      "ratio": stats["tokens"] / wall / raw["tokens_per_s"], "engine_calls": len(calls),

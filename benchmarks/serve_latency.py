@@ -93,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     # sides, and the ratio is of the same work. Run one side after the other with free sampling, the ratio moved
     # by +-0.5 between runs from the lengths of the samples and the first requests of a fresh engine alone.
     # direct: the endpoint's own engine class and settings (actors/start.engine_actor: AsyncVLLMGenerator for this
-    # EngineConfig, as the Generator deployment) and scorer (PRMScorer with one thread, as the PRM deployment)
+    # EngineConfig with the online batch sizes, as the Generator deployment) and scorer (PRMScorer with one thread,
+    # as the PRM deployment)
     # Ray's CPU reservations are halved on both sides so that the two apps fit on 2 logical CPUs at once; the
     # threads (engine 2, PRM 1) are what they would be alone
-    gen = engine_actor(replace(eng, num_cpus=0.5), model_path, "direct")
+    gen = engine_actor(replace(eng, num_cpus=0.5), model_path, "direct", offline=False)
     prm = ray.remote(num_cpus=0.25)(PRMScorer).remote(prm_path, threads=1)
     ray.get([gen.ready.remote(), prm.ready.remote()])
     meta = ray.get(prm.ready.remote())

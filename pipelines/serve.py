@@ -466,7 +466,7 @@ def build_app(args: dict[str, Any]):
 
     generator = serve.deployment(AsyncVLLMGenerator, name="Generator", **options(
         "Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})).bind(
-        model_path, cfg.engine.engine_kwargs(), {}, cfg.engine.threads, cfg.model_name)
+        model_path, cfg.engine.engine_kwargs(), {}, cfg.engine.threads, cfg.model_name, offline=False)
     prm = None
     if cfg.prm:
         verifier_kind(cfg.prm)  # a folder that is no verifier is refused here, not in a replica that keeps restarting

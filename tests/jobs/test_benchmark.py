@@ -198,3 +198,7 @@ def test_compare_runs_pairs_two_generators_per_strategy_and_counts_backtracks(tm
     assert "| greedy@1 | 4 | 0.250 | 0.750 | +0.500" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="majority@1"):
         CR.compare(before, after, ["majority@1"])
+    # the cue's words alone are no backtrack; runs of other problems are refused, not printed as NaN
+    assert not CR.backtracks_in("That step is wrong, so I fix it.") and CR.backtracks_in(back)
+    with pytest.raises(SystemExit, match="no problem is in both"):
+        CR.compare(before, [dict(r, problem_id="q" + r["problem_id"]) for r in after])
