@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.verifier_votes import load  # a run's traces.jsonl (a folder without it is refused by name)
+
 
 def backtracks_in(text: str) -> bool:
     """Whether a solution uses a backtrack cue the stream-of-search rows teach (pipelines.train.data)."""
@@ -25,13 +27,6 @@ def backtracks_in(text: str) -> bool:
     # each cue up to its "Back to" ("That step is wrong. Back to"): the phrase alone could be a model's own words
     return any(c[:c.index("Back to") + len("Back to")] in text
                for c in (BACKTRACK, DEAD_END, BACKTRACK_TO, DEAD_END_TO))
-
-
-def load(run: str | Path) -> list[dict]:
-    path = Path(run) / "traces.jsonl"
-    if not path.exists():
-        raise SystemExit(f"{path} not found: give a `stepray evaluate` output folder (it writes traces.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def compare(before: list[dict], after: list[dict], only: list[str] | None = None) -> list[dict]:

@@ -99,13 +99,14 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
     if why:
         log(f"[evaluate] {why}")
         eng = replace(eng, threads=threads)
+    # the scorer each strategy uses ("" for the unscored ones), read once for the log line and the table's title
+    strategy_scorers = [parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar, cfg.genrm)[1] for s in cfg.strategies]
     engines = [engine_actor(eng, model_path, eng.model) for _ in range(eng.max_engines)]
     actors = list(engines)
     try:
         scorers, scorer_prompts, names, scorer_actors = start_scorers(cfg, problems)
         actors += scorer_actors
-        if not any(getattr(cfg, k) for k in VERIFIERS) and any(
-                parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar, cfg.genrm)[1] == "confidence" for s in cfg.strategies):
+        if not any(getattr(cfg, k) for k in VERIFIERS) and "confidence" in strategy_scorers:
             log("[evaluate] no --prm, --orm, --vstar or --genrm given: the scored strategies without a :scorer score "
                 "solutions with Marco-o1 confidence from token logprobs, not with a trained verifier")
         ready = wait_ready(engines, f"{len(engines)} engine(s)", actor_options(eng.num_cpus, eng.num_gpus))
@@ -120,8 +121,7 @@ def run(cfg: EvalConfig, use_mlflow: bool = True, log=print) -> dict:
             ray.kill(a)
 
     rows = accuracy_table(records, cfg.strategies)
-    used_scorers = sorted({names.get(k, k) for k in
-                           (parse_strategy(s, cfg.prm, cfg.orm, cfg.vstar, cfg.genrm)[1] for s in cfg.strategies) if k})
+    used_scorers = sorted({names.get(k, k) for k in strategy_scorers if k})
     title = (f"{eng.model} on {cfg.problems} ({len(problems)} problems); scorer: "
              f"{', '.join(used_scorers) or 'none'}")
     paths = write_outputs(out, records, failed, rows, title)
