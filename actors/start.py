@@ -54,7 +54,7 @@ def engine_actor(eng: Any, model_path: str, name: str, sampling: dict | None = N
     if eng.async_engine:
         from actors.vllm_async_generator import AsyncVLLMGenerator as cls
 
-        kwargs = {"offline": offline}
+        kwargs = {"offline": offline, "scheduler": eng.scheduler}
     else:
         from actors.vllm_generator import VLLMGenerator as cls
 

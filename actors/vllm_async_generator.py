@@ -1,4 +1,8 @@
-"""AsyncVLLMGenerator: vLLM's async engine (AsyncLLM) behind the same contract as VLLMGenerator.
+"""AsyncVLLMGenerator: an engine that takes concurrent calls, behind the same contract as VLLMGenerator.
+
+The engine is vLLM's async engine (AsyncLLM, its scheduler in a subprocess: the default on GPU) or vLLM's
+in-process engine stepped by a thread of the actor (actors/engine_thread.ThreadedEngine: the default on CPU, where
+the subprocess only takes cores from the model); `scheduler` chooses (EngineConfig.scheduler).
 
 Same inputs and outputs as `VLLMGenerator.generate` (prompts or token ids, sampling dicts, n completions per prompt
 with text, token ids, finish reason and logprobs), but each prompt is its own engine request, so concurrent callers
@@ -22,12 +26,30 @@ from typing import Any, AsyncIterator
 from actors.vllm_generator import VLLMGenerator, batch_requests, completion_dicts, completions_table, engine_setup
 
 
+SCHEDULERS = ("auto", "thread", "process")
+
+
+def scheduler_mode(scheduler: str) -> str:
+    """Where the engine's scheduler runs: "thread" (in this process, ThreadedEngine) or "process" (AsyncLLM's
+    subprocess). "auto": "thread" when vLLM runs its model in the caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0,
+    which engine_setup sets on CPU: cpu_engine_in_process), else "process" (GPU: the subprocess overlaps the GPU's
+    step with scheduling). Call after engine_setup."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"engine.scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if scheduler != "auto":
+        return scheduler
+    import vllm.envs as envs
+
+    return "process" if envs.VLLM_ENABLE_V1_MULTIPROCESSING else "thread"
+
+
 class AsyncVLLMGenerator(VLLMGenerator):
     def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
                  sampling: dict[str, Any] | None = None, threads: int = 0, model_name: str = "",
-                 offline: bool = True):
+                 offline: bool = True, scheduler: str = "auto"):
         """As VLLMGenerator's; offline: vLLM's batch sizes for offline work (what `vllm.LLM` gets) rather than its
-        online defaults (False: the Serve generator deployment, where a long prefill step delays every stream)."""
+        online defaults (False: the Serve generator deployment, where a long prefill step delays every stream);
+        scheduler: where vLLM's scheduler runs (scheduler_mode)."""
         kwargs = engine_setup(engine_kwargs, threads)
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -43,7 +65,14 @@ class AsyncVLLMGenerator(VLLMGenerator):
         # after on 96 x 8 x 128: the engine stayed full either way, docs/results/bench.md). The Serve deployment keeps
         # the defaults. `engine.extra` (max_num_seqs, max_num_batched_tokens) sets either.
         context = UsageContext.LLM_CLASS if offline else UsageContext.ENGINE_CONTEXT
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **kwargs), usage_context=context)
+        self.scheduler = scheduler_mode(scheduler)
+        if self.scheduler == "thread":
+            from actors.engine_thread import ThreadedEngine
+
+            self.engine = ThreadedEngine(str(model), kwargs, context)
+        else:
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **kwargs),
+                                                    usage_context=context)
         self.load_s = time.time() - t0
         from transformers import AutoTokenizer
 

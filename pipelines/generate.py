@@ -48,9 +48,15 @@ class EngineConfig:
     min_engines: int = help_field(1, "fewest engine actors in the pool")
     max_engines: int = help_field(1, "most engine actors; the pool grows toward it with the backlog")
     batch_size: int = help_field(16, "prompt rows per engine call")
-    async_engine: bool = help_field(True, "generation and evaluation: vLLM's async engine (AsyncLLM), so that "
+    async_engine: bool = help_field(True, "generation and evaluation: an engine that takes concurrent calls "
+                                          "(AsyncVLLMGenerator; engine.scheduler says which of vLLM's), so that "
                                           "several calls share its continuous batching and one call's tail does "
                                           "not idle it; false = the synchronous vllm.LLM, one call at a time")
+    scheduler: str = help_field("auto", "with async_engine, where vLLM's scheduler runs: thread (vLLM's in-process "
+                                        "engine stepped by a thread of the engine actor; no second process taking "
+                                        "cores from the model on CPU), process (AsyncLLM, its scheduler in a "
+                                        "subprocess, overlapping a GPU's step), auto = thread on CPU, process on "
+                                        "GPU")
     calls_in_flight: int = help_field(2, "with async_engine, in generation: Ray Data tasks (blocks of up to 64 "
                                          "problems' prompt rows, whose batch_size batches all go to the engine at "
                                          "once) an engine actor takes at once: 2 lets the next block fill the "
@@ -62,6 +68,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_engines <= self.max_engines:
             raise ValueError(f"need 1 <= min_engines <= max_engines, got {self.min_engines}, {self.max_engines}")
+        if self.scheduler not in ("auto", "thread", "process"):
+            raise ValueError(f"engine.scheduler must be auto, thread or process, got {self.scheduler!r}")
         if self.batch_size < 1 or self.max_model_len < 16 or self.calls_in_flight < 1:
             raise ValueError("batch_size and calls_in_flight must be >= 1 and max_model_len >= 16")
 
@@ -236,11 +244,13 @@ def build_generation(problems_ds, cfg: GenerationConfig, model_path: str, genera
         num_cpus=0.1)
     sampling = {k: v for k, v in cfg.sampling.params().items() if k not in ("n", "temperature")}
     # an async engine class (`async def __call__`) takes calls_in_flight batches at once; a synchronous one, one
-    concurrent = eng.calls_in_flight if inspect.iscoroutinefunction(generator_cls.__call__) else None
+    is_async = inspect.iscoroutinefunction(generator_cls.__call__)
+    concurrent = eng.calls_in_flight if is_async else None
     completions = prompts.map_batches(
         generator_cls,
         fn_constructor_kwargs={"model": model_path, "engine_kwargs": eng.engine_kwargs(), "sampling": sampling,
-                               "threads": eng.threads, "model_name": cfg.engine.model},
+                               "threads": eng.threads, "model_name": cfg.engine.model,
+                               **({"scheduler": eng.scheduler} if is_async else {})},
         batch_format="pyarrow", batch_size=eng.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=eng.min_engines, max_size=eng.max_engines,
                                            max_concurrent_calls_per_actor=concurrent),

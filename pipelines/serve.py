@@ -4,7 +4,7 @@
     stepray serve --config configs/serve/cpu.yaml
 
 Three deployments, each with its own autoscaling_config and resources in the config file's `deployments:`:
-- Generator:     actors/vllm_async_generator.AsyncVLLMGenerator (vLLM's async engine; continuous batching across
+- Generator:     actors/vllm_async_generator.AsyncVLLMGenerator (concurrent calls; continuous batching across
                  concurrent requests);
 - PRM:           the verifier of the scored strategies, only when `prm` is set: a PRM (actors/prm_scorer), or an
                  ORM, V-STaR or GenRM verifier scoring whole solutions (`PRMDeployment`);
@@ -466,7 +466,8 @@ def build_app(args: dict[str, Any]):
 
     generator = serve.deployment(AsyncVLLMGenerator, name="Generator", **options(
         "Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})).bind(
-        model_path, cfg.engine.engine_kwargs(), {}, cfg.engine.threads, cfg.model_name, offline=False)
+        model_path, cfg.engine.engine_kwargs(), {}, cfg.engine.threads, cfg.model_name, offline=False,
+        scheduler=cfg.engine.scheduler)
     prm = None
     if cfg.prm:
         verifier_kind(cfg.prm)  # a folder that is no verifier is refused here, not in a replica that keeps restarting
