@@ -70,6 +70,8 @@ class ThreadedEngine:
             self._loop(self._engine)
         except BaseException as e:  # noqa: BLE001 - a failed step (or any fault here): every caller is told
             self._die(e)
+            return
+        self._die(None)  # shut down: requests still running, and any later call, get EngineDeadError
 
     def _loop(self, engine: Any) -> None:
         while True:
@@ -91,21 +93,34 @@ class ThreadedEngine:
         kind = item[0]
         if kind == "add":
             _, request_id, prompt, params, loop, q = item
+            if request_id in self._streams:  # outputs are routed by id: a second request under it would take them
+                self._call_soon(loop, q, ValueError(f"request id {request_id!r} is already running"))
+                return
             try:
                 self._engine.add_request(request_id, prompt, params)
             except Exception as e:  # noqa: BLE001 - a bad request fails its own caller only
+                # vLLM registers a request (each of n children) before the engine core takes it: drop any part
+                # registered, or it would count as unfinished forever
+                self._engine.abort_request([request_id])
                 self._call_soon(loop, q, e)
                 return
+            except BaseException as e:
+                self._call_soon(loop, q, e)
+                raise
             self._streams[request_id] = (loop, q)
         elif kind == "abort":
             if self._streams.pop(item[1], None) is not None:
                 self._engine.abort_request([item[1]])
         else:  # "call": fn(engine) between steps, its result to a concurrent future
             _, fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                return  # its caller was cancelled before it ran: run nothing
             try:
                 fut.set_result(fn(self._engine))
-            except Exception as e:  # noqa: BLE001
+            except BaseException as e:  # noqa: BLE001 - the caller gets it; a fault beyond an error kills the engine
                 fut.set_exception(e)
+                if not isinstance(e, Exception):
+                    raise
 
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
         target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
@@ -119,11 +134,14 @@ class ThreadedEngine:
         except RuntimeError:  # the caller's loop is closed: nobody is waiting
             pass
 
-    def _die(self, cause: BaseException) -> None:
+    def _die(self, cause: BaseException | None) -> None:
+        """Fail every waiting caller and every later one (cause None: shut down)."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        err = EngineDeadError(f"the in-process engine failed in a step: {cause!r}")
+        err = EngineDeadError("the in-process engine was shut down" if cause is None else
+                              f"the in-process engine failed in a step: {cause!r}")
         err.__cause__ = cause
+        cause = cause or err
         with self._lock:  # no caller can queue a request after the drain below: _send sees _dead first
             self._dead = cause
             for loop, q in self._streams.values():
@@ -136,7 +154,7 @@ class ThreadedEngine:
                     return
                 if item is not None and item[0] == "add":
                     self._call_soon(item[4], item[5], err)
-                elif item is not None and item[0] == "call":
+                elif item is not None and item[0] == "call" and item[2].set_running_or_notify_cancel():
                     item[2].set_exception(err)
 
     # ---- any thread / event loop ----------------------------------------------------------------------------
@@ -183,7 +201,13 @@ class ThreadedEngine:
     async def reset_prefix_cache(self) -> bool:
         return await self.call(lambda engine: engine.reset_prefix_cache())
 
+    @property
+    def errored(self) -> bool:
+        """Whether the engine is dead (as AsyncLLM.errored)."""
+        return self._dead is not None
+
     def shutdown(self) -> None:
-        """Stop the engine thread after the step it is in (requests still running get no more outputs)."""
+        """Stop the engine thread after the step it is in; requests still running and later calls get
+        EngineDeadError."""
         self._inbox.put(None)
         self._thread.join(timeout=30)

@@ -19,6 +19,7 @@ pool's max_concurrent_calls_per_actor); and an async Ray actor for drivers whose
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -141,7 +142,24 @@ class AsyncVLLMGenerator(VLLMGenerator):
             await self.engine.abort(request_id)
             raise
 
+    def check_health(self) -> None:
+        """Ray Serve calls this on each replica: a dead engine fails it, so Serve replaces the replica."""
+        if self.engine.errored:
+            raise RuntimeError("the vLLM engine of this replica is dead")
+
     async def __call__(self, batch):  # type: ignore[override]
-        """Ray Data entry point (batch_format="pyarrow"), as VLLMGenerator's; concurrent batches share the engine."""
+        """Ray Data entry point (batch_format="pyarrow"), as VLLMGenerator's; concurrent batches share the engine.
+
+        A dead engine ends this process: Ray Data starts its map workers with max_restarts=-1 and
+        max_task_retries=-1, so Ray restarts the actor (a fresh engine) and retries the blocks it held, where an
+        exception would fail the whole dataset and a dead engine would fail every later block."""
         prompts, sampling = batch_requests(batch)
-        return completions_table(batch, await self.generate(prompts, sampling), self.model_name)
+        try:
+            results = await self.generate(prompts, sampling)
+        except Exception as e:
+            if self._engine_dead(e):
+                print(f"[engine] the engine died ({e!r}); ending this actor so that Ray restarts it and retries "
+                      f"its blocks", flush=True)
+                os._exit(1)
+            raise
+        return completions_table(batch, results, self.model_name)

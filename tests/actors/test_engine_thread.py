@@ -25,18 +25,27 @@ def probe_cls():
             held = await self.engine.call(lambda engine: engine.get_num_unfinished_requests())
             return held, len(self.engine._streams)
 
-        async def long_then_cancel(self, n: int, after_s: float) -> int:
-            """n requests that would run 200 tokens each (EOS ignored), cancelled after after_s: how many were still
-            running when cancelled."""
+        def _long(self, n: int, tag: str) -> list:
+            """n requests that would run 240 tokens each (EOS ignored), as tasks."""
             import vllm
 
             async def one(i):
-                sp = vllm.SamplingParams(max_tokens=200, ignore_eos=True)
-                async for _ in self.engine.generate(vllm.TokensPrompt(prompt_token_ids=[1, 2, 3]), sp, f"long-{i}"):
+                sp = vllm.SamplingParams(max_tokens=240, ignore_eos=True)
+                async for _ in self.engine.generate(vllm.TokensPrompt(prompt_token_ids=[1, 2, 3]), sp, f"{tag}-{i}"):
                     pass
 
-            tasks = [asyncio.create_task(one(i)) for i in range(n)]
-            await asyncio.sleep(after_s)
+            return [asyncio.create_task(one(i)) for i in range(n)]
+
+        async def _all_running(self, n: int) -> None:
+            for _ in range(500):  # until the engine holds all n (at most 5 s)
+                if len(self.engine._streams) == n:
+                    return
+                await asyncio.sleep(0.01)
+
+        async def long_then_cancel(self, n: int) -> int:
+            """n long requests, cancelled once the engine holds them all: how many were still running then."""
+            tasks = self._long(n, "long")
+            await self._all_running(n)
             running = sum(not t.done() for t in tasks)
             for t in tasks:
                 t.cancel()
@@ -48,6 +57,13 @@ def probe_cls():
                 raise RuntimeError("a step failed (injected by the test)")
 
             await self.engine.call(lambda engine: setattr(engine, "step", boom))
+
+        async def die_in_flight(self, n: int) -> list[str]:
+            """n long requests; the engine's step breaks while they run: what each caller got."""
+            tasks = self._long(n, "doomed")
+            await self._all_running(n)
+            await self.break_next_step()
+            return [type(r).__name__ for r in await asyncio.gather(*tasks, return_exceptions=True)]
 
     return Probe
 
@@ -89,24 +105,50 @@ def test_same_tokens_as_vllms_async_engine(threaded, ray_session, tiny_model):
         assert g[0]["token_logprobs"] == pytest.approx(w[0]["token_logprobs"], abs=1e-3)
 
 
-def test_concurrent_calls_all_complete_and_a_bad_request_fails_alone(threaded, ray_session):
+def test_concurrent_calls_all_complete_and_a_request_the_engine_refuses_fails_alone(threaded, ray_session):
+    """logprobs=50 passes our checks and vLLM's SamplingParams but not the engine's own (max_logprobs 20), so the
+    engine thread's add fails: that prompt's row records it, its n children leave nothing unfinished behind, and
+    the other prompts of the call and the other calls complete."""
     calls = [threaded.generate.remote([f"call {i}: a b c", "d e f"], {"n": 3, "temperature": 1.0}) for i in range(4)]
-    bad = threaded.generate.remote(["fine", "also fine"], [{"n": 2}, {"temperature": -1.0}])
+    bad = threaded.generate.remote(["fine", "refused"], [{"n": 2}, {"n": 3, "logprobs": 50}])
     for out in ray_session.get(calls):
         assert [len(c) for c in out] == [3, 3]
         assert all(c["error"] == "" and c["token_ids"] for comps in out for c in comps)
-    fine, broken = ray_session.get(bad)
+    fine, refused = ray_session.get(bad)
     assert len(fine) == 2 and all(c["error"] == "" and c["token_ids"] for c in fine)
-    assert broken[0]["error"].startswith("engine_error") and "temperature" in broken[0]["error"]
+    assert len(refused) == 3 and all(c["error"].startswith("engine_error") and "logprobs" in c["error"]
+                                     for c in refused)
     assert ray_session.get(threaded.busy.remote()) == (0, 0)
 
 
 def test_a_cancelled_call_frees_the_engine(threaded, ray_session):
-    running = ray_session.get(threaded.long_then_cancel.remote(6, 0.3))
+    running = ray_session.get(threaded.long_then_cancel.remote(6))
     assert running == 6  # still generating when cancelled, so the abort had something to stop
     assert ray_session.get(threaded.busy.remote()) == (0, 0)
     out = ray_session.get(threaded.generate.remote(["after the cancel"], {"n": 1}))
     assert out[0][0]["error"] == "" and out[0][0]["token_ids"]
+
+
+def test_reload_weights_gives_the_engine_of_the_new_checkpoint(threaded, ray_session, tiny_model, tmp_path):
+    """The RL loop's hand-back through the engine thread (collective_rpc and the prefix cache reset run there
+    between steps): after a reload the engine computes what a fresh engine on that checkpoint computes."""
+    from actors.vllm_generator import VLLMGenerator
+    from pipelines.models import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", seed=5, log=lambda *_: None)
+    prompt, greedy = "The list: apple, banana,", {"n": 1, "temperature": 0.0, "max_tokens": 8, "logprobs": 1}
+    before = ray_session.get(threaded.generate.remote([prompt], greedy))[0][0]
+    ray_session.get(threaded.reload_weights.remote(str(other)))
+    swapped = ray_session.get(threaded.generate.remote([prompt], greedy))[0][0]
+    fresh = ray_session.remote(num_cpus=1)(VLLMGenerator).remote(str(other), ENGINE, {}, 1, "fresh")
+    try:
+        expected = ray_session.get(fresh.generate.remote([prompt], greedy))[0][0]
+    finally:
+        ray_session.kill(fresh)
+    ray_session.get(threaded.reload_weights.remote(tiny_model))
+    back = ray_session.get(threaded.generate.remote([prompt], greedy))[0][0]
+    assert swapped["token_ids"] != before["token_ids"] and swapped["token_ids"] == expected["token_ids"]
+    assert back["token_ids"] == before["token_ids"]
 
 
 def test_a_failed_step_is_an_engine_death_every_caller_hears_of(ray_session, tiny_model):
@@ -116,9 +158,50 @@ def test_a_failed_step_is_an_engine_death_every_caller_hears_of(ray_session, tin
 
     actor = ray_session.remote(num_cpus=1)(probe_cls()).remote(tiny_model, ENGINE, {"max_tokens": 12}, 2, "tiny")
     try:
-        ray_session.get(actor.break_next_step.remote())
+        assert ray_session.get(actor.die_in_flight.remote(5)) == ["EngineDeadError"] * 5
         for _ in range(2):
             with pytest.raises(RayTaskError, match="EngineDeadError"):
                 ray_session.get(actor.generate.remote(["a b", "c d"], {"n": 2}))
+        with pytest.raises(RayTaskError, match="engine of this replica is dead"):
+            ray_session.get(actor.check_health.remote())
     finally:
         ray_session.kill(actor)
+
+
+def test_a_dead_engine_in_the_generation_pool_is_restarted_and_its_blocks_retried(ray_session, tiny_model,
+                                                                                   tmp_path):
+    """The first engine actor's step breaks on its first block: the actor ends its process, Ray restarts it (a
+    fresh engine) and Ray Data retries the blocks it held, so every prompt still gets its samples. (Half a CPU per
+    engine: the module's other engine actor holds one of the session's two.)"""
+    import os
+
+    import ray.data
+
+    from pipelines.config import load_config
+    from pipelines.generate import GenerationConfig, build_generation
+    from pipelines.problems import SyntheticConfig, load_problems
+
+    marks = tmp_path / "engines"
+    marks.mkdir()
+    base = probe_cls()
+
+    class DiesOnce(base):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.doomed = not any(marks.iterdir())  # the first incarnation only
+            (marks / f"engine-{os.getpid()}").touch()
+
+        async def __call__(self, batch):
+            if self.doomed:
+                await self.break_next_step()
+            return await super().__call__(batch)
+
+    cfg = load_config(GenerationConfig, overrides=[
+        "problems=synthetic", "sampling.n=2", "sampling.max_tokens=8", "engine.model=tiny", "engine.max_model_len=256",
+        "engine.batch_size=8", "engine.gpu_memory_utilization=0.05", "engine.threads=1", "engine.num_cpus=0.5",
+        "greedy=false"])
+    problems = load_problems("synthetic", synthetic=SyntheticConfig(n=24)).problems
+    rows = build_generation(ray.data.from_items(problems), cfg, tiny_model, generator_cls=DiesOnce).take_all()
+    assert len(rows) == 48 and len({(r["problem_id"], r["sample_idx"]) for r in rows}) == 48
+    assert all(r["error"] == "" for r in rows)
+    assert len(list(marks.iterdir())) == 2  # the doomed engine and its replacement
