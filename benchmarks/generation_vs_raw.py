@@ -9,7 +9,8 @@ arguments, prompts, sampling parameters and engine seed:
    streamed to parquet, once per engine class in --engines (async: AsyncVLLMGenerator with calls_in_flight batches
    at once, the default; sync: VLLMGenerator, one batch at a time); timed from the moment the engine finished
    loading inside the actor to the last block written, so engine start is excluded on both sides.
-Prints completion tokens/s of each and the ratios (goal: the pipeline keeps >= 0.95 of raw throughput): pooled over
+With --raw-in-ray, also raw vLLM in a Ray task of the same cluster after each pipeline run (what Ray's own
+processes beside the engine cost, apart from the pipeline's work). Prints completion tokens/s of each and the ratios (goal: the pipeline keeps >= 0.95 of raw throughput): pooled over
 the repeats (all tokens over all time, each side), with each pair's own ratio beside it to show the spread.
 """
 
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a GenerationConfig override (e.g. engine.calls_in_flight=3); the raw side reads only its "
                          "engine arguments and sampling")
+    ap.add_argument("--raw-in-ray", action="store_true",
+                    help="also time raw vLLM inside a Ray task of the pipeline's cluster (the engine's CPUs, Ray's own "
+                         "processes beside it), after each pipeline run: how much of the gap is Ray being there")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--_raw", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sampling.max_tokens={args.max_tokens}", "sampling.logprobs=0", "sampling.temperature=0.8",
         "greedy=false", f"engine.batch_size={args.batch_size}", f"engine.model={args.model}", *args.set])
     engines = args.engines.split(",")
-    raws, runs = [], {e: [] for e in engines}
+    raws, runs, in_ray = [], {e: [] for e in engines}, []
     with tempfile.TemporaryDirectory() as tmp:
         problems = load_problems("synthetic", synthetic=cfg.synthetic).problems
         for rep in range(args.repeats):
@@ -166,6 +170,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r['ratio']:.3f}x); the pipeline's {wall:.1f} s: {r['before_first_call_s']:.1f} s from the "
                       f"engine's start to its first call, {r['calls_window_s']:.1f} s of {len(calls)} calls, "
                       f"{r['after_last_call_s']:.1f} s from the last call to the last block written", flush=True)
+            if args.raw_in_ray:
+                print(f"[bench] repeat {rep + 1}/{args.repeats}: raw vLLM in a Ray task ...", flush=True)
+                out = os.path.join(tmp, f"raw-ray-{rep}.json")
+                ray.get(ray.remote(num_cpus=cfg.engine.num_cpus)(run_raw).remote(json.dumps(C.to_dict(cfg)),
+                                                                                 model_path, out))
+                r = json.loads(Path(out).read_text())
+                r["tokens_per_s"] = r["tokens"] / r["wall_s"]
+                in_ray.append(r)
+                print(f"[bench]   raw vLLM in a Ray task {r['tokens_per_s']:.1f} tokens/s ("
+                      f"{r['tokens_per_s'] / raw['tokens_per_s']:.3f}x raw outside Ray)", flush=True)
             ray.shutdown()
     raw_tps = sum(r["tokens"] for r in raws) / sum(r["wall_s"] for r in raws)
     summary = {}
@@ -185,11 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     # the ratio: all the pipeline's tokens over all its time, against the same for raw (pooled over the repeats)
     result["ratio"] = first["ratio"]
+    if in_ray:
+        tps = sum(r["tokens"] for r in in_ray) / sum(r["wall_s"] for r in in_ray)
+        result["raw_in_ray"] = {"tokens_per_s": tps, "ratio_to_raw": tps / raw_tps,
+                                "pipeline_ratio_to_it": first["tokens_per_s"] / tps, "runs": in_ray}
     print(json.dumps(result, indent=1))
     per = ", ".join(f"{e} engine {r['tokens_per_s']:.1f} tok/s ({r['ratio']:.2f}x; pairs "
                     f"{', '.join(format(x, '.2f') for x in r['pair_ratios'])})" for e, r in summary.items())
     print(f"\ngeneration throughput: raw vLLM {result['raw_tokens_per_s']:.1f} tok/s; pipeline: {per} "
           f"(goal >= 0.95x)")
+    if in_ray:
+        r = result["raw_in_ray"]
+        print(f"raw vLLM in a Ray task: {r['tokens_per_s']:.1f} tok/s ({r['ratio_to_raw']:.2f}x raw outside Ray); "
+              f"the pipeline against it: {r['pipeline_ratio_to_it']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
