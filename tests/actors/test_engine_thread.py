@@ -132,23 +132,9 @@ def test_a_cancelled_call_frees_the_engine(threaded, ray_session):
 def test_reload_weights_gives_the_engine_of_the_new_checkpoint(threaded, ray_session, tiny_model, tmp_path):
     """The RL loop's hand-back through the engine thread (collective_rpc and the prefix cache reset run there
     between steps): after a reload the engine computes what a fresh engine on that checkpoint computes."""
-    from actors.vllm_generator import VLLMGenerator
-    from pipelines.models import make_tiny_model
+    from tests.actors.reload_check import check_reload_matches_a_fresh_engine
 
-    other = make_tiny_model(tmp_path / "other", seed=5, log=lambda *_: None)
-    prompt, greedy = "The list: apple, banana,", {"n": 1, "temperature": 0.0, "max_tokens": 8, "logprobs": 1}
-    before = ray_session.get(threaded.generate.remote([prompt], greedy))[0][0]
-    ray_session.get(threaded.reload_weights.remote(str(other)))
-    swapped = ray_session.get(threaded.generate.remote([prompt], greedy))[0][0]
-    fresh = ray_session.remote(num_cpus=1)(VLLMGenerator).remote(str(other), ENGINE, {}, 1, "fresh")
-    try:
-        expected = ray_session.get(fresh.generate.remote([prompt], greedy))[0][0]
-    finally:
-        ray_session.kill(fresh)
-    ray_session.get(threaded.reload_weights.remote(tiny_model))
-    back = ray_session.get(threaded.generate.remote([prompt], greedy))[0][0]
-    assert swapped["token_ids"] != before["token_ids"] and swapped["token_ids"] == expected["token_ids"]
-    assert back["token_ids"] == before["token_ids"]
+    check_reload_matches_a_fresh_engine(threaded, ray_session, tiny_model, tmp_path)
 
 
 def test_a_failed_step_is_an_engine_death_every_caller_hears_of(ray_session, tiny_model):

@@ -75,30 +75,12 @@ def test_batch_call_repeats_input_columns(engine, ray_session):
 
 
 def test_reload_weights_gives_the_engine_of_the_new_checkpoint(engine, ray_session, tiny_model, tmp_path):
-    """The RL loop's hand-back: another checkpoint of the same architecture loads into the running engine in place,
-    and the engine then computes what a fresh engine on that checkpoint computes (same greedy tokens, same
-    log-probabilities; the tiny model ties its output layer to its embeddings, whose CPU kernel data vLLM's reload
-    alone leaves stale). Loading the first checkpoint back restores its output (the prefix cache is dropped)."""
-    from actors.vllm_generator import VLLMGenerator
-    from pipelines.models import make_tiny_model
+    """The RL loop's hand-back: another checkpoint loads into the running engine in place and the engine then
+    computes what a fresh engine on it computes (the tiny model ties its output layer to its embeddings, whose CPU
+    kernel data vLLM's reload alone leaves stale)."""
+    from tests.actors.reload_check import check_reload_matches_a_fresh_engine
 
-    other = make_tiny_model(tmp_path / "other", seed=5, log=lambda *_: None)
-    prompt, greedy = "The list: apple, banana,", {"n": 1, "temperature": 0.0, "max_tokens": 8, "logprobs": 1}
-    before = ray_session.get(engine.generate.remote([prompt], greedy))[0][0]
-    assert ray_session.get(engine.reload_weights.remote(str(other)))["reload_s"] >= 0
-    swapped = ray_session.get(engine.generate.remote([prompt], greedy))[0][0]
-    fresh = ray_session.remote(num_cpus=1)(VLLMGenerator).remote(
-        str(other), {"max_model_len": 256, "gpu_memory_utilization": 0.05}, {}, 1, "fresh")
-    try:
-        expected = ray_session.get(fresh.generate.remote([prompt], greedy))[0][0]
-    finally:
-        ray_session.kill(fresh)
-    ray_session.get(engine.reload_weights.remote(tiny_model))
-    back = ray_session.get(engine.generate.remote([prompt], greedy))[0][0]
-    assert swapped["token_ids"] != before["token_ids"]
-    assert swapped["token_ids"] == expected["token_ids"]
-    assert math.isclose(swapped["cum_logprob"], expected["cum_logprob"], rel_tol=1e-4, abs_tol=1e-3)
-    assert back["token_ids"] == before["token_ids"]
+    check_reload_matches_a_fresh_engine(engine, ray_session, tiny_model, tmp_path)
 
 
 def test_the_in_process_model_runs_on_the_threads_asked_not_rays_one(ray_session, tiny_model):
