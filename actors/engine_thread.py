@@ -87,7 +87,7 @@ class ThreadedEngine:
                 pass
             if engine.has_unfinished_requests():
                 for out in engine.step():
-                    self._deliver(out.request_id, out, out.finished)
+                    self._deliver(out)
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]
@@ -122,10 +122,11 @@ class ThreadedEngine:
                 if not isinstance(e, Exception):
                     raise
 
-    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
-        target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+    def _deliver(self, out: Any) -> None:
+        """A step's output to its caller (the last one also ends the request's stream)."""
+        target = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if target is not None:
-            self._call_soon(*target, item)
+            self._call_soon(*target, out)
 
     @staticmethod
     def _call_soon(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: Any) -> None:
@@ -182,12 +183,15 @@ class ThreadedEngine:
                 finished = out.finished
                 yield out
         finally:
-            if not finished and self._dead is None:
-                self._inbox.put(("abort", request_id))
+            if not finished:
+                self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        if self._dead is None:  # a dead engine holds no request
+            self._inbox.put(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
-        if self._dead is None:
-            self._inbox.put(("abort", request_id))
+        self._abort(request_id)
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """fn(the LLMEngine) in the engine thread, between steps."""

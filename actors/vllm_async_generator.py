@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator
 from actors.vllm_generator import VLLMGenerator, batch_requests, completion_dicts, completions_table, engine_setup
 
 
-SCHEDULERS = ("auto", "thread", "process")
+SCHEDULERS = ("auto", "thread", "process")  # EngineConfig.scheduler's values
 
 
 def scheduler_mode(scheduler: str) -> str:

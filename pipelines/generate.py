@@ -68,7 +68,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_engines <= self.max_engines:
             raise ValueError(f"need 1 <= min_engines <= max_engines, got {self.min_engines}, {self.max_engines}")
-        if self.scheduler not in ("auto", "thread", "process"):
+        from actors.vllm_async_generator import SCHEDULERS  # the one list (that module imports vLLM lazily)
+
+        if self.scheduler not in SCHEDULERS:
             raise ValueError(f"engine.scheduler must be auto, thread or process, got {self.scheduler!r}")
         if self.batch_size < 1 or self.max_model_len < 16 or self.calls_in_flight < 1:
             raise ValueError("batch_size and calls_in_flight must be >= 1 and max_model_len >= 16")
